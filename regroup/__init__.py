@@ -1,0 +1,56 @@
+"""regroup: turn the unstructured sparsity of pruned weights into dense blocks.
+
+A weight's sparsity pattern is regrouped by row (and column) permutations so that surviving
+weights gather into ``br x bc`` blocks; the best blocks are kept (and refilled), the rest
+dropped. ``import regroup`` never imports torch.
+
+Index
+-----
+regroup_pattern   -- regroup one layer (a Pattern) into a scored block layout
+regroup_file      -- regroup every layer of a mask or checkpoint file
+from_array        -- Pattern from a dense weight and/or mask (2-D or 4-D)
+from_sparse       -- Pattern from a scipy sparse matrix
+read_patterns     -- the usable layers of a file, and the skipped ones with reasons
+load_result       -- read a result file: layer name -> LayerResult
+save_result       -- write layer results to a result file
+Budget            -- iso-density, density, block count or retained-fraction budget
+check_layout      -- verify a mask is a union of whole blocks of its layout
+column_net        -- the column-net hypergraph of a pattern (km1, cut, .hgr export)
+list_partitioners / available_partitioners -- registered partitioner names
+"""
+from __future__ import annotations
+
+from ._validation import FormatError, PartitionerError, RegroupError
+from .blocks import Budget, check_layout
+from .engine import Run, regroup_file, regroup_pattern
+from .hypergraph import column_net, cut, km1, write_hgr
+from .io import read_patterns
+from .partitioners import available_partitioners, list_partitioners
+from .pattern import Pattern, from_array, from_sparse
+from .result import LayerResult, load_result, save_result
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "FormatError",
+    "LayerResult",
+    "PartitionerError",
+    "Pattern",
+    "RegroupError",
+    "Run",
+    "available_partitioners",
+    "check_layout",
+    "column_net",
+    "cut",
+    "from_array",
+    "from_sparse",
+    "km1",
+    "list_partitioners",
+    "load_result",
+    "read_patterns",
+    "regroup_file",
+    "regroup_pattern",
+    "save_result",
+    "write_hgr",
+]

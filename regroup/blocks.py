@@ -1,0 +1,276 @@
+"""Block layouts: which ``br x bc`` blocks of the regrouped matrix are kept.
+
+Two formats:
+
+``grid``
+    Plain BSR after a row permutation and a column permutation: the regrouped matrix
+    ``M[row_perm][:, col_perm]`` is cut into a grid of ``br x bc`` blocks and whole blocks are
+    kept.
+``shuffled``
+    After the row permutation, each row panel chooses its own columns, ``bc`` at a time:
+    ``panel_cols[p]`` lists the original columns kept for panel ``p``, tile after tile.
+
+Conventions: ``row_perm[i]`` is the original row at position ``i`` (so ``M[row_perm]`` is
+regrouped); panel ``p`` holds positions ``p*br .. (p+1)*br - 1``. When a dimension is not a
+multiple of the block, the last panel / column group / tile is short and its area counts
+as what it covers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._validation import RegroupError, check_choice
+
+__all__ = ["FORMATS", "Budget", "Layout", "build_layout", "check_layout", "layout_mask"]
+
+FORMATS = ("grid", "shuffled")
+BUDGET_KINDS = ("iso", "density", "blocks", "retained")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much block area may be kept.
+
+    ``iso``: kept area <= input nnz (same storage as the unstructured mask);
+    ``density=d``: kept area <= d * n_rows * n_cols;
+    ``blocks=k``: at most k blocks (tiles);
+    ``retained=r``: the fewest blocks, best first, whose kept objective mass is >= r.
+    """
+
+    kind: str = "iso"
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, spec: "Budget | str") -> "Budget":
+        """Read ``"iso"``, ``"density=0.1"``, ``"blocks=100"`` or ``"retained=0.9"``."""
+        if isinstance(spec, Budget):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"The 'budget' parameter must be a str or Budget. Got {spec!r} "
+                            "instead.")
+        kind, _, value = spec.replace(":", "=").partition("=")
+        kind = kind.strip()
+        check_choice(kind, "budget", "Budget.parse", set(BUDGET_KINDS))
+        if kind == "iso":
+            if value:
+                raise ValueError(f"budget 'iso' takes no value. Got {spec!r} instead.")
+            return cls("iso")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"The 'budget' parameter must look like '{kind}=NUMBER'. "
+                             f"Got {spec!r} instead.") from None
+        if kind == "blocks":
+            if v < 1 or v != int(v):
+                raise ValueError(f"budget 'blocks' needs a positive integer. Got {spec!r} "
+                                 "instead.")
+        elif not 0 < v <= 1:
+            raise ValueError(f"budget {kind!r} needs a value in (0, 1]. Got {spec!r} instead.")
+        return cls(kind, v)
+
+    def __str__(self) -> str:
+        if self.kind == "iso":
+            return "iso"
+        v = int(self.value) if self.kind == "blocks" else self.value
+        return f"{self.kind}={v}"
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """A block layout of one matrix, in permuted coordinates.
+
+    Attributes
+    ----------
+    format : {"grid", "shuffled"}
+    block_shape : (int, int)
+    row_perm : ndarray of intp, shape (n_rows,)
+    col_perm : ndarray of intp, shape (n_cols,), or None for "shuffled"
+    panel_cols : tuple of ndarray of intp, or None for "grid"
+        Per panel, the kept original columns, tile by tile.
+    kept : ndarray of bool
+        "grid": (n_panels, n_groups) kept blocks; "shuffled": (n_panels, n_tiles) whether
+        the panel's t-th best tile is kept.
+    kept_area : int
+    """
+
+    format: str
+    block_shape: tuple[int, int]
+    shape: tuple[int, int]
+    row_perm: np.ndarray
+    col_perm: np.ndarray | None
+    panel_cols: tuple[np.ndarray, ...] | None
+    kept: np.ndarray
+    kept_area: int
+
+    @property
+    def kept_blocks(self) -> int:
+        return int(self.kept.sum())
+
+
+def _sizes(n: int, b: int) -> np.ndarray:
+    k = -(-n // b)
+    s = np.full(k, b, dtype=np.int64)
+    s[-1] = n - b * (k - 1)
+    return s
+
+
+def _budget_limits(budget: Budget, nnz: int, n: int, m: int):
+    if budget.kind == "iso":
+        return float(nnz), None
+    if budget.kind == "density":
+        return budget.value * n * m, None
+    if budget.kind == "blocks":
+        return None, int(budget.value)
+    return None, None
+
+
+def _select(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, n: int,
+            m: int) -> np.ndarray:
+    """Greedy choice of candidate blocks by decreasing mass within the budget."""
+    flat_mass, flat_area = mass.ravel(), area.ravel()
+    keep = np.zeros(flat_mass.size, dtype=bool)
+    order = np.lexsort((np.arange(flat_mass.size), -flat_mass))
+    order = order[flat_mass[order] > 0]
+    area_limit, count_limit = _budget_limits(budget, nnz, n, m)
+    if budget.kind == "retained":
+        target = budget.value * mass.sum()
+        cum = np.cumsum(flat_mass[order])
+        # Small tolerance so a target of exactly 1.0 is reachable despite rounding.
+        j = int(np.searchsorted(cum, target * (1 - 1e-12), side="left")) + 1
+        keep[order[:j]] = True
+    elif count_limit is not None:
+        keep[order[:count_limit]] = True
+    else:
+        cum = np.cumsum(flat_area[order])
+        j = int(np.searchsorted(cum, area_limit, side="right"))
+        keep[order[:j]] = True
+        left = area_limit - (cum[j - 1] if j else 0)
+        # Only short edge blocks can still fit after the first one that did not.
+        for idx in order[j:]:
+            if flat_area[idx] <= left:
+                keep[idx] = True
+                left -= flat_area[idx]
+    return keep.reshape(mass.shape)
+
+
+def _grid(M: sp.csr_matrix, row_perm, col_perm, br, bc, budget, nnz):
+    n, m = M.shape
+    rpos = np.empty(n, np.intp)
+    rpos[row_perm] = np.arange(n)
+    cpos = np.empty(m, np.intp)
+    cpos[col_perm] = np.arange(m)
+    P, Q = -(-n // br), -(-m // bc)
+    coo = M.tocoo()
+    flat = (rpos[coo.row] // br) * Q + cpos[coo.col] // bc
+    mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
+    area = np.outer(_sizes(n, br), _sizes(m, bc))
+    kept = _select(mass, area, budget, nnz, n, m)
+    return kept, int(area[kept].sum())
+
+
+def _panel_col_mass(M: sp.csr_matrix, row_perm, br) -> np.ndarray:
+    n, m = M.shape
+    rpos = np.empty(n, np.intp)
+    rpos[row_perm] = np.arange(n)
+    P = -(-n // br)
+    coo = M.tocoo()
+    return np.bincount((rpos[coo.row] // br) * m + coo.col, weights=coo.data,
+                       minlength=P * m).reshape(P, m)
+
+
+def _shuffled(M: sp.csr_matrix, row_perm, br, bc, budget, nnz):
+    n, m = M.shape
+    colmass = _panel_col_mass(M, row_perm, br)
+    P, T = colmass.shape[0], -(-m // bc)
+    # Per panel, columns by decreasing mass (stable: lower index first on ties).
+    order = np.argsort(-colmass, axis=1, kind="stable")
+    sorted_mass = np.take_along_axis(colmass, order, axis=1)
+    padded = np.zeros((P, T * bc))
+    padded[:, :m] = sorted_mass
+    tile_mass = padded.reshape(P, T, bc).sum(axis=2)
+    area = np.outer(_sizes(n, br), _sizes(m, bc))
+    kept = _select(tile_mass, area, budget, nnz, n, m)
+    bounds = np.minimum(np.arange(T + 1) * bc, m)
+    panel_cols = tuple(
+        np.concatenate([order[p, bounds[t]:bounds[t + 1]] for t in np.flatnonzero(kept[p])])
+        .astype(np.intp) if kept[p].any() else np.zeros(0, np.intp)
+        for p in range(P))
+    return kept, int(area[kept].sum()), panel_cols
+
+
+def build_layout(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int], fmt: str,
+                 budget: Budget, nnz: int | None = None) -> Layout:
+    """Choose the kept blocks of ``M`` (values = objective mass) under ``budget``.
+
+    ``col_perm`` is required for "grid" and ignored for "shuffled" (each panel picks its
+    own columns). ``nnz`` is the input's nonzero count (defaults to ``M.nnz``), the area
+    budget of "iso".
+    """
+    check_choice(fmt, "format", "build_layout", set(FORMATS))
+    M = sp.csr_matrix(M)
+    br, bc = block
+    nnz = M.nnz if nnz is None else nnz
+    row_perm = np.asarray(row_perm, np.intp)
+    if fmt == "grid":
+        col_perm = np.asarray(col_perm, np.intp)
+        kept, area = _grid(M, row_perm, col_perm, br, bc, budget, nnz)
+        return Layout("grid", (br, bc), M.shape, row_perm, col_perm, None, kept, area)
+    kept, area, panel_cols = _shuffled(M, row_perm, br, bc, budget, nnz)
+    return Layout("shuffled", (br, bc), M.shape, row_perm, None, panel_cols, kept, area)
+
+
+def layout_mask(layout: Layout) -> np.ndarray:
+    """The refilled mask in original coordinates, shape ``layout.shape``, dtype bool."""
+    n, m = layout.shape
+    br, bc = layout.block_shape
+    mask = np.zeros((n, m), dtype=bool)
+    if layout.format == "grid":
+        regrouped = np.repeat(np.repeat(layout.kept, br, axis=0)[:n], bc, axis=1)[:, :m]
+        mask[np.ix_(layout.row_perm, layout.col_perm)] = regrouped
+        return mask
+    for p, cols in enumerate(layout.panel_cols):
+        if cols.size:
+            mask[np.ix_(layout.row_perm[p * br:(p + 1) * br], cols)] = True
+    return mask
+
+
+def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
+                 col_perm=None, panel_cols=None) -> None:
+    """Raise :class:`RegroupError` unless ``mask`` (2-D) is exactly a union of whole blocks
+    of the given layout. This is the check a loaded result must pass."""
+    n, m = mask.shape
+    br, bc = block
+    row_perm = np.asarray(row_perm)
+    if sorted(row_perm.tolist()) != list(range(n)):
+        raise RegroupError("row_perm is not a permutation of the rows")
+    if fmt == "grid":
+        col_perm = np.asarray(col_perm)
+        if sorted(col_perm.tolist()) != list(range(m)):
+            raise RegroupError("col_perm is not a permutation of the columns")
+        R = mask[np.ix_(row_perm, col_perm)]
+        P, Q = -(-n // br), -(-m // bc)
+        pad = np.zeros((P * br, Q * bc), dtype=np.int64)
+        pad[:n, :m] = R
+        counts = pad.reshape(P, br, Q, bc).sum(axis=(1, 3))
+        area = np.outer(_sizes(n, br), _sizes(m, bc))
+        if not np.all((counts == 0) | (counts == area)):
+            raise RegroupError("mask is not a union of whole grid blocks")
+        return
+    P = -(-n // br)
+    if panel_cols is None or len(panel_cols) != P:
+        raise RegroupError(f"shuffled layout needs {P} panel column lists")
+    expect = np.zeros_like(mask)
+    for p, cols in enumerate(panel_cols):
+        cols = np.asarray(cols, np.intp)
+        if np.unique(cols).size != cols.size:
+            raise RegroupError(f"panel {p} lists a column twice")
+        rest = cols.size % bc
+        if rest and rest != m % bc:
+            raise RegroupError(f"panel {p} keeps {cols.size} columns, not whole tiles of {bc}")
+        expect[np.ix_(row_perm[p * br:(p + 1) * br], cols)] = True
+    if not np.array_equal(expect, mask):
+        raise RegroupError("mask differs from the union of the panels' column tiles")
+

@@ -1,0 +1,254 @@
+"""The ``regroup`` command line: run, inspect, compare, show.
+
+Every subcommand is a thin wrapper over a library call. Errors end as one line on stderr
+and exit code 1; usage errors exit with 2 (argparse).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_identity",
+               "kept_blocks", "fill", "seconds")
+
+
+def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> None:
+    p.add_argument("--block", default="32", help="block shape: 32 or 32x16 (rows x cols)")
+    p.add_argument("--format", default="grid", choices=("grid", "shuffled"),
+                   help="grid: BSR after row+column permutation; shuffled: per-panel tiles")
+    if method:
+        p.add_argument("--method", default="auto", help="partitioner, e.g. auto, metis, "
+                       "hierarchical:linkage=complete (see `regroup run --list-methods`)")
+    p.add_argument("--budget", default="iso",
+                   help="iso | density=D | blocks=K | retained=R (default: iso)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="only layers whose name matches GLOB (repeatable)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="seconds per partitioner call; runs partitioners in a subprocess")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="regroup", description=__doc__.splitlines()[0])
+    ap.add_argument("-V", "--version", action="version", version=f"regroup {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="regroup a mask or checkpoint file",
+                       description="Regroup every selected layer of INPUT; write the result "
+                       "file (-o) and optionally a JSON report.")
+    p.add_argument("input", nargs="?", help="mask or checkpoint (.smtx .mtx .npy .npz "
+                   ".safetensors .pt .pth .bin .ckpt)")
+    p.add_argument("-o", "--output", help="result file (default: INPUT_STEM.regroup.npz)")
+    p.add_argument("--report", help="JSON report path")
+    p.add_argument("--objective", default="auto", choices=("auto", "count", "magnitude"))
+    p.add_argument("--edge", default="partial", choices=("partial", "error"),
+                   help="shapes not divisible by the block: short edge blocks, or error")
+    p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("--list-methods", action="store_true", help="list partitioners and exit")
+    _add_layout_options(p)
+
+    p = sub.add_parser("inspect", help="list the layers of a file or a result file")
+    p.add_argument("input")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB")
+
+    p = sub.add_parser("compare", help="compare methods on files (CSV and Markdown)")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--methods", default="identity,sort,hierarchical,metis,auto",
+                   help="comma-separated method specs")
+    p.add_argument("--csv", help="per-layer CSV output")
+    p.add_argument("--markdown", help="Markdown summary output")
+    _add_layout_options(p, method=False)
+
+    p = sub.add_parser("show", help="PNG of one layer before and after regrouping")
+    p.add_argument("input")
+    p.add_argument("--layer", help="layer name (default: the first usable layer)")
+    p.add_argument("--result", help="use the layout stored in this result file")
+    p.add_argument("-o", "--output", required=True, help="PNG path")
+    _add_layout_options(p)
+    return ap
+
+
+class _Progress:
+    """A tqdm bar on stderr, created on the first update (when the total is known)."""
+
+    def __init__(self, enabled: bool, unit: str) -> None:
+        self.enabled, self.unit, self.bar = enabled, unit, None
+
+    def __call__(self, name: str, index: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or self.bar.total != total:
+            self.close()
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+        self.bar.n = index
+        self.bar.set_postfix_str(name[-40:], refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_run(args) -> int:
+    from .engine import regroup_file
+    from .partitioners import available_partitioners, get_partitioner, list_partitioners
+    from .report import format_table, write_json
+
+    if args.list_methods:
+        avail = set(available_partitioners())
+        for n in list_partitioners():
+            spec = get_partitioner(n)
+            opts = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+            flag = "" if n in avail else "  [not installed: " + ", ".join(spec.requires) + "]"
+            print(f"{n:13s} {spec.description}" + (f" ({opts})" if opts else "") + flag)
+        return EXIT_OK
+    if not args.input:
+        raise _Usage("the following arguments are required: input")
+    out = args.output or f"{Path(args.input).name.split('.')[0]}.regroup.npz"
+    progress = _Progress(not args.quiet and sys.stderr.isatty(), "layer")
+    try:
+        run = regroup_file(args.input, layers=args.layers, block=args.block,
+                           format=args.format, method=args.method, budget=args.budget,
+                           seed=args.seed, objective=args.objective, edge=args.edge,
+                           time_limit=args.time_limit, progress=progress)
+    finally:
+        progress.close()
+    run.save(out)
+    report = run.report()
+    if args.report:
+        write_json(report, args.report)
+    if not args.quiet:
+        print(format_table(report["layers"], RUN_COLUMNS))
+        t = report["total"]
+        print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
+              f"identity {t['retained_identity']:.4f} ({args.format} {args.block}, budget "
+              f"{run.options['budget']}, seed {args.seed}); {len(run.skipped)} tensors "
+              f"skipped; {t['seconds']:.1f} s")
+        print(f"result: {out}" + (f"   report: {args.report}" if args.report else ""))
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from .report import format_table
+
+    path = args.input
+    if path.endswith(".regroup.npz") or _is_result(path):
+        from .result import load_result
+        res = load_result(path)
+        rows = [{"name": r.name, "shape": list(r.shape), "format": r.format,
+                 "block": list(r.block_shape), "method": r.method,
+                 "chosen": r.metrics.get("chosen"), "retained": r.metrics["retained"],
+                 "kept_blocks": r.metrics["kept_blocks"]} for r in res.values()]
+        print(format_table(rows, list(rows[0]) if rows else ["name"]))
+        print(f"\nresult file, format version {res.meta['format_version']}, seed "
+              f"{res.meta['options']['seed']}, regroup {res.meta['versions']['regroup']}")
+        return EXIT_OK
+    from .io import read_patterns
+    pats, skipped = read_patterns(path, layers=args.layers)
+    rows = [{"name": p.name, "shape": list(p.shape), "matrix": [p.n_rows, p.n_cols],
+             "nnz": p.nnz, "density": p.density, "weights": "yes" if p.has_weights else "no"}
+            for p in pats]
+    print(format_table(rows, ["name", "shape", "matrix", "nnz", "density", "weights"]))
+    if skipped:
+        print(f"\nskipped {len(skipped)}:")
+        for n, r in skipped:
+            print(f"  {n}: {r}")
+    return EXIT_OK
+
+
+def _is_result(path: str) -> bool:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "meta.json" in z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def cmd_compare(args) -> int:
+    from .compare import COLUMNS, SUMMARY_COLUMNS, compare, summarize
+    from .report import format_table, markdown_table, write_csv
+
+    methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
+               if m.strip()]
+    progress = _Progress(sys.stderr.isatty(), "run")
+    try:
+        rows = compare(args.inputs, methods, block=args.block, format=args.format,
+                       budget=args.budget, seed=args.seed, layers=args.layers,
+                       time_limit=args.time_limit, progress=progress)
+    finally:
+        progress.close()
+    summary = summarize(rows)
+    if args.csv:
+        write_csv(rows, COLUMNS, args.csv)
+    if args.markdown:
+        from ._atomic import atomic_write
+        with atomic_write(args.markdown) as f:
+            f.write(markdown_table(summary, SUMMARY_COLUMNS) + "\n")
+    print(format_table(summary, SUMMARY_COLUMNS))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .engine import regroup_pattern
+    from .io import read_patterns
+    from .plot import plot_layer
+
+    pats, _ = read_patterns(args.input, layers=[args.layer] if args.layer else None)
+    pat = pats[0]
+    if args.result:
+        from .result import load_result
+        res = load_result(args.result)
+        if pat.name not in res:
+            from ._validation import RegroupError
+            raise RegroupError(f"{args.result}: no layer {pat.name!r} (has: "
+                               f"{', '.join(list(res)[:8])})")
+        result = res[pat.name]
+    else:
+        result = regroup_pattern(pat, block=args.block, format=args.format, method=args.method,
+                                 budget=args.budget, seed=args.seed,
+                                 time_limit=args.time_limit)
+    plot_layer(pat, result, args.output)
+    print(f"{args.output}: {pat.name}, retained {result.metrics['retained']:.4f} (identity "
+          f"{result.metrics['retained_identity']:.4f})")
+    return EXIT_OK
+
+
+class _Usage(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``regroup`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from ._validation import RegroupError
+
+    handler = {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare,
+               "show": cmd_show}[args.command]
+    try:
+        return handler(args)
+    except _Usage as exc:
+        parser.error(str(exc))
+    except (RegroupError, ValueError, TypeError, ImportError, OSError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
+            msg = f"{exc.filename}: {msg}"
+        print(f"regroup {args.command}: error: {msg}", file=sys.stderr)
+        # Bad option values are usage errors; bad files, data and tools are failures.
+        usage = isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, RegroupError)
+        return EXIT_USAGE if usage else EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"regroup {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The regrouping engine: pattern in, scored block layout out.
+
+:func:`regroup_pattern` regroups one layer; :func:`regroup_file` reads a file, regroups every
+selected layer and returns a :class:`Run` that saves the result file and the JSON report.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._validation import (PartitionerError, RegroupError, check_block, check_choice,
+                          check_int)
+from .blocks import FORMATS, Budget, Layout, build_layout, layout_mask
+from .metrics import fill, panel_km1, retained
+from .partitioners import format_method, get_partitioner, parse_method
+from .partitioners._isolate import run_isolated
+from .partitioners._panels import check_perm
+from .pattern import Pattern
+from .result import LayerResult, save_result
+
+__all__ = ["regroup_pattern", "regroup_file", "Run", "tool_versions", "OBJECTIVES", "EDGES"]
+
+OBJECTIVES = ("auto", "count", "magnitude")
+EDGES = ("partial", "error")
+_TOOLS = ("regroup", "numpy", "scipy", "pymetis", "kahypar", "mtkahypar", "fastcluster", "torch")
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of regroup and the libraries that can shape a result."""
+    out = {}
+    for name in _TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _run_partitioner(name: str, params: dict, X: sp.csr_matrix, size: int,
+                     rng: np.random.Generator, time_limit: float | None) -> np.ndarray:
+    spec = get_partitioner(name)
+    if spec.isolated or time_limit is not None:
+        perm = run_isolated(name, X, size, params, int(rng.integers(0, 2**31 - 1)), time_limit)
+    else:
+        perm = spec.func(X, size, rng=rng, **params)
+    return check_perm(perm, X.shape[0], f"partitioner {name!r}")
+
+
+def group_columns(V: sp.csr_matrix, row_perm: np.ndarray, br: int) -> np.ndarray:
+    """Column order for the grid format, given the row panels.
+
+    Each column's home is the row panel holding most of its mass; columns are sorted by
+    home panel, then by decreasing mass there (stable), so a column group gathers columns
+    that fill the same panels. On DLMC this matched or beat running the row partitioner
+    on the columns' panel profiles (mean retained 0.224 vs 0.223 at b=32) at ~1 % of the
+    time.
+    """
+    n, m = V.shape
+    panel = np.empty(n, np.intp)
+    panel[row_perm] = np.arange(n) // br
+    R = sp.csr_matrix((np.ones(n), (np.arange(n), panel)), shape=(n, -(-n // br)))
+    profile = (V.T @ R).toarray()
+    home = profile.argmax(axis=1)
+    top = profile[np.arange(m), home]
+    return np.lexsort((np.arange(m), -top, home)).astype(np.intp)
+
+
+def _candidate(name: str, params: dict, B: sp.csr_matrix, V: sp.csr_matrix, fmt: str,
+               block: tuple[int, int], budget: Budget, nnz: int, seed: int,
+               time_limit: float | None) -> Layout:
+    br, bc = block
+    # A fresh generator per candidate: auto's winner equals a direct run of that method.
+    rng = np.random.default_rng(seed)
+    row_perm = _run_partitioner(name, params, B, br, rng, time_limit)
+    col_perm = None
+    if fmt == "grid":
+        if get_partitioner(name).columns == "self":
+            col_perm = _run_partitioner(name, params, B.T.tocsr(), bc, rng, time_limit)
+        else:
+            col_perm = group_columns(V, row_perm, br)
+    return build_layout(V, row_perm, col_perm, block, fmt, budget, nnz)
+
+
+def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str) -> None:
+    n, m = pattern.n_rows, pattern.n_cols
+    br, bc = block
+    if pattern.nnz == 0:
+        raise RegroupError(f"{pattern.describe()} is empty (no nonzero): nothing to regroup")
+    if pattern.nnz == n * m:
+        raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
+                           "nothing to regroup")
+    if br > n or bc > m:
+        raise RegroupError(f"block {br}x{bc} is larger than {pattern.describe()}; use a "
+                           "smaller --block")
+    if edge == "error" and (n % br or m % bc):
+        raise RegroupError(f"{pattern.describe()} is not divisible by block {br}x{bc}; use "
+                           "edge='partial' (--edge partial) to allow short edge blocks")
+
+
+def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
+                    method: str = "auto", budget: Budget | str = "iso", seed: int = 0,
+                    objective: str = "auto", edge: str = "partial",
+                    time_limit: float | None = None,
+                    params: dict[str, Any] | None = None) -> LayerResult:
+    """Regroup one layer into a block layout.
+
+    Parameters
+    ----------
+    pattern : Pattern
+        The layer (see :func:`regroup.pattern.from_array`).
+    block : int, (int, int) or str, default=32
+        Block shape ``br x bc``; rows are output features.
+    format : {"grid", "shuffled"}, default="grid"
+    method : str, default="auto"
+        Partitioner name, optionally with options: ``"metis:graph=jaccard"``.
+    budget : Budget or str, default="iso"
+        ``"iso"``, ``"density=D"``, ``"blocks=K"`` or ``"retained=R"``.
+    seed : int, default=0
+        Seed of every random choice; recorded in the result.
+    objective : {"auto", "count", "magnitude"}, default="auto"
+        What a kept block is worth: its nonzero count, or its ``sum |w|``. "auto" uses
+        magnitudes when the pattern has weights.
+    edge : {"partial", "error"}, default="partial"
+        Whether shapes not divisible by the block get short edge blocks or raise.
+    time_limit : float, optional
+        Seconds per partitioner call; when set, partitioners run in a subprocess.
+    params : dict, optional
+        Partitioner options (override those in ``method``).
+
+    Returns
+    -------
+    LayerResult
+
+    Raises
+    ------
+    RegroupError
+        Empty, fully dense or too small pattern; a partitioner failure (PartitionerError).
+    ValueError, TypeError
+        Invalid parameters.
+    """
+    caller = "regroup_pattern"
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"The 'pattern' parameter of {caller} must be a Pattern. Got "
+                        f"{type(pattern).__name__} instead.")
+    block = check_block(block, caller)
+    check_choice(format, "format", caller, set(FORMATS))
+    check_choice(objective, "objective", caller, set(OBJECTIVES))
+    check_choice(edge, "edge", caller, set(EDGES))
+    seed = check_int(seed, "seed", caller, low=0, high=2**63 - 1)
+    budget = Budget.parse(budget)
+    name, opts = parse_method(method, params)
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"The 'time_limit' parameter of {caller} must be > 0. Got "
+                         f"{time_limit!r} instead.")
+    _validate_pattern(pattern, block, edge)
+    t0 = time.perf_counter()
+
+    B = pattern.binary()
+    use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
+    if objective == "magnitude" and not pattern.has_weights:
+        raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
+                           "them (use objective 'count')")
+    V = pattern.matrix if use_mag else B
+    n, m = B.shape
+    nnz = pattern.nnz
+    spec = get_partitioner(name)
+    candidates = spec.portfolio if spec.portfolio else (format_method(name, opts),)
+    identity = build_layout(V, np.arange(n), np.arange(m), block, format, budget, nnz)
+    scores: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    best: tuple[float, str, Layout] | None = None
+    for cand in candidates:
+        cname, cparams = parse_method(cand) if spec.portfolio else (name, opts)
+        try:
+            lay = identity if cname == "identity" else _candidate(
+                cname, cparams, B, V, format, block, budget, nnz, seed, time_limit)
+        except PartitionerError as exc:
+            if not spec.portfolio:
+                raise PartitionerError(f"{pattern.describe()}: {exc}") from None
+            failed[cand] = str(exc)
+            warnings.warn(f"auto: candidate {cand!r} failed on {pattern.describe()}: {exc}",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        score = retained(V, layout_mask(lay))
+        scores[cand] = score
+        if best is None or score > best[0]:
+            best = (score, cand, lay)
+    assert best is not None  # identity never fails
+    _, chosen, lay = best
+    mask2d = layout_mask(lay)
+    metrics: dict[str, Any] = {
+        "nnz": nnz,
+        "density": pattern.density,
+        "retained": retained(B, mask2d),
+        "retained_magnitude": retained(pattern.matrix, mask2d) if pattern.has_weights else None,
+        "retained_identity": retained(B, layout_mask(identity)),
+        "objective": "magnitude" if use_mag else "count",
+        "kept_blocks": lay.kept_blocks,
+        "kept_area": lay.kept_area,
+        "fill": fill(B, mask2d),
+        "km1": panel_km1(B, lay.row_perm, block[0]),
+        "km1_identity": panel_km1(B, np.arange(n), block[0]),
+        "budget": str(budget),
+        "chosen": chosen,
+    }
+    if spec.portfolio:
+        metrics["candidates"] = scores
+        if failed:
+            metrics["failed"] = failed
+    return LayerResult(
+        name=pattern.name, shape=pattern.shape, mask=pattern.unflatten(mask2d),
+        row_perm=lay.row_perm, col_perm=lay.col_perm, panel_cols=lay.panel_cols,
+        block_shape=block, format=format, method=format_method(name, opts), params=opts,
+        seed=seed, metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class Run:
+    """The outcome of :func:`regroup_file`: regrouped layers, skipped tensors, options."""
+
+    source: dict[str, str]
+    layers: list[LayerResult]
+    skipped: list[tuple[str, str]]
+    options: dict[str, Any]
+    versions: dict[str, str | None] = field(default_factory=tool_versions)
+
+    def meta(self) -> dict[str, Any]:
+        return {"source": self.source, "options": self.options, "versions": self.versions,
+                "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+
+    def save(self, path) -> None:
+        """Write the result file (deterministic bytes; no wall-clock times)."""
+        save_result(path, self.layers, self.meta())
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report: per layer metrics including seconds, plus a summary."""
+        rows = []
+        for r in self.layers:
+            rows.append({"name": r.name, "shape": list(r.shape),
+                         "matrix_shape": [r.shape[0], int(np.prod(r.shape[1:]))],
+                         "block": list(r.block_shape), "format": r.format, "method": r.method,
+                         "seed": r.seed, **r.metrics, "seconds": r.seconds})
+        nnz = sum(r.metrics["nnz"] for r in self.layers)
+        total = {
+            "layers": len(self.layers), "nnz": nnz,
+            "retained": (sum(r.metrics["retained"] * r.metrics["nnz"] for r in self.layers)
+                         / nnz if nnz else None),
+            "retained_identity": (sum(r.metrics["retained_identity"] * r.metrics["nnz"]
+                                      for r in self.layers) / nnz if nnz else None),
+            "seconds": sum(r.seconds or 0.0 for r in self.layers),
+        }
+        return {**self.meta(), "layers": rows, "total": total}
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select_layers(names: list[str], patterns: str | list[str] | None) -> list[str]:
+    """Names matching any of the glob ``patterns`` (all when None), in input order."""
+    if patterns is None:
+        return list(names)
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+
+
+def regroup_file(path, *, layers: str | list[str] | None = None, block: Any = 32,
+                 format: str = "grid", method: str = "auto", budget: Budget | str = "iso",
+                 seed: int = 0, objective: str = "auto", edge: str = "partial",
+                 time_limit: float | None = None, params: dict[str, Any] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Run:
+    """Regroup every selected layer of a mask or checkpoint file.
+
+    Layers that cannot be regrouped (1-D, fully dense, empty, smaller than the block) are
+    skipped and listed with the reason in ``Run.skipped``; a file without any usable layer
+    raises :class:`RegroupError` naming the file and the reasons. Options are those of
+    :func:`regroup_pattern`; ``layers`` is a glob (or list of globs) over layer names, and
+    ``progress(name, index, total)`` is called before each layer is regrouped.
+    """
+    from .io import read_patterns
+
+    block = check_block(block, "regroup_file")
+    budget = Budget.parse(budget)
+    name, opts = parse_method(method, params)
+    patterns, skipped = read_patterns(path, layers=layers, block=block)
+    source = {"name": os.path.basename(os.fspath(path)), "sha256": _sha256(path)}
+    results = []
+    for i, pat in enumerate(patterns):
+        if progress is not None:
+            progress(pat.name, i, len(patterns))
+        try:
+            results.append(regroup_pattern(
+                pat, block=block, format=format, method=name, budget=budget, seed=seed,
+                objective=objective, edge=edge, time_limit=time_limit, params=opts))
+        except RegroupError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+    options = {"block": list(block), "format": format, "method": format_method(name, opts),
+               "budget": str(budget), "seed": seed, "objective": objective, "edge": edge,
+               "layers": layers, "time_limit": time_limit}
+    return Run(source=source, layers=results, skipped=skipped, options=options)

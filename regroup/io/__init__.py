@@ -1,0 +1,247 @@
+"""Reading masks and checkpoints into :class:`~regroup.pattern.Pattern` objects.
+
+Formats (by file suffix):
+
+========================  ===========================================================
+``.smtx``                 DLMC pattern (one layer, named by the file stem)
+``.mtx``                  MatrixMarket, pattern or values (one layer)
+``.npy``                  one array (one layer)
+``.npz``                  one layer per array
+``.safetensors``          one layer per tensor
+``.pt .pth .bin .ckpt``   PyTorch state dict, loaded with ``weights_only=True``
+========================  ===========================================================
+
+State-dict conventions: ``X.weight_orig`` + ``X.weight_mask`` (torch.nn.utils.prune) give
+layer ``X.weight`` with magnitudes from ``_orig``; a lone ``X.weight_mask`` is a mask
+(magnitudes from ``X.weight`` if present); ``X.parametrizations.weight.original``
+(torch.ao.pruning) is read as ``X.weight``; any other 2-D or 4-D tensor is a weight whose
+zeros are the pruned positions, and a boolean tensor is a mask. A nested
+``{"state_dict": ...}`` (or ``"model"``, ``"model_state_dict"``) is unwrapped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._validation import FormatError, RegroupError, missing_dependency
+from ..pattern import Pattern, from_array, from_sparse
+from .safetensors import read_safetensors, write_safetensors
+from .smtx import parse_smtx, read_smtx, write_smtx
+
+__all__ = ["read_patterns", "read_tensors", "patterns_from_tensors", "SUFFIXES",
+           "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors"]
+
+SUFFIXES = (".smtx", ".mtx", ".npy", ".npz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# A dense (rows x cols) bool working copy of each layer must fit comfortably in memory.
+MAX_ELEMENTS = 1 << 31
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+
+def _load_torch(path: str) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise missing_dependency("torch", f"reading {path}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad or hostile files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint with "
+                          f"weights_only=True ({type(exc).__name__}: {msg[:200]})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    for key in _WRAPPERS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, torch.Tensor):
+                flat[f"{prefix}{k}"] = v
+    walk(obj, "")
+    return flat
+
+
+def _load_npz(path: str) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as exc:
+        raise FormatError(f"{path}: {exc} (pickled objects are refused)") from None
+    except Exception as exc:
+        raise FormatError(f"{path}: not a valid .npz archive ({type(exc).__name__}: "
+                          f"{exc})") from None
+
+
+def _load_npy(path: str) -> dict[str, Any]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise FormatError(f"{path}: {exc} (pickled objects are refused)") from None
+    except Exception as exc:
+        raise FormatError(f"{path}: not a valid .npy file ({type(exc).__name__}: "
+                          f"{exc})") from None
+    return {Path(path).stem: arr}
+
+
+def _load_mtx(path: str) -> dict[str, Any]:
+    import scipy.io
+
+    try:
+        _, _, _, fmt, field, _ = scipy.io.mminfo(path)
+        data = scipy.io.mmread(path)
+    except Exception as exc:
+        raise FormatError(f"{path}: not a valid MatrixMarket file ({type(exc).__name__}: "
+                          f"{exc})") from None
+    name = Path(path).stem
+    if sp.issparse(data):
+        return {name: from_sparse(data, name=name, has_weights=field != "pattern")}
+    return {name: data}
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file into a mapping of tensor name to array (numpy, torch) or Pattern."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise RegroupError(f"{path}: is a directory; pass a mask or checkpoint file")
+    suffix = Path(path).suffix.lower()
+    if suffix == ".smtx":
+        name = Path(path).stem
+        return {name: from_sparse(read_smtx(path, max_elements=MAX_ELEMENTS), name=name)}
+    if suffix == ".mtx":
+        return _load_mtx(path)
+    if suffix == ".npy":
+        return _load_npy(path)
+    if suffix == ".npz":
+        return _load_npz(path)
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix in TORCH_SUFFIXES:
+        return _load_torch(path)
+    raise RegroupError(f"{path}: unknown file type {suffix!r}; supported: "
+                       f"{', '.join(SUFFIXES)}")
+
+
+def _canonical(name: str) -> str:
+    # torch.ao.pruning / parametrize: "X.parametrizations.weight.original" -> "X.weight"
+    marker = ".parametrizations."
+    if marker in name and name.endswith(".original"):
+        head, _, tail = name.partition(marker)
+        return f"{head}.{tail[:-len('.original')]}"
+    return name
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in (x.shape if not isinstance(x, Pattern) else x.shape))
+
+
+def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
+                          block: tuple[int, int] | None = None
+                          ) -> tuple[list[Pattern], list[tuple[str, str]]]:
+    """Apply the state-dict conventions to named tensors.
+
+    Returns the usable layers and ``(name, reason)`` for every tensor that is not one.
+    """
+    used: set[str] = set()
+    entries: list[tuple[str, Any, Any]] = []  # (layer name, weight, mask), in file order
+    for k in tensors:
+        if k in used:
+            continue
+        base = None
+        if k.endswith("_mask"):
+            base = k[: -len("_mask")]
+        elif k.endswith("_orig") and k[: -len("_orig")] + "_mask" in tensors:
+            base = k[: -len("_orig")]
+        elif k + "_mask" in tensors:
+            base = k
+        if base is None:
+            used.add(k)
+            entries.append((_canonical(k), tensors[k], None))
+            continue
+        group = (base + "_mask", base + "_orig", base)
+        used.update(g for g in group if g in tensors)
+        weight = tensors.get(base + "_orig", tensors.get(base))
+        entries.append((_canonical(base), weight, tensors[base + "_mask"]))
+    patterns: list[Pattern] = []
+    skipped: list[tuple[str, str]] = []
+    for name, weight, mask in entries:
+        ref = mask if mask is not None else weight
+        if isinstance(ref, Pattern):
+            pat = ref
+        else:
+            shape = _shape(ref)
+            if len(shape) not in (2, 4):
+                skipped.append((name, f"{len(shape)}-D tensor {list(shape)} (regroup takes "
+                                      "2-D Linear or 4-D Conv2d weights)"))
+                continue
+            rows, cols = shape[0], int(np.prod(shape[1:]))
+            if rows * cols > MAX_ELEMENTS:
+                raise RegroupError(f"{source}: layer {name!r} has {rows}x{cols} elements, "
+                                   f"above the limit of {MAX_ELEMENTS}")
+            if rows * cols == 0:
+                skipped.append((name, f"zero-size tensor {list(shape)}"))
+                continue
+            try:
+                pat = from_array(weight, name=name, mask=mask)
+            except (RegroupError, TypeError) as exc:
+                raise RegroupError(f"{source}: {exc}") from None
+        if pat.nnz == 0:
+            skipped.append((name, "empty (every entry is zero)"))
+        elif pat.nnz == pat.n_rows * pat.n_cols:
+            skipped.append((name, "fully dense (no zero): not pruned"))
+        elif block is not None and (block[0] > pat.n_rows or block[1] > pat.n_cols):
+            skipped.append((name, f"matrix {pat.n_rows}x{pat.n_cols} is smaller than the "
+                                  f"block {block[0]}x{block[1]}"))
+        else:
+            patterns.append(pat)
+    return patterns, skipped
+
+
+def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = None,
+                  block: tuple[int, int] | None = None
+                  ) -> tuple[list[Pattern], list[tuple[str, str]]]:
+    """Read the usable layers of a file, selected by glob.
+
+    Returns
+    -------
+    patterns : list of Pattern
+    skipped : list of (name, reason)
+
+    Raises
+    ------
+    FileNotFoundError, FormatError
+    RegroupError
+        When ``layers`` matches nothing, or no selected layer is usable (the message lists
+        why, layer by layer).
+    """
+    from ..engine import select_layers
+
+    path = os.fspath(path)
+    tensors = read_tensors(path)
+    patterns, skipped = patterns_from_tensors(tensors, source=path, block=block)
+    if layers is not None:
+        all_names = [p.name for p in patterns] + [n for n, _ in skipped]
+        keep = set(select_layers(all_names, layers))
+        if not keep:
+            shown = ", ".join(all_names[:12]) + (" ..." if len(all_names) > 12 else "")
+            raise RegroupError(f"{path}: no layer matches {layers!r}; layers are: {shown}")
+        patterns = [p for p in patterns if p.name in keep]
+        skipped = [s for s in skipped if s[0] in keep]
+    if not patterns:
+        why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "the file holds no tensor"
+        more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""
+        raise RegroupError(f"{path}: no usable layer: {why}{more}")
+    return patterns, skipped
+
+

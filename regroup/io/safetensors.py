@@ -1,0 +1,111 @@
+"""A small, strict reader and writer of the ``.safetensors`` format, in plain numpy.
+
+Header: 8-byte little-endian length N, then N bytes of JSON mapping each tensor name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data section).
+Every field is checked before any tensor is read, so a hostile header cannot trigger a
+huge allocation; bf16 is widened to float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from .._atomic import atomic_write
+from .._validation import FormatError
+
+__all__ = ["read_safetensors", "write_safetensors", "DTYPES"]
+
+DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+          "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
+          "U64": "<u8"}
+_NP_TO_ST = {np.dtype(v).str: k for k, v in DTYPES.items() if k not in ("BF16", "U16")}
+_NP_TO_ST[np.dtype("<u2").str] = "U16"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def _header(f, path, size: int) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise FormatError(f"{path}: too short for a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(MAX_HEADER, size - 8):
+        raise FormatError(f"{path}: header length {n} exceeds the file size {size} "
+                          "(truncated or not safetensors)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file into numpy arrays (name order kept)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        header, start = _header(f, path, size)
+        data_size = size - start
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = info["dtype"]
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{path}: tensor {name!r} has an invalid header entry") \
+                    from None
+            if dtype not in DTYPES:
+                raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
+                                  f"(supported: {', '.join(DTYPES)})")
+            if any(s < 0 for s in shape):
+                raise FormatError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+            npd = np.dtype(DTYPES[dtype])
+            count = int(np.prod(shape, dtype=object))
+            if not 0 <= begin <= end <= data_size or end - begin != count * npd.itemsize:
+                raise FormatError(f"{path}: tensor {name!r} (dtype {dtype}, shape {shape}) "
+                                  f"has data offsets [{begin}, {end}] inconsistent with the "
+                                  f"file ({data_size} data bytes)")
+            f.seek(start + begin)
+            arr = np.frombuffer(f.read(end - begin), dtype=npd).reshape(shape)
+            if dtype == "BF16":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            out[name] = arr
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write numpy arrays as ``.safetensors`` (atomically; names sorted, 8-byte aligned)."""
+    header: dict = {}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        key = arr.dtype.newbyteorder("<").str if arr.dtype.byteorder == ">" else arr.dtype.str
+        if arr.dtype == np.bool_:
+            key = "|b1"
+        st = "BOOL" if arr.dtype == np.bool_ else _NP_TO_ST.get(key)
+        if st is None:
+            raise TypeError(f"write_safetensors cannot store dtype {arr.dtype} ({name!r})")
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": st, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_write(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)

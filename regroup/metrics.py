@@ -1,0 +1,49 @@
+"""Metrics of a block layout against the input pattern.
+
+retained
+    Fraction of the input's nonzeros that lie inside kept blocks.
+retained_magnitude
+    Fraction of the input's ``sum |w|`` inside kept blocks (None when weights are unknown).
+retained_identity
+    ``retained`` of the same format and budget with no permutation (natural order).
+kept_blocks, kept_area
+    Number of kept blocks (tiles) and the positions they cover.
+fill
+    Input nonzeros inside kept blocks divided by the kept area (1 - fill is the fraction of
+    kept positions that are refilled zeros).
+km1
+    Connectivity-minus-one of the row panels on the column-net hypergraph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .hypergraph import column_net, km1
+
+__all__ = ["retained", "fill", "panel_km1"]
+
+
+def retained(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
+    """Share of ``matrix``'s stored mass (its ``data``) at positions where ``mask2d`` is True."""
+    coo = matrix.tocoo()
+    total = coo.data.sum()
+    if total == 0:
+        return 0.0
+    return float(coo.data[mask2d[coo.row, coo.col]].sum() / total)
+
+
+def fill(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
+    """Input nonzeros inside the kept area divided by the kept area."""
+    area = int(mask2d.sum())
+    if area == 0:
+        return 0.0
+    coo = matrix.tocoo()
+    return float(mask2d[coo.row, coo.col].sum() / area)
+
+
+def panel_km1(matrix: sp.csr_matrix, row_perm: np.ndarray, br: int) -> int:
+    """km1 of the partition of rows into consecutive panels of ``row_perm``."""
+    labels = np.empty(matrix.shape[0], np.intp)
+    labels[row_perm] = np.arange(matrix.shape[0]) // br
+    return km1(column_net(matrix), labels)

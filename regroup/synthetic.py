@@ -1,0 +1,80 @@
+"""Synthetic weights with a planted block structure, hidden by random permutations.
+
+Used for the bundled example, tests and benchmarks: the planted layout is known, so the
+retained mass a perfect regrouping can reach is known too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._validation import as_rng, check_block
+
+__all__ = ["Planted", "planted_weights"]
+
+
+@dataclass(frozen=True, eq=False)
+class Planted:
+    """A planted weight matrix.
+
+    Attributes
+    ----------
+    weight : ndarray of float32, shape (n, m)
+        Magnitude-pruned weights (zeros are pruned).
+    row_perm, col_perm : ndarray of intp
+        ``weight[row_perm][:, col_perm]`` shows the planted blocks on the block grid.
+    planted : ndarray of bool, shape (n // br, m // bc)
+        Which blocks of that grid were planted dense.
+    """
+
+    weight: np.ndarray
+    row_perm: np.ndarray
+    col_perm: np.ndarray
+    planted: np.ndarray
+
+
+def planted_weights(n: int, m: int, *, block=32, block_density: float = 0.1,
+                    sparsity: float = 0.9, contrast: float = 4.0, seed=0) -> Planted:
+    """Weights whose large magnitudes sit in randomly chosen ``br x bc`` blocks.
+
+    ``block_density`` of the blocks get weights ``contrast`` times larger; the matrix is
+    then magnitude-pruned to ``sparsity`` and its rows and columns shuffled. With a high
+    contrast the surviving weights sit mostly inside the planted blocks; noise outside
+    stays, as in real magnitude-pruned layers.
+    """
+    br, bc = check_block(block, "planted_weights")
+    rng = as_rng(seed)
+    P, Q = n // br, m // bc
+    planted = rng.random((P, Q)) < block_density
+    scale = np.where(np.repeat(np.repeat(planted, br, 0), bc, 1), contrast, 1.0)
+    full = np.ones((n, m))
+    full[:P * br, :Q * bc] = scale
+    w = rng.standard_normal((n, m)) * full
+    k = int(round(sparsity * n * m))
+    if k:
+        thresh = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
+        w[np.abs(w) <= thresh] = 0.0
+    row_perm = rng.permutation(n)
+    col_perm = rng.permutation(m)
+    shuffled = np.empty_like(w)
+    shuffled[np.ix_(row_perm, col_perm)] = w
+    return Planted(shuffled.astype(np.float32), row_perm.astype(np.intp),
+                   col_perm.astype(np.intp), planted)
+
+
+def example_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+    """The bundled example (``regroup/data/example.npz``): a small pruned network's
+    weights with planted block structure, a conv layer, a bias and a dense layer."""
+    rng = np.random.default_rng(seed)
+    conv = planted_weights(64, 16 * 9, block=16, block_density=0.15, sparsity=0.85,
+                           seed=rng).weight.reshape(64, 16, 3, 3)
+    return {
+        "conv1.weight": conv,
+        "fc1.weight": planted_weights(256, 576, block=32, block_density=0.12,
+                                      sparsity=0.9, seed=rng).weight,
+        "fc1.bias": rng.standard_normal(256).astype(np.float32),
+        "fc2.weight": planted_weights(128, 256, block=32, block_density=0.15,
+                                      sparsity=0.9, seed=rng).weight,
+        "head.weight": rng.standard_normal((10, 128)).astype(np.float32),
+    }

@@ -1,0 +1,148 @@
+"""Invariants of block layouts and of the engine, on random and hand-made masks."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from regroup import Budget, RegroupError, check_layout, from_array, regroup_pattern
+from regroup.blocks import build_layout, layout_mask
+
+from .conftest import random_mask, recompute_retained
+
+FAST = ["identity", "random", "sort", "hierarchical", "metis", "auto"]
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(2, 70))
+    m = draw(st.integers(2, 70))
+    br = draw(st.integers(1, min(n, 17)))
+    bc = draw(st.integers(1, min(m, 17)))
+    density = draw(st.floats(0.02, 0.6))
+    budget = draw(st.sampled_from(["iso", "density=0.3", "blocks=3", "retained=0.5",
+                                   "retained=1.0"]))
+    fmt = draw(st.sampled_from(["grid", "shuffled"]))
+    method = draw(st.sampled_from(FAST))
+    seed = draw(st.integers(0, 99))
+    return n, m, (br, bc), density, budget, fmt, method, seed
+
+
+def _area_limit(budget, nnz, n, m):
+    b = Budget.parse(budget)
+    return {"iso": nnz, "density": (b.value or 0) * n * m}.get(b.kind)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_layout_invariants(case):
+    n, m, block, density, budget, fmt, method, seed = case
+    mask = random_mask(np.random.default_rng(seed), n, m, density)
+    pat = from_array(mask, name="L")
+    r = regroup_pattern(pat, block=block, format=fmt, method=method, budget=budget, seed=seed)
+    assert sorted(r.row_perm.tolist()) == list(range(n))
+    if fmt == "grid":
+        assert sorted(r.col_perm.tolist()) == list(range(m)) and r.panel_cols is None
+    else:
+        assert r.col_perm is None and len(r.panel_cols) == -(-n // block[0])
+    check_layout(r.mask2d, fmt, block, r.row_perm, r.col_perm, r.panel_cols)
+    area = int(r.mask.sum())
+    assert area == r.metrics["kept_area"]
+    limit = _area_limit(budget, pat.nnz, n, m)
+    if limit is not None:
+        assert area <= limit + 1e-9
+    if budget == "blocks=3":
+        assert r.metrics["kept_blocks"] <= 3
+    if budget.startswith("retained="):
+        assert r.metrics["retained"] >= float(budget.split("=")[1]) - 1e-9
+    assert r.metrics["retained"] == pytest.approx(recompute_retained(pat.matrix, r.mask2d))
+    if method in ("auto", "identity"):
+        assert r.metrics["retained"] >= r.metrics["retained_identity"] - 1e-12
+
+
+def test_grid_keeps_the_heaviest_blocks():
+    rng = np.random.default_rng(0)
+    mask = random_mask(rng, 64, 64, 0.2)
+    M = sp.csr_matrix(mask.astype(float))
+    lay = build_layout(M, np.arange(64), np.arange(64), (16, 16), "grid", Budget("blocks", 5))
+    mass = mask.reshape(4, 16, 4, 16).sum(axis=(1, 3))
+    assert mass[lay.kept].min() >= mass[~lay.kept].max()
+    assert lay.kept_blocks == 5
+
+
+def test_shuffled_panels_pick_their_own_best_columns():
+    # Panel 0 (rows 0-3) lives in columns 8-11, panel 1 (rows 4-7) in columns 0-3.
+    mask = np.zeros((8, 12), bool)
+    mask[:4, 8:12] = True
+    mask[4:, 0:4] = True
+    mask[0, 5] = True
+    pat = from_array(mask)
+    r = regroup_pattern(pat, block=4, format="shuffled", method="identity", budget="blocks=2")
+    assert [sorted(c.tolist()) for c in r.panel_cols] == [[8, 9, 10, 11], [0, 1, 2, 3]]
+    assert r.metrics["retained"] == pytest.approx(32 / 33)
+
+
+def test_edge_blocks_are_short_and_counted_by_their_area():
+    mask = np.zeros((10, 7), bool)
+    mask[8:, 4:] = True                                  # the 2x3 corner block
+    r = regroup_pattern(from_array(mask), block=4, method="identity", budget="blocks=1")
+    assert r.metrics["kept_area"] == 6 and r.metrics["retained"] == 1.0
+    with pytest.raises(RegroupError, match="not divisible by block 4x4.*--edge partial"):
+        regroup_pattern(from_array(mask), block=4, edge="error")
+
+
+def test_errors_name_the_layer_and_the_fix():
+    pat = from_array(random_mask(np.random.default_rng(0), 16, 16, 0.3), name="enc.fc1")
+    with pytest.raises(RegroupError, match=r"block 32x32 is larger than layer 'enc.fc1'"):
+        regroup_pattern(pat, block=32)
+    with pytest.raises(ValueError, match="'block' parameter of regroup_pattern"):
+        regroup_pattern(pat, block=0)
+    with pytest.raises(ValueError, match="'format' parameter.*'grid', 'shuffled'"):
+        regroup_pattern(pat, block=4, format="bsr")
+    with pytest.raises(ValueError, match="budget 'density' needs a value in"):
+        regroup_pattern(pat, block=4, budget="density=2")
+    with pytest.raises(RegroupError, match="has no weights; objective 'magnitude'"):
+        regroup_pattern(pat, block=4, objective="magnitude")
+
+
+def test_same_seed_same_layout_and_seed_is_recorded():
+    pat = from_array(random_mask(np.random.default_rng(1), 64, 48, 0.15))
+    a = regroup_pattern(pat, block=8, method="random", seed=5)
+    b = regroup_pattern(pat, block=8, method="random", seed=5)
+    c = regroup_pattern(pat, block=8, method="random", seed=6)
+    np.testing.assert_array_equal(a.row_perm, b.row_perm)
+    assert not np.array_equal(a.row_perm, c.row_perm)
+    assert a.seed == 5
+
+
+def test_magnitude_objective_prefers_heavy_weights():
+    w = np.zeros((8, 8))
+    w[:4, :4] = 0.01                                     # many light weights
+    w[4:, 4:6] = 10.0                                    # fewer heavy ones
+    pat = from_array(w)
+    heavy = regroup_pattern(pat, block=4, method="identity", budget="blocks=1")
+    count = regroup_pattern(pat, block=4, method="identity", budget="blocks=1",
+                            objective="count")
+    assert heavy.metrics["objective"] == "magnitude"
+    assert heavy.metrics["retained_magnitude"] > 0.99 and count.metrics["retained"] > 0.6
+
+
+def test_auto_equals_its_chosen_method():
+    pat = from_array(random_mask(np.random.default_rng(2), 96, 64, 0.1))
+    auto = regroup_pattern(pat, block=16, method="auto")
+    direct = regroup_pattern(pat, block=16, method=auto.metrics["chosen"])
+    np.testing.assert_array_equal(auto.mask, direct.mask)
+    assert set(auto.metrics["candidates"]) >= {"identity", "metis"}
+    assert auto.metrics["retained"] == max(auto.metrics["candidates"].values())
+
+
+def test_layout_mask_round_trips_through_check_layout():
+    rng = np.random.default_rng(4)
+    M = sp.csr_matrix(random_mask(rng, 30, 20, 0.3).astype(float))
+    lay = build_layout(M, rng.permutation(30), rng.permutation(20), (7, 6), "grid", Budget())
+    mask = layout_mask(lay)
+    check_layout(mask, "grid", (7, 6), lay.row_perm, lay.col_perm)
+    broken = mask.copy()
+    broken[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = False
+    with pytest.raises(RegroupError, match="not a union of whole grid blocks"):
+        check_layout(broken, "grid", (7, 6), lay.row_perm, lay.col_perm)

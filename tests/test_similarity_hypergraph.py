@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.spatial.distance import cdist
+
+from regroup import column_net, cut, km1, write_hgr
+from regroup.hypergraph import format_hgr
+from regroup.similarity import jaccard, knn_similarity, shared_counts, similarity_graph
+
+
+@pytest.fixture
+def binary():
+    rng = np.random.default_rng(3)
+    return sp.csr_matrix((rng.random((40, 30)) < 0.2).astype(float))
+
+
+def test_shared_counts_match_naive(binary):
+    d = binary.toarray()
+    naive = np.array([[np.sum(d[i] * d[j]) for j in range(40)] for i in range(40)])
+    np.fill_diagonal(naive, 0)
+    np.testing.assert_array_equal(shared_counts(binary), naive)
+
+
+def test_jaccard_matches_scipy(binary):
+    d = binary.toarray().astype(bool)
+    J = jaccard(binary)
+    ref = 1.0 - cdist(d, d, metric="jaccard")
+    empty = ~d.any(axis=1)
+    ref[np.ix_(empty, empty)] = 0.0   # scipy says 0 distance for two empty rows; we say 0 sim
+    np.fill_diagonal(ref, 0.0)
+    np.testing.assert_allclose(J, np.nan_to_num(ref), atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["shared", "jaccard"])
+def test_knn_keeps_each_rows_top_neighbours(metric):
+    rng = np.random.default_rng(0)
+    X = sp.random(60, 50, density=0.3, random_state=1, format="csr")
+    X.data = rng.random(X.nnz) + 0.1          # continuous weights: no ties
+    dense = shared_counts(X) if metric == "shared" else jaccard(X)
+    G = knn_similarity(X, 5, metric=metric, block_rows=7)
+    assert (G != G.T).nnz == 0 and G.diagonal().sum() == 0
+    for i in range(60):
+        top = set(np.argsort(-dense[i])[:5])
+        assert top <= set(G[i].indices)
+        np.testing.assert_allclose(G[i, list(top)].toarray().ravel(), dense[i, list(top)])
+
+
+def test_similarity_graph_switches_to_knn_when_asked(binary):
+    assert similarity_graph(binary).nnz >= similarity_graph(binary, knn=3).nnz
+
+
+def _naive_lambda(X, labels):
+    d = X.toarray() != 0
+    return [len(set(labels[d[:, c]])) for c in range(d.shape[1]) if d[:, c].any()]
+
+
+def test_km1_and_cut_match_naive(binary):
+    labels = np.random.default_rng(1).integers(0, 4, size=40)
+    hg = column_net(binary)
+    lam = np.array(_naive_lambda(binary, labels))
+    assert km1(hg, labels) == int(np.sum(lam - 1))
+    assert cut(hg, labels) == int(np.sum(lam > 1))
+    assert hg.n_nets == int((binary.getnnz(axis=0) > 0).sum())
+
+
+def test_hgr_golden(tmp_path):
+    X = sp.csr_matrix(np.array([[1, 0, 1], [1, 0, 0], [0, 0, 1]]))
+    hg = column_net(X, net_weights=[5, 9, 7])
+    assert list(format_hgr(hg)) == ["2 3 1", "5 1 2", "7 1 3"]
+    write_hgr(hg, tmp_path / "x.hgr")
+    assert (tmp_path / "x.hgr").read_text() == "2 3 1\n5 1 2\n7 1 3\n"
+    assert list(format_hgr(column_net(X, node_weights=[1, 2, 3])))[-3:] == ["1", "2", "3"]
