@@ -6,6 +6,7 @@ and exit code 1; usage errors exit with 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="list the layers of a file or a result file")
     p.add_argument("input")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB")
+    p.add_argument("--hgr", metavar="DIR", help="also write each layer's column-net "
+                   "hypergraph as DIR/<layer>.hgr (hMETIS format) for external tools")
 
     p = sub.add_parser("compare", help="compare methods on files (CSV and Markdown)")
     p.add_argument("inputs", nargs="+")
@@ -155,6 +158,13 @@ def cmd_inspect(args) -> int:
              "nnz": p.nnz, "density": p.density, "weights": "yes" if p.has_weights else "no"}
             for p in pats]
     print(format_table(rows, ["name", "shape", "matrix", "nnz", "density", "weights"]))
+    if args.hgr:
+        from .hypergraph import column_net, write_hgr
+        os.makedirs(args.hgr, exist_ok=True)
+        for p in pats:
+            target = os.path.join(args.hgr, p.name.replace(os.sep, "_") + ".hgr")
+            write_hgr(column_net(p), target)
+        print(f"\nwrote {len(pats)} .hgr files to {args.hgr}")
     if skipped:
         print(f"\nskipped {len(skipped)}:")
         for n, r in skipped:
@@ -247,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"regroup {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line, still no partial file
+        print(f"regroup {args.command}: internal error: {type(exc).__name__}: {exc} (please "
+              "report this with the command line)", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

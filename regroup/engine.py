@@ -248,7 +248,8 @@ class Run:
             rows.append({"name": r.name, "shape": list(r.shape),
                          "matrix_shape": [r.shape[0], int(np.prod(r.shape[1:]))],
                          "block": list(r.block_shape), "format": r.format, "method": r.method,
-                         "seed": r.seed, **r.metrics, "seconds": r.seconds})
+                         "params": r.params, "seed": r.seed, **r.metrics,
+                         "seconds": r.seconds})
         nnz = sum(r.metrics["nnz"] for r in self.layers)
         total = {
             "layers": len(self.layers), "nnz": nnz,

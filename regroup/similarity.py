@@ -52,7 +52,7 @@ def jaccard(X) -> np.ndarray:
     return J
 
 
-def knn_similarity(X, k: int, *, metric: str = "shared", block_rows: int = 1024) -> sp.csr_matrix:
+def knn_similarity(X, k: int, *, metric: str = "shared", block_rows: int = 256) -> sp.csr_matrix:
     """Symmetric kNN-sparsified similarity graph.
 
     Each row keeps its ``k`` most similar other rows (ties broken by lower index); the

@@ -140,6 +140,9 @@ def test_inspect_compare_show(tmp_path, capsys):
     assert main(["inspect", str(EXAMPLE)]) == 0
     text = capsys.readouterr().out
     assert "fc1.weight" in text and "skipped 2" in text and "fully dense" in text
+    assert main(["inspect", str(EXAMPLE), "--layers", "fc*", "--hgr", str(tmp_path)]) == 0
+    head = (tmp_path / "fc1.weight.hgr").read_text().splitlines()[0]
+    assert head.split()[1] == "256" and "wrote 2 .hgr files" in capsys.readouterr().out
     csv, md = tmp_path / "c.csv", tmp_path / "c.md"
     assert main(["compare", str(EXAMPLE), "--methods", "identity,sort,metis", "--block", "16",
                  "--csv", str(csv), "--markdown", str(md)]) == 0

@@ -182,3 +182,12 @@ def test_smtx_file_read(tmp_path):
     assert pats[0].name == "a" and pats[0].nnz == A.nnz
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert read_tensors(tmp_path / "a.smtx")["a"].shape == (12, 9)
+
+
+def test_result_file_is_not_taken_for_a_mask(tmp_path):
+    from regroup import from_array, regroup_pattern, save_result
+    rng = np.random.default_rng(0)
+    r = regroup_pattern(from_array(rng.random((16, 16)) < 0.3), block=4, method="identity")
+    save_result(tmp_path / "r.npz", [r])
+    with pytest.raises(RegroupError, match="r.npz: is a regroup result file"):
+        read_patterns(tmp_path / "r.npz")

@@ -70,3 +70,17 @@ def test_hgr_golden(tmp_path):
     write_hgr(hg, tmp_path / "x.hgr")
     assert (tmp_path / "x.hgr").read_text() == "2 3 1\n5 1 2\n7 1 3\n"
     assert list(format_hgr(column_net(X, node_weights=[1, 2, 3])))[-3:] == ["1", "2", "3"]
+
+
+def test_knn_memory_stays_bounded_at_16k_rows():
+    import tracemalloc
+    n = 16384
+    X = sp.random(n, 512, density=0.01, random_state=0, format="csr")
+    X.data[:] = 1.0
+    tracemalloc.start()
+    G = knn_similarity(X, 8, block_rows=256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert G.shape == (n, n) and G.nnz <= 2 * 8 * n
+    # One 256 x 16384 float64 block plus the O(n k) graph; a dense n x n would be 2 GiB.
+    assert peak < 200 * 2**20, peak

@@ -74,7 +74,12 @@ def _load_torch(path: str) -> dict[str, Any]:
 def _load_npz(path: str) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as z:
+            if "meta.json" in z.files:
+                raise RegroupError(f"{path}: is a regroup result file; pass the original "
+                                   "mask or checkpoint (use `regroup inspect` to read it)")
             return {k: z[k] for k in z.files}
+    except RegroupError:
+        raise
     except ValueError as exc:
         raise FormatError(f"{path}: {exc} (pickled objects are refused)") from None
     except Exception as exc:
@@ -142,10 +147,6 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in (x.shape if not isinstance(x, Pattern) else x.shape))
-
-
 def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
                           block: tuple[int, int] | None = None
                           ) -> tuple[list[Pattern], list[tuple[str, str]]]:
@@ -179,8 +180,11 @@ def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
         ref = mask if mask is not None else weight
         if isinstance(ref, Pattern):
             pat = ref
+        elif not hasattr(ref, "shape") or not hasattr(ref, "dtype"):
+            skipped.append((name, f"not a tensor ({type(ref).__name__})"))
+            continue
         else:
-            shape = _shape(ref)
+            shape = tuple(int(s) for s in ref.shape)
             if len(shape) not in (2, 4):
                 skipped.append((name, f"{len(shape)}-D tensor {list(shape)} (regroup takes "
                                       "2-D Linear or 4-D Conv2d weights)"))
