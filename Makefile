@@ -26,8 +26,10 @@ $(VENV)/.test: $(BIN)/python pyproject.toml
 
 demo: $(VENV)/.core
 	$(BIN)/regroup run regroup/data/example.npz --block 16 -o example.regroup.npz --report example.json
-	@echo "--- example.json (first lines) ---"
-	@head -n 40 example.json
+	@echo "--- example.json: per-layer records (full report in the file) ---"
+	@$(BIN)/python -c "import json; r = json.load(open('example.json')); \
+	[print(json.dumps({k: l[k] for k in ('name', 'shape', 'chosen', 'retained', \
+	'retained_identity', 'kept_blocks', 'fill', 'km1')})) for l in r['layers']]"
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
