@@ -31,6 +31,9 @@ def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> N
                    help="only layers whose name matches GLOB (repeatable)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="seconds per partitioner call; runs partitioners in a subprocess")
+    p.add_argument("--refine", default="auto", choices=("auto", "on", "off"),
+                   help="retained-mass local search after partitioning (auto: only for "
+                   "--method auto)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +101,10 @@ class _Progress:
             self.bar = None
 
 
+def _refine(args) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.refine]
+
+
 def cmd_run(args) -> int:
     from .engine import regroup_file
     from .partitioners import available_partitioners, get_partitioner, list_partitioners
@@ -119,7 +126,8 @@ def cmd_run(args) -> int:
         run = regroup_file(args.input, layers=args.layers, block=args.block,
                            format=args.format, method=args.method, budget=args.budget,
                            seed=args.seed, objective=args.objective, edge=args.edge,
-                           time_limit=args.time_limit, progress=progress)
+                           time_limit=args.time_limit, refine=_refine(args),
+                           progress=progress)
     finally:
         progress.close()
     run.save(out)
@@ -191,7 +199,7 @@ def cmd_compare(args) -> int:
     try:
         rows = compare(args.inputs, methods, block=args.block, format=args.format,
                        budget=args.budget, seed=args.seed, layers=args.layers,
-                       time_limit=args.time_limit, progress=progress)
+                       time_limit=args.time_limit, refine=_refine(args), progress=progress)
     finally:
         progress.close()
     summary = summarize(rows)
@@ -223,7 +231,7 @@ def cmd_show(args) -> int:
     else:
         result = regroup_pattern(pat, block=args.block, format=args.format, method=args.method,
                                  budget=args.budget, seed=args.seed,
-                                 time_limit=args.time_limit)
+                                 time_limit=args.time_limit, refine=_refine(args))
     plot_layer(pat, result, args.output)
     print(f"{args.output}: {pat.name}, retained {result.metrics['retained']:.4f} (identity "
           f"{result.metrics['retained_identity']:.4f})")

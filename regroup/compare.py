@@ -26,7 +26,7 @@ SUMMARY_COLUMNS = ("method", "layers", "mean_retained", "mean_ratio_identity",
 def compare(paths: Sequence[str], methods: Sequence[str], *, block: Any = 32,
             format: str = "grid", budget: Budget | str = "iso", seed: int = 0,
             layers: str | None = None, time_limit: float | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+            refine: bool | None = None, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
     """Run every method on every usable layer of every file; one dict per run.
 
     ``progress(label, index, total)`` is called before each run (total counts the runs of
@@ -43,7 +43,8 @@ def compare(paths: Sequence[str], methods: Sequence[str], *, block: Any = 32,
                              i * len(specs) + j, total)
                 t0 = time.perf_counter()
                 r = regroup_pattern(pat, block=block, format=format, method=spec,
-                                    budget=budget, seed=seed, time_limit=time_limit)
+                                    budget=budget, seed=seed, time_limit=time_limit,
+                                    refine=refine)
                 m = r.metrics
                 rows.append({
                     "file": str(path), "layer": pat.name, "rows": pat.n_rows,

@@ -110,7 +110,8 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
                     method: str = "auto", budget: Budget | str = "iso", seed: int = 0,
                     objective: str = "auto", edge: str = "partial",
                     time_limit: float | None = None,
-                    params: dict[str, Any] | None = None) -> LayerResult:
+                    params: dict[str, Any] | None = None,
+                    refine: bool | None = None) -> LayerResult:
     """Regroup one layer into a block layout.
 
     Parameters
@@ -135,6 +136,10 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         Seconds per partitioner call; when set, partitioners run in a subprocess.
     params : dict, optional
         Partitioner options (override those in ``method``).
+    refine : bool, optional
+        Run the retained-mass local search (:mod:`regroup.refine`) on the chosen layout.
+        Default: on for portfolio methods (``auto``), off for the others, so that single
+        partitioners are measured as they are.
 
     Returns
     -------
@@ -195,7 +200,13 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         if best is None or score > best[0]:
             best = (score, cand, lay)
     assert best is not None  # identity never fails
-    _, chosen, lay = best
+    score, chosen, lay = best
+    do_refine = bool(spec.portfolio) if refine is None else bool(refine)
+    refine_gain = None
+    if do_refine:
+        from .refine import refine as local_search
+        lay = local_search(V, lay, budget, nnz)
+        refine_gain = retained(V, layout_mask(lay)) - score
     mask2d = layout_mask(lay)
     metrics: dict[str, Any] = {
         "nnz": nnz,
@@ -211,6 +222,8 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         "km1_identity": panel_km1(B, np.arange(n), block[0]),
         "budget": str(budget),
         "chosen": chosen,
+        "refined": do_refine,
+        "refine_gain": refine_gain,
     }
     if spec.portfolio:
         metrics["candidates"] = scores
@@ -282,6 +295,7 @@ def regroup_file(path, *, layers: str | list[str] | None = None, block: Any = 32
                  format: str = "grid", method: str = "auto", budget: Budget | str = "iso",
                  seed: int = 0, objective: str = "auto", edge: str = "partial",
                  time_limit: float | None = None, params: dict[str, Any] | None = None,
+                 refine: bool | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> Run:
     """Regroup every selected layer of a mask or checkpoint file.
 
@@ -305,10 +319,11 @@ def regroup_file(path, *, layers: str | list[str] | None = None, block: Any = 32
         try:
             results.append(regroup_pattern(
                 pat, block=block, format=format, method=name, budget=budget, seed=seed,
-                objective=objective, edge=edge, time_limit=time_limit, params=opts))
+                objective=objective, edge=edge, time_limit=time_limit, params=opts,
+                refine=refine))
         except RegroupError as exc:
             raise type(exc)(f"{path}: {exc}") from None
     options = {"block": list(block), "format": format, "method": format_method(name, opts),
                "budget": str(budget), "seed": seed, "objective": objective, "edge": edge,
-               "layers": layers, "time_limit": time_limit}
+               "layers": layers, "time_limit": time_limit, "refine": refine}
     return Run(source=source, layers=results, skipped=skipped, options=options)

@@ -127,13 +127,18 @@ def test_magnitude_objective_prefers_heavy_weights():
     assert heavy.metrics["retained_magnitude"] > 0.99 and count.metrics["retained"] > 0.6
 
 
-def test_auto_equals_its_chosen_method():
+def test_auto_equals_its_chosen_method_before_refinement():
     pat = from_array(random_mask(np.random.default_rng(2), 96, 64, 0.1))
-    auto = regroup_pattern(pat, block=16, method="auto")
+    auto = regroup_pattern(pat, block=16, method="auto", refine=False)
     direct = regroup_pattern(pat, block=16, method=auto.metrics["chosen"])
     np.testing.assert_array_equal(auto.mask, direct.mask)
     assert set(auto.metrics["candidates"]) >= {"identity", "metis"}
     assert auto.metrics["retained"] == max(auto.metrics["candidates"].values())
+    refined = regroup_pattern(pat, block=16, method="auto")
+    assert refined.metrics["refined"] and not direct.metrics["refined"]
+    assert refined.metrics["retained"] == pytest.approx(
+        auto.metrics["retained"] + refined.metrics["refine_gain"])
+    assert refined.metrics["refine_gain"] >= 0
 
 
 def test_layout_mask_round_trips_through_check_layout():

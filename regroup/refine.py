@@ -1,0 +1,156 @@
+"""Local search that directly increases retained mass, starting from any layout.
+
+Block-coordinate ascent with exact sub-steps:
+
+1. With the kept columns of every panel fixed, the value of putting row ``i`` in panel
+   ``p`` is its mass on those columns. Moving rows between panels of fixed sizes is then a
+   linear assignment problem (rows x panel slots), solved exactly.
+2. With the rows fixed, the kept blocks (tiles) are re-picked exactly (:func:`build_layout`).
+3. Grid format: the same two steps for the columns (columns x column-group slots, with
+   the kept blocks fixed), alternating with the rows.
+
+Each step can only keep or raise the objective, so the search never ends below its start;
+it stops when a round gains nothing or the time limit is reached.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from .blocks import Budget, Layout, build_layout
+
+__all__ = ["refine", "EXACT_ASSIGN"]
+
+# Up to this many items the assignment is solved exactly (scipy's linear_sum_assignment on
+# items x slots); above, greedily. Measured on DLMC at b=32 (grid, 12 matrices): exact
+# everywhere 0.2115 mean retained in 25 s, exact up to 1024 items 0.2101 in 3.5 s, greedy
+# everywhere 0.2069 in 1.3 s, from 0.1898.
+EXACT_ASSIGN = 1024
+
+
+def _kept_mass(lay: Layout, V: sp.csr_matrix) -> float:
+    n, m = V.shape
+    br, bc = lay.block_shape
+    coo = V.tocoo()
+    rpos = np.empty(n, np.intp)
+    rpos[lay.row_perm] = np.arange(n)
+    panel = rpos[coo.row] // br
+    if lay.format == "grid":
+        cpos = np.empty(m, np.intp)
+        cpos[lay.col_perm] = np.arange(m)
+        return float(coo.data[lay.kept[panel, cpos[coo.col] // bc]].sum())
+    S = _panel_column_indicator(lay, m)
+    return float(coo.data[S[coo.col, panel]].sum())
+
+
+def _panel_column_indicator(lay: Layout, m: int) -> np.ndarray:
+    """(m, n_panels) bool: column c is kept by panel p (shuffled format)."""
+    S = np.zeros((m, len(lay.panel_cols)), dtype=bool)
+    for p, cols in enumerate(lay.panel_cols):
+        S[cols, p] = True
+    return S
+
+
+def _assign_greedy(values: np.ndarray, size: int) -> np.ndarray:
+    """Greedy version of :func:`_assign`: (item, group) pairs by decreasing value, each
+    taken while the item is free and the group has room. Not optimal, but its result is
+    only accepted by :func:`refine` when it raises the objective."""
+    n, k = values.shape
+    caps = np.full(k, size, np.intp)
+    caps[-1] = n - size * (k - 1)
+    flat = np.argsort(-values, axis=None, kind="stable")
+    items, groups = np.divmod(flat, k)
+    group_of = np.full(n, -1, np.intp)
+    room = caps.copy()
+    for i, g in zip(items.tolist(), groups.tolist()):
+        if group_of[i] < 0 and room[g] > 0:
+            group_of[i] = g
+            room[g] -= 1
+    return np.argsort(group_of, kind="stable").astype(np.intp)
+
+
+def _assign(values: np.ndarray, size: int) -> np.ndarray:
+    if len(values) > EXACT_ASSIGN:
+        return _assign_greedy(values, size)
+    """Order of items maximising ``sum values[i, group(i)]`` with groups of ``size``
+    consecutive slots (the last may be short). Returns perm: ``perm[slot] = item``.
+
+    Items whose values are all zero cannot change the objective, so only the others enter
+    the (rectangular) assignment, against at most that many slots per group; the
+    zero-valued items then fill the free slots in index order.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = values.shape
+    caps = np.full(k, size, np.intp)
+    caps[-1] = n - size * (k - 1)
+    active = np.flatnonzero(values.max(axis=1) > 0)
+    slot_group = np.repeat(np.arange(k), np.minimum(caps, len(active)))
+    items, cols = linear_sum_assignment(-values[np.ix_(active, slot_group)])
+    group_of = np.full(n, -1, np.intp)
+    group_of[active[items]] = slot_group[cols]
+    free = np.flatnonzero(group_of < 0)
+    room = caps - np.bincount(group_of[group_of >= 0], minlength=k)
+    group_of[free] = np.repeat(np.arange(k), room)
+    return np.argsort(group_of, kind="stable").astype(np.intp)
+
+
+def _rows_step(V: sp.csr_matrix, lay: Layout) -> np.ndarray:
+    n, m = V.shape
+    br, bc = lay.block_shape
+    if lay.format == "grid":
+        cpos = np.empty(m, np.intp)
+        cpos[lay.col_perm] = np.arange(m)
+        Q = lay.kept.shape[1]
+        G = sp.csr_matrix((np.ones(m), (np.arange(m), cpos // bc)), shape=(m, Q))
+        values = np.asarray((V @ G).todense()) @ lay.kept.T.astype(float)
+    else:
+        S = _panel_column_indicator(lay, m).astype(float)
+        values = np.asarray(V @ S)
+    return _assign(values, br)
+
+
+def _cols_step(V: sp.csr_matrix, lay: Layout) -> np.ndarray:
+    n, m = V.shape
+    br, bc = lay.block_shape
+    rpos = np.empty(n, np.intp)
+    rpos[lay.row_perm] = np.arange(n)
+    P = lay.kept.shape[0]
+    R = sp.csr_matrix((np.ones(n), (np.arange(n), rpos // br)), shape=(n, P))
+    values = np.asarray((V.T @ R).todense()) @ lay.kept.astype(float)
+    return _assign(values, bc)
+
+
+def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
+           time_limit: float | None = None, max_rounds: int = 20) -> Layout:
+    """Improve ``layout`` for the objective ``V`` (values = mass) under ``budget``.
+
+    Returns a layout whose kept mass is >= the input's (the input itself when nothing
+    improves). The search is deterministic; ``time_limit`` (seconds) is a safety cap that
+    stops it between steps, which makes the result depend on the machine's speed.
+    """
+    V = sp.csr_matrix(V)
+    n, m = V.shape
+    block = layout.block_shape
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+    best, best_score = layout, _kept_mass(layout, V)
+    for _ in range(max_rounds):
+        improved = False
+        steps = ["rows"] + (["cols"] if layout.format == "grid" else [])
+        for step in steps:
+            if deadline is not None and time.perf_counter() > deadline:
+                return best
+            if step == "rows":
+                cand = build_layout(V, _rows_step(V, best), best.col_perm, block,
+                                    best.format, budget, nnz)
+            else:
+                cand = build_layout(V, best.row_perm, _cols_step(V, best), block,
+                                    best.format, budget, nnz)
+            score = _kept_mass(cand, V)
+            if score > best_score * (1 + 1e-12) + 1e-12:
+                best, best_score, improved = cand, score, True
+        if not improved:
+            break
+    return best

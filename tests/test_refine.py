@@ -1,0 +1,79 @@
+"""The retained-mass local search: never worse than its start, budget and sizes kept."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from regroup import check_layout
+from regroup.blocks import Budget, build_layout, layout_mask
+from regroup.refine import _assign, _assign_greedy, refine
+
+from .conftest import random_mask
+
+
+def _mass(V, lay):
+    return float(sp.csr_matrix(V).multiply(layout_mask(lay)).sum())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 60), st.integers(4, 60), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from(["grid", "shuffled"]), st.sampled_from(["iso", "density=0.25",
+                                                                "blocks=4"]),
+       st.integers(0, 10**6))
+def test_refine_never_worse_keeps_budget_and_sizes(n, m, br, bc, fmt, budget, seed):
+    rng = np.random.default_rng(seed)
+    br, bc = min(br, n), min(bc, m)
+    w = rng.random((n, m)) * random_mask(rng, n, m, 0.2)
+    V = sp.csr_matrix(w)
+    b = Budget.parse(budget)
+    start = build_layout(V, rng.permutation(n), rng.permutation(m), (br, bc), fmt, b, V.nnz)
+    out = refine(V, start, b, V.nnz)
+    assert _mass(V, out) >= _mass(V, start) - 1e-9
+    assert sorted(out.row_perm.tolist()) == list(range(n))
+    if fmt == "grid":
+        assert sorted(out.col_perm.tolist()) == list(range(m))
+    mask = layout_mask(out)
+    check_layout(mask, fmt, (br, bc), out.row_perm, out.col_perm, out.panel_cols)
+    if b.kind == "iso":
+        assert mask.sum() <= V.nnz
+    elif b.kind == "density":
+        assert mask.sum() <= 0.25 * n * m + 1e-9
+    else:
+        assert out.kept_blocks <= 4
+    again = refine(V, start, b, V.nnz)                 # deterministic
+    np.testing.assert_array_equal(again.row_perm, out.row_perm)
+
+
+@pytest.mark.parametrize("n,size", [(12, 4), (10, 4), (7, 3)])
+def test_assignment_is_optimal_on_small_cases(n, size):
+    from itertools import permutations
+    rng = np.random.default_rng(n)
+    k = -(-n // size)
+    values = rng.integers(0, 5, size=(n, k)).astype(float)
+    groups = np.minimum(np.arange(n) // size, k - 1)
+
+    def total(perm):
+        return values[perm, groups].sum()
+    perm = _assign(values, size)
+    assert sorted(perm.tolist()) == list(range(n))
+    if n <= 8:
+        best = max(total(np.array(p)) for p in permutations(range(n)))
+        assert total(perm) == best
+    assert total(perm) >= total(_assign_greedy(values, size))
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_refine_recovers_a_planted_layout_from_mixed_panels(fmt):
+    # Rows 0-7 are dense on columns 0-7, rows 8-15 on columns 8-15; the start mixes
+    # 5 + 3 rows of the two groups in each panel.
+    n, m, b = 16, 16, 8
+    w = np.zeros((n, m))
+    w[:8, :8] = 1
+    w[8:, 8:] = 1
+    V = sp.csr_matrix(w)
+    rows = np.array([0, 1, 2, 3, 4, 8, 9, 10, 5, 6, 7, 11, 12, 13, 14, 15])
+    cols = np.array([0, 1, 2, 3, 4, 8, 9, 10, 5, 6, 7, 11, 12, 13, 14, 15])
+    start = build_layout(V, rows, cols, (b, b), fmt, Budget(), V.nnz)
+    out = refine(V, start, Budget(), V.nnz)
+    assert _mass(V, out) == V.sum() > _mass(V, start)
