@@ -34,7 +34,8 @@ BUDGET_KINDS = ("iso", "density", "blocks", "retained")
 class Budget:
     """How much block area may be kept.
 
-    ``iso``: kept area <= input nnz (same storage as the unstructured mask);
+    ``iso``: kept area <= input nnz (same storage as the unstructured mask); ``iso=F``:
+    kept area <= F x input nnz (``iso=2`` is "2x area");
     ``density=d``: kept area <= d * n_rows * n_cols;
     ``blocks=k``: at most k blocks (tiles);
     ``retained=r``: the fewest blocks, best first, whose kept objective mass is >= r.
@@ -45,7 +46,8 @@ class Budget:
 
     @classmethod
     def parse(cls, spec: "Budget | str") -> "Budget":
-        """Read ``"iso"``, ``"density=0.1"``, ``"blocks=100"`` or ``"retained=0.9"``."""
+        """Read ``"iso"``, ``"iso=2"``, ``"density=0.1"``, ``"blocks=100"`` or
+        ``"retained=0.9"``."""
         if isinstance(spec, Budget):
             return spec
         if not isinstance(spec, str):
@@ -54,15 +56,18 @@ class Budget:
         kind, _, value = spec.replace(":", "=").partition("=")
         kind = kind.strip()
         check_choice(kind, "budget", "Budget.parse", set(BUDGET_KINDS))
-        if kind == "iso":
-            if value:
-                raise ValueError(f"budget 'iso' takes no value. Got {spec!r} instead.")
+        if kind == "iso" and not value.strip():
             return cls("iso")
         try:
             v = float(value)
         except ValueError:
             raise ValueError(f"The 'budget' parameter must look like '{kind}=NUMBER'. "
                              f"Got {spec!r} instead.") from None
+        if kind == "iso":
+            if not v > 0:
+                raise ValueError(f"budget 'iso' needs a positive area factor. Got {spec!r} "
+                                 "instead.")
+            return cls("iso") if v == 1 else cls("iso", v)
         if kind == "blocks":
             if v < 1 or v != int(v):
                 raise ValueError(f"budget 'blocks' needs a positive integer. Got {spec!r} "
@@ -73,7 +78,7 @@ class Budget:
 
     def __str__(self) -> str:
         if self.kind == "iso":
-            return "iso"
+            return "iso" if self.value is None else f"iso={self.value:g}"
         v = int(self.value) if self.kind == "blocks" else self.value
         return f"{self.kind}={v}"
 
@@ -119,7 +124,7 @@ def _sizes(n: int, b: int) -> np.ndarray:
 
 def _budget_limits(budget: Budget, nnz: int, n: int, m: int):
     if budget.kind == "iso":
-        return float(nnz), None
+        return float(nnz) * (budget.value or 1.0), None
     if budget.kind == "density":
         return budget.value * n * m, None
     if budget.kind == "blocks":

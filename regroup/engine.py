@@ -51,7 +51,13 @@ def _run_partitioner(name: str, params: dict, X: sp.csr_matrix, size: int,
     if spec.isolated or time_limit is not None:
         perm = run_isolated(name, X, size, params, int(rng.integers(0, 2**31 - 1)), time_limit)
     else:
-        perm = spec.func(X, size, rng=rng, **params)
+        try:
+            perm = spec.func(X, size, rng=rng, **params)
+        except (PartitionerError, ImportError):
+            raise
+        except Exception as exc:  # a library failing inside: report it as the partitioner's
+            raise PartitionerError(f"partitioner {name!r} failed: {type(exc).__name__}: "
+                                   f"{exc}") from exc
     return check_perm(perm, X.shape[0], f"partitioner {name!r}")
 
 

@@ -1,9 +1,13 @@
-"""Row-row similarity of a sparsity pattern, computed with sparse BLAS.
+"""Row-row similarity of a sparsity pattern, computed with sparse or dense BLAS.
 
 For a nonnegative matrix ``X`` (rows = items), ``shared = X @ X.T``. On a binary pattern that
 is the number of columns two rows share, and ``jaccard = shared / (|a| + |b| - shared)``; on
 weighted rows the same formula is the Tanimoto coefficient. Diagonals are zero in every
 returned matrix (an item is not its own neighbour).
+
+Products of sparse-enough patterns use sparse BLAS; above ``DENSE_PRODUCT_DENSITY`` the
+rows are densified (a block of rows at a time; float32 when that is exact, as for counts
+below 2**24) and multiplied with dense BLAS, orders of magnitude faster at 50 % density.
 """
 from __future__ import annotations
 
@@ -21,16 +25,46 @@ DENSE_LIMIT = 4096
 DEFAULT_KNN = 64
 
 
+# Above this density products go through dense BLAS (sparse products cost sum_c nnz_c^2).
+DENSE_PRODUCT_DENSITY = 0.05
+_DENSE_BLOCK_ELEMS = 1 << 26    # rows densified at a time: 64 M float32 = 256 MB
+
+
 def _csr(X) -> sp.csr_matrix:
     X = sp.csr_matrix(X, dtype=np.float64)
     X.sort_indices()
     return X
 
 
+def _dense_rows(X: sp.csr_matrix, start: int, stop: int, dtype) -> np.ndarray:
+    return X[start:stop].toarray().astype(dtype)
+
+
+def _product(X: sp.csr_matrix, rows: slice | None = None) -> np.ndarray:
+    """``X[rows] @ X.T`` as a dense float64 array, with sparse or dense BLAS."""
+    n, m = X.shape
+    start, stop = (0, n) if rows is None else (rows.start, rows.stop)
+    if X.nnz <= DENSE_PRODUCT_DENSITY * n * m:
+        return (X[start:stop] @ X.T).toarray()
+    # float32 is exact for integer data whose products stay below 2**24; else float64.
+    exact32 = np.all(X.data == np.round(X.data)) and X.data.max(initial=0) ** 2 * m < 2**24
+    dtype = np.float32 if exact32 else np.float64
+    step = max(1, _DENSE_BLOCK_ELEMS // max(m, 1))
+    out = np.empty((stop - start, n))
+    for c0 in range(0, n, step):
+        right = _dense_rows(X, c0, min(c0 + step, n), dtype)
+        for r0 in range(start, stop, step):
+            r1 = min(r0 + step, stop)
+            left = right if (r0, r1) == (c0, c0 + right.shape[0]) else \
+                _dense_rows(X, r0, r1, dtype)
+            out[r0 - start:r1 - start, c0:c0 + right.shape[0]] = left @ right.T
+    return out
+
+
 def shared_counts(X) -> np.ndarray:
     """Dense ``X @ X.T`` with a zero diagonal, shape (n, n)."""
     X = _csr(X)
-    S = (X @ X.T).toarray()
+    S = _product(X)
     np.fill_diagonal(S, 0.0)
     return S
 
@@ -45,7 +79,7 @@ def _tanimoto(S: np.ndarray, sq_row: np.ndarray, sq_col: np.ndarray) -> np.ndarr
 def jaccard(X) -> np.ndarray:
     """Dense Jaccard (Tanimoto for weighted rows) similarity, shape (n, n), zero diagonal."""
     X = _csr(X)
-    S = (X @ X.T).toarray()
+    S = _product(X)
     sq = S.diagonal().copy()
     J = _tanimoto(S, sq, sq)
     np.fill_diagonal(J, 0.0)
@@ -69,12 +103,11 @@ def knn_similarity(X, k: int, *, metric: str = "shared", block_rows: int = 256) 
     k = check_int(k, "k", "knn_similarity", low=1)
     block_rows = check_int(block_rows, "block_rows", "knn_similarity", low=1)
     k = min(k, max(n - 1, 1))
-    XT = X.T.tocsc()
     sq = np.asarray(X.multiply(X).sum(axis=1)).ravel()
     rows_out, cols_out, vals_out = [], [], []
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
-        S = (X[start:stop] @ XT).toarray()
+        S = _product(X, slice(start, stop))
         if metric == "jaccard":
             S = _tanimoto(S, sq[start:stop], sq)
         S[np.arange(stop - start), np.arange(start, stop)] = -np.inf

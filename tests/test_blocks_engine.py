@@ -20,8 +20,8 @@ def cases(draw):
     br = draw(st.integers(1, min(n, 17)))
     bc = draw(st.integers(1, min(m, 17)))
     density = draw(st.floats(0.02, 0.6))
-    budget = draw(st.sampled_from(["iso", "density=0.3", "blocks=3", "retained=0.5",
-                                   "retained=1.0"]))
+    budget = draw(st.sampled_from(["iso", "iso=2", "density=0.3", "blocks=3",
+                                   "retained=0.5", "retained=1.0"]))
     fmt = draw(st.sampled_from(["grid", "shuffled"]))
     method = draw(st.sampled_from(FAST))
     seed = draw(st.integers(0, 99))
@@ -30,7 +30,7 @@ def cases(draw):
 
 def _area_limit(budget, nnz, n, m):
     b = Budget.parse(budget)
-    return {"iso": nnz, "density": (b.value or 0) * n * m}.get(b.kind)
+    return {"iso": nnz * (b.value or 1), "density": (b.value or 0) * n * m}.get(b.kind)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,3 +151,21 @@ def test_layout_mask_round_trips_through_check_layout():
     broken[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = False
     with pytest.raises(RegroupError, match="not a union of whole grid blocks"):
         check_layout(broken, "grid", (7, 6), lay.row_perm, lay.col_perm)
+
+
+@pytest.mark.parametrize("text,kind,value,back", [
+    ("iso", "iso", None, "iso"), ("iso=1", "iso", None, "iso"), ("iso=2", "iso", 2.0, "iso=2"),
+    ("density=0.1", "density", 0.1, "density=0.1"), ("blocks=7", "blocks", 7.0, "blocks=7"),
+    ("retained=0.9", "retained", 0.9, "retained=0.9")])
+def test_budget_round_trip(text, kind, value, back):
+    b = Budget.parse(text)
+    assert (b.kind, b.value, str(b)) == (kind, value, back)
+    assert Budget.parse(str(b)) == b
+
+
+@pytest.mark.parametrize("text,match", [
+    ("iso=0", "positive area factor"), ("blocks=1.5", "positive integer"),
+    ("size=3", "must be one of"), ("density=x", "density=NUMBER")])
+def test_budget_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        Budget.parse(text)

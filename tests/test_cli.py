@@ -114,7 +114,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["run", str(EXAMPLE), "--block", "0", "-o", str(tmp_path / "x.npz")]) == 2
     assert "'block' parameter" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), "--method", "hmetis", "-o", str(tmp_path / "x.npz")]) == 2
-    assert "'auto', 'hierarchical'" in capsys.readouterr().err
+    assert "'auto', 'dsb', 'hierarchical'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", "--format", "bsr", str(EXAMPLE)])
     assert exc.value.code == 2

@@ -84,3 +84,19 @@ def test_knn_memory_stays_bounded_at_16k_rows():
     assert G.shape == (n, n) and G.nnz <= 2 * 8 * n
     # One 256 x 16384 float64 block plus the O(n k) graph; a dense n x n would be 2 GiB.
     assert peak < 200 * 2**20, peak
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_blas_path_matches_sparse_path(monkeypatch, weighted):
+    import regroup.similarity as S
+    X = sp.random(300, 200, density=0.4, random_state=2, format="csr")
+    if not weighted:
+        X.data[:] = 1.0
+    monkeypatch.setattr(S, "DENSE_PRODUCT_DENSITY", 1.0)          # sparse BLAS
+    ref_s, ref_j = S.shared_counts(X), S.jaccard(X)
+    ref_k = S.knn_similarity(X, 7, block_rows=50)
+    monkeypatch.setattr(S, "DENSE_PRODUCT_DENSITY", 0.0)          # dense BLAS ...
+    monkeypatch.setattr(S, "_DENSE_BLOCK_ELEMS", 200 * 64)        # ... 64 rows at a time
+    np.testing.assert_allclose(S.shared_counts(X), ref_s, rtol=1e-12)
+    np.testing.assert_allclose(S.jaccard(X), ref_j, rtol=1e-12)
+    assert abs(S.knn_similarity(X, 7, block_rows=50) - ref_k).max() < 1e-9

@@ -15,6 +15,7 @@ hierarchical  -- agglomerative clustering on Jaccard distance, leaf order cut in
 metis         -- pymetis k-way on the shared-count or Jaccard row graph
 kahypar       -- KaHyPar (PyPI wheel) on the column-net hypergraph, in a subprocess
 mtkahypar     -- Mt-KaHyPar on the column-net hypergraph
+dsb           -- the DSB (NeurIPS'22) baseline: complete-linkage cosine clusters, largest first
 auto          -- portfolio of the strong cheap ones, best retained mass wins
 """
 from __future__ import annotations
@@ -165,4 +166,5 @@ def format_method(name: str, params: dict[str, Any]) -> str:
 
 
 # Registration: each backend module registers itself on import.
-from . import identity, random_order, sort, hierarchical, metis, kahypar, mtkahypar, auto  # noqa: E402,F401
+from . import (auto, dsb, hierarchical, identity, kahypar, metis, mtkahypar,  # noqa: E402,F401
+               random_order, sort)

@@ -1,6 +1,7 @@
-"""Child-process entry point of :func:`regroup.partitioners._isolate.run_isolated`."""
+"""Child-process entry point of :func:`regroup.partitioners._isolate.call_isolated`."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -10,24 +11,25 @@ import scipy.sparse as sp
 
 
 def main(folder: str) -> int:
-    from . import get_partitioner
-
     with open(os.path.join(folder, "job.json")) as f:
         job = json.load(f)
     arrays = np.load(os.path.join(folder, "in.npz"))
     X = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
                       shape=tuple(arrays["shape"]))
-    spec = get_partitioner(job["name"])
-    perm = spec.func(X, job["size"], rng=np.random.default_rng(job["seed"]), **job["params"])
-    tmp = os.path.join(folder, "perm.tmp.npy")
-    np.save(tmp, np.asarray(perm))
-    os.replace(tmp, os.path.join(folder, "perm.npy"))
+    module, _, name = job["target"].partition(":")
+    if not module.startswith("regroup."):
+        raise ValueError(f"refusing to run {job['target']!r}")
+    func = getattr(importlib.import_module(module), name)
+    out = func(X, rng=np.random.default_rng(job["seed"]), **job["kwargs"])
+    tmp = os.path.join(folder, "out.tmp.npy")
+    np.save(tmp, np.asarray(out))
+    os.replace(tmp, os.path.join(folder, "out.npy"))
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1]))
-    except Exception as exc:  # reported to the parent on stderr, which re-raises it
+    except Exception as exc:  # reported to the parent on stderr, which raises it
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)

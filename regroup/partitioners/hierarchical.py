@@ -30,7 +30,7 @@ def hierarchical(X, size: int, *, rng=None, linkage: str = "average",
     from scipy.cluster.hierarchy import leaves_list
     from scipy.spatial.distance import squareform
 
-    D = 1.0 - jaccard(X)
+    D = np.clip(1.0 - jaccard(X), 0.0, None)   # rounding can leave -1e-16
     np.fill_diagonal(D, 0.0)
     condensed = squareform(D, checks=False)
     if backend == "fastcluster":

@@ -54,19 +54,19 @@ def _ini(objective: str, seed: int) -> str:
     return "".join(f"{k}={v}\n" for k, v in settings.items())
 
 
-def kahypar_partition(X, size: int, *, rng: np.random.Generator, objective: str = "km1",
-                      epsilon: float = 0.03) -> np.ndarray:
-    """Partition rows into ``ceil(n/size)`` blocks minimising ``objective`` over the nets
-    (columns), then repair block sizes. Call it through the registry, which isolates it."""
+def kahypar_labels(X, *, rng: np.random.Generator, k: int, objective: str = "km1",
+                   epsilon: float = 0.03) -> np.ndarray:
+    """Part labels of the rows of ``X`` from KaHyPar (k parts within ``epsilon``
+    imbalance; the wheel may exceed it). Runs in-process: call it through
+    :func:`~regroup.partitioners._isolate.call_isolated`."""
     try:
         import kahypar
     except ImportError:
         raise missing_dependency("kahypar", "partitioner 'kahypar'") from None
     n = X.shape[0]
-    k = n_panels(n, size)
     hg = column_net(X)
     if k <= 1 or hg.n_nets == 0:
-        return np.arange(n, dtype=np.intp)
+        return np.arange(n, dtype=np.intp) * k // max(n, 1)
     seed = native_seed(rng)
     h = kahypar.Hypergraph(n, hg.n_nets, hg.net_ptr.astype(np.int64).tolist(),
                            hg.pins.astype(np.int64).tolist(), k,
@@ -82,7 +82,17 @@ def kahypar_partition(X, size: int, *, rng: np.random.Generator, objective: str 
         ctx.setSeed(seed)
         ctx.suppressOutput(True)
         kahypar.partition(h, ctx)
-    labels = np.fromiter((h.blockID(i) for i in range(n)), dtype=np.intp, count=n)
+    return np.fromiter((h.blockID(i) for i in range(n)), dtype=np.intp, count=n)
+
+
+def kahypar_partition(X, size: int, *, rng: np.random.Generator, objective: str = "km1",
+                      epsilon: float = 0.03) -> np.ndarray:
+    """Partition rows into ``ceil(n/size)`` blocks minimising ``objective`` over the nets
+    (columns), then repair block sizes. Call it through the registry, which isolates it."""
+    k = n_panels(X.shape[0], size)
+    if k <= 1:
+        return np.arange(X.shape[0], dtype=np.intp)
+    labels = kahypar_labels(X, rng=rng, k=k, objective=objective, epsilon=epsilon)
     return labels_to_perm(labels, size, X, who="kahypar")
 
 
