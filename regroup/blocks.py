@@ -24,7 +24,8 @@ import scipy.sparse as sp
 
 from ._validation import RegroupError, check_choice
 
-__all__ = ["FORMATS", "Budget", "Layout", "build_layout", "check_layout", "layout_mask"]
+__all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
+           "check_layout", "layout_mask", "select"]
 
 FORMATS = ("grid", "shuffled")
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
@@ -161,49 +162,78 @@ def _select(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, n: int
     return keep.reshape(mass.shape)
 
 
-def _grid(M: sp.csr_matrix, row_perm, col_perm, br, bc, budget, nnz):
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Every block a layout may keep once the permutations are fixed.
+
+    ``mass`` and ``area`` have shape (n_panels, n_groups) for "grid" and
+    (n_panels, n_tiles) for "shuffled", where tile ``t`` of panel ``p`` is that panel's
+    ``t``-th best group of ``bc`` columns, ``order[p]`` being its columns by decreasing mass.
+    """
+
+    format: str
+    block_shape: tuple[int, int]
+    shape: tuple[int, int]
+    row_perm: np.ndarray
+    col_perm: np.ndarray | None
+    mass: np.ndarray
+    area: np.ndarray
+    order: np.ndarray | None = None
+
+
+def _positions(perm: np.ndarray) -> np.ndarray:
+    pos = np.empty(perm.size, np.intp)
+    pos[perm] = np.arange(perm.size)
+    return pos
+
+
+def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],
+               fmt: str) -> Candidates:
+    """The candidate blocks of ``M`` (values = objective mass) under fixed permutations."""
+    check_choice(fmt, "format", "candidates", set(FORMATS))
+    M = sp.csr_matrix(M)
     n, m = M.shape
-    rpos = np.empty(n, np.intp)
-    rpos[row_perm] = np.arange(n)
-    cpos = np.empty(m, np.intp)
-    cpos[col_perm] = np.arange(m)
+    br, bc = block
+    row_perm = np.asarray(row_perm, np.intp)
     P, Q = -(-n // br), -(-m // bc)
     coo = M.tocoo()
-    flat = (rpos[coo.row] // br) * Q + cpos[coo.col] // bc
-    mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
+    panel = _positions(row_perm)[coo.row] // br
     area = np.outer(_sizes(n, br), _sizes(m, bc))
-    kept = _select(mass, area, budget, nnz, n, m)
-    return kept, int(area[kept].sum())
-
-
-def _panel_col_mass(M: sp.csr_matrix, row_perm, br) -> np.ndarray:
-    n, m = M.shape
-    rpos = np.empty(n, np.intp)
-    rpos[row_perm] = np.arange(n)
-    P = -(-n // br)
-    coo = M.tocoo()
-    return np.bincount((rpos[coo.row] // br) * m + coo.col, weights=coo.data,
-                       minlength=P * m).reshape(P, m)
-
-
-def _shuffled(M: sp.csr_matrix, row_perm, br, bc, budget, nnz):
-    n, m = M.shape
-    colmass = _panel_col_mass(M, row_perm, br)
-    P, T = colmass.shape[0], -(-m // bc)
+    if fmt == "grid":
+        col_perm = np.asarray(col_perm, np.intp)
+        flat = panel * Q + _positions(col_perm)[coo.col] // bc
+        mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
+        return Candidates("grid", (br, bc), (n, m), row_perm, col_perm, mass, area)
+    colmass = np.bincount(panel * m + coo.col, weights=coo.data,
+                          minlength=P * m).reshape(P, m)
     # Per panel, columns by decreasing mass (stable: lower index first on ties).
     order = np.argsort(-colmass, axis=1, kind="stable")
-    sorted_mass = np.take_along_axis(colmass, order, axis=1)
-    padded = np.zeros((P, T * bc))
-    padded[:, :m] = sorted_mass
-    tile_mass = padded.reshape(P, T, bc).sum(axis=2)
-    area = np.outer(_sizes(n, br), _sizes(m, bc))
-    kept = _select(tile_mass, area, budget, nnz, n, m)
-    bounds = np.minimum(np.arange(T + 1) * bc, m)
+    padded = np.zeros((P, Q * bc))
+    padded[:, :m] = np.take_along_axis(colmass, order, axis=1)
+    mass = padded.reshape(P, Q, bc).sum(axis=2)
+    return Candidates("shuffled", (br, bc), (n, m), row_perm, None, mass, area, order)
+
+
+def assemble(c: Candidates, kept: np.ndarray) -> Layout:
+    """The layout that keeps the candidate blocks marked in ``kept``."""
+    kept = np.asarray(kept, dtype=bool)
+    area = int(c.area[kept].sum())
+    if c.format == "grid":
+        return Layout("grid", c.block_shape, c.shape, c.row_perm, c.col_perm, None, kept,
+                      area)
+    m, bc = c.shape[1], c.block_shape[1]
+    bounds = np.minimum(np.arange(kept.shape[1] + 1) * bc, m)
     panel_cols = tuple(
-        np.concatenate([order[p, bounds[t]:bounds[t + 1]] for t in np.flatnonzero(kept[p])])
+        np.concatenate([c.order[p, bounds[t]:bounds[t + 1]] for t in np.flatnonzero(kept[p])])
         .astype(np.intp) if kept[p].any() else np.zeros(0, np.intp)
-        for p in range(P))
-    return kept, int(area[kept].sum()), panel_cols
+        for p in range(kept.shape[0]))
+    return Layout("shuffled", c.block_shape, c.shape, c.row_perm, None, panel_cols, kept,
+                  area)
+
+
+def select(c: Candidates, budget: Budget, nnz: int) -> np.ndarray:
+    """The kept-block choice of :func:`build_layout` for these candidates."""
+    return _select(c.mass, c.area, budget, nnz, *c.shape)
 
 
 def build_layout(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int], fmt: str,
@@ -212,19 +242,11 @@ def build_layout(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int], f
 
     ``col_perm`` is required for "grid" and ignored for "shuffled" (each panel picks its
     own columns). ``nnz`` is the input's nonzero count (defaults to ``M.nnz``), the area
-    budget of "iso".
+    budget of "iso". Blocks are taken by decreasing mass while the budget allows, which is
+    optimal for fixed permutations when the blocks have equal area.
     """
-    check_choice(fmt, "format", "build_layout", set(FORMATS))
-    M = sp.csr_matrix(M)
-    br, bc = block
-    nnz = M.nnz if nnz is None else nnz
-    row_perm = np.asarray(row_perm, np.intp)
-    if fmt == "grid":
-        col_perm = np.asarray(col_perm, np.intp)
-        kept, area = _grid(M, row_perm, col_perm, br, bc, budget, nnz)
-        return Layout("grid", (br, bc), M.shape, row_perm, col_perm, None, kept, area)
-    kept, area, panel_cols = _shuffled(M, row_perm, br, bc, budget, nnz)
-    return Layout("shuffled", (br, bc), M.shape, row_perm, None, panel_cols, kept, area)
+    c = candidates(M, row_perm, col_perm, block, fmt)
+    return assemble(c, select(c, budget, sp.csr_matrix(M).nnz if nnz is None else nnz))
 
 
 def layout_mask(layout: Layout) -> np.ndarray:

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="auto", choices=("auto", "count", "magnitude"))
     p.add_argument("--edge", default="partial", choices=("partial", "error"),
                    help="shapes not divisible by the block: short edge blocks, or error")
+    p.add_argument("--budget-scope", default="layer", choices=("layer", "global"),
+                   help="global: one model-wide budget spent where blocks retain most")
+    p.add_argument("--layer-min", type=float, default=0.0, metavar="F",
+                   help="with --budget-scope global: share of each layer's own budget "
+                   "reserved for it (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     p.add_argument("--list-methods", action="store_true", help="list partitioners and exit")
     _add_layout_options(p)
@@ -127,6 +132,7 @@ def cmd_run(args) -> int:
                            format=args.format, method=args.method, budget=args.budget,
                            seed=args.seed, objective=args.objective, edge=args.edge,
                            time_limit=args.time_limit, refine=_refine(args),
+                           budget_scope=args.budget_scope, layer_min=args.layer_min,
                            progress=progress)
     finally:
         progress.close()
@@ -139,7 +145,8 @@ def cmd_run(args) -> int:
         t = report["total"]
         print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
               f"identity {t['retained_identity']:.4f} ({args.format} {args.block}, budget "
-              f"{run.options['budget']}, seed {args.seed}); {len(run.skipped)} tensors "
+              f"{run.options['budget']} per {args.budget_scope.replace('global', 'model')}, "
+              f"seed {args.seed}); {len(run.skipped)} tensors "
               f"skipped; {t['seconds']:.1f} s")
         print(f"result: {out}" + (f"   report: {args.report}" if args.report else ""))
     return EXIT_OK

@@ -11,7 +11,8 @@ import numpy as np
 
 from ._validation import as_rng, check_block
 
-__all__ = ["Planted", "planted_weights"]
+__all__ = ["Planted", "planted_weights", "planted_mask", "oracle_retained",
+           "example_state_dict"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +62,42 @@ def planted_weights(n: int, m: int, *, block=32, block_density: float = 0.1,
     shuffled[np.ix_(row_perm, col_perm)] = w
     return Planted(shuffled.astype(np.float32), row_perm.astype(np.intp),
                    col_perm.astype(np.intp), planted)
+
+
+def planted_mask(n: int, m: int, *, block=32, block_density: float = 0.1,
+                 fill: float = 0.9, noise: float = 0.01, seed=0) -> Planted:
+    """A binary mask: ``block_density`` of the ``br x bc`` blocks are filled to ``fill``,
+    every other position is kept with probability ``noise``; rows and columns are then
+    shuffled. ``weight`` holds the mask as float32 ones (no magnitudes)."""
+    br, bc = check_block(block, "planted_mask")
+    rng = as_rng(seed)
+    P, Q = n // br, m // bc
+    planted = rng.random((P, Q)) < block_density
+    prob = np.full((n, m), noise)
+    prob[:P * br, :Q * bc] = np.where(np.repeat(np.repeat(planted, br, 0), bc, 1), fill,
+                                      noise)
+    mask = rng.random((n, m)) < prob
+    row_perm = rng.permutation(n)
+    col_perm = rng.permutation(m)
+    shuffled = np.zeros_like(mask)
+    shuffled[np.ix_(row_perm, col_perm)] = mask
+    return Planted(shuffled.astype(np.float32), row_perm.astype(np.intp),
+                   col_perm.astype(np.intp), planted)
+
+
+def oracle_retained(planted: Planted, *, block=32, format: str = "grid",
+                    budget="iso") -> float:
+    """Retained of the hidden layout (the planted panels and column groups) under the same
+    format and budget: the reference a regrouping should reach."""
+    from .blocks import Budget, build_layout, layout_mask
+    from .metrics import retained
+    from .pattern import from_array
+
+    pat = from_array(planted.weight != 0)
+    V = pat.matrix
+    lay = build_layout(V, planted.row_perm, planted.col_perm, check_block(block, "oracle"),
+                       format, Budget.parse(budget), pat.nnz)
+    return retained(V, layout_mask(lay))
 
 
 def example_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
