@@ -48,20 +48,30 @@ def planted_weights(n: int, m: int, *, block=32, block_density: float = 0.1,
     rng = as_rng(seed)
     P, Q = n // br, m // bc
     planted = rng.random((P, Q)) < block_density
-    scale = np.where(np.repeat(np.repeat(planted, br, 0), bc, 1), contrast, 1.0)
-    full = np.ones((n, m))
-    full[:P * br, :Q * bc] = scale
-    w = rng.standard_normal((n, m)) * full
+    w = rng.standard_normal((n, m)) * _block_grid(planted, br, bc, n, m, contrast, 1.0)
     k = int(round(sparsity * n * m))
     if k:
         thresh = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
         w[np.abs(w) <= thresh] = 0.0
+    return _hide(w, planted, rng)
+
+
+def _hide(matrix: np.ndarray, planted: np.ndarray, rng: np.random.Generator) -> Planted:
+    """Shuffle rows and columns; the permutations reveal the planted layout again."""
+    n, m = matrix.shape
     row_perm = rng.permutation(n)
     col_perm = rng.permutation(m)
-    shuffled = np.empty_like(w)
-    shuffled[np.ix_(row_perm, col_perm)] = w
-    return Planted(shuffled.astype(np.float32), row_perm.astype(np.intp),
-                   col_perm.astype(np.intp), planted)
+    shuffled = np.zeros((n, m), dtype=np.float32)
+    shuffled[np.ix_(row_perm, col_perm)] = matrix
+    return Planted(shuffled, row_perm.astype(np.intp), col_perm.astype(np.intp), planted)
+
+
+def _block_grid(planted: np.ndarray, br: int, bc: int, n: int, m: int, inside, outside):
+    P, Q = planted.shape
+    out = np.full((n, m), outside, dtype=float)
+    out[:P * br, :Q * bc] = np.where(np.repeat(np.repeat(planted, br, 0), bc, 1), inside,
+                                     outside)
+    return out
 
 
 def planted_mask(n: int, m: int, *, block=32, block_density: float = 0.1,
@@ -73,16 +83,9 @@ def planted_mask(n: int, m: int, *, block=32, block_density: float = 0.1,
     rng = as_rng(seed)
     P, Q = n // br, m // bc
     planted = rng.random((P, Q)) < block_density
-    prob = np.full((n, m), noise)
-    prob[:P * br, :Q * bc] = np.where(np.repeat(np.repeat(planted, br, 0), bc, 1), fill,
-                                      noise)
+    prob = _block_grid(planted, br, bc, n, m, fill, noise)
     mask = rng.random((n, m)) < prob
-    row_perm = rng.permutation(n)
-    col_perm = rng.permutation(m)
-    shuffled = np.zeros_like(mask)
-    shuffled[np.ix_(row_perm, col_perm)] = mask
-    return Planted(shuffled.astype(np.float32), row_perm.astype(np.intp),
-                   col_perm.astype(np.intp), planted)
+    return _hide(mask, planted, rng)
 
 
 def oracle_retained(planted: Planted, *, block=32, format: str = "grid",
