@@ -169,3 +169,26 @@ def test_budget_round_trip(text, kind, value, back):
 def test_budget_errors(text, match):
     with pytest.raises(ValueError, match=match):
         Budget.parse(text)
+
+
+def test_auto_reports_and_skips_a_failing_candidate():
+    from regroup.partitioners import get_partitioner
+
+    def broken(X, size, *, rng, **params):
+        raise RuntimeError("simulated crash")
+    spec = get_partitioner("metis")
+    object.__setattr__(spec, "func", broken)      # the spec is frozen; restored below
+    try:
+        pat = from_array(random_mask(np.random.default_rng(5), 64, 64, 0.1), name="fc")
+        with pytest.warns(RuntimeWarning, match=r"candidate 'metis(:graph=jaccard)?' failed on "
+                                                 r"layer 'fc'"):
+            r = regroup_pattern(pat, block=16, method="auto")
+        assert "metis" in r.metrics["failed"] and "simulated crash" in r.metrics["failed"][
+            "metis"]
+        assert "metis" not in r.metrics["candidates"]
+        with pytest.raises(RegroupError, match="layer 'fc'.*partitioner 'metis' failed: "
+                                               "RuntimeError: simulated crash"):
+            regroup_pattern(pat, block=16, method="metis")
+    finally:
+        from regroup.partitioners.metis import metis
+        object.__setattr__(spec, "func", metis)
