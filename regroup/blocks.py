@@ -100,6 +100,8 @@ class Layout:
         "grid": (n_panels, n_groups) kept blocks; "shuffled": (n_panels, n_tiles) whether
         the panel's t-th best tile is kept.
     kept_area : int
+    kept_mass : float or None
+        Objective mass inside the kept blocks (set by :func:`assemble`).
     """
 
     format: str
@@ -110,6 +112,7 @@ class Layout:
     panel_cols: tuple[np.ndarray, ...] | None
     kept: np.ndarray
     kept_area: int
+    kept_mass: float | None = None
 
     @property
     def kept_blocks(self) -> int:
@@ -218,9 +221,10 @@ def assemble(c: Candidates, kept: np.ndarray) -> Layout:
     """The layout that keeps the candidate blocks marked in ``kept``."""
     kept = np.asarray(kept, dtype=bool)
     area = int(c.area[kept].sum())
+    mass = float(c.mass[kept].sum())
     if c.format == "grid":
         return Layout("grid", c.block_shape, c.shape, c.row_perm, c.col_perm, None, kept,
-                      area)
+                      area, mass)
     m, bc = c.shape[1], c.block_shape[1]
     bounds = np.minimum(np.arange(kept.shape[1] + 1) * bc, m)
     panel_cols = tuple(
@@ -228,7 +232,7 @@ def assemble(c: Candidates, kept: np.ndarray) -> Layout:
         .astype(np.intp) if kept[p].any() else np.zeros(0, np.intp)
         for p in range(kept.shape[0]))
     return Layout("shuffled", c.block_shape, c.shape, c.row_perm, None, panel_cols, kept,
-                  area)
+                  area, mass)
 
 
 def select(c: Candidates, budget: Budget, nnz: int) -> np.ndarray:

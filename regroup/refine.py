@@ -31,6 +31,8 @@ EXACT_ASSIGN = 1024
 
 
 def _kept_mass(lay: Layout, V: sp.csr_matrix) -> float:
+    if lay.kept_mass is not None:
+        return lay.kept_mass
     n, m = V.shape
     br, bc = lay.block_shape
     coo = V.tocoo()
@@ -64,10 +66,14 @@ def _assign_greedy(values: np.ndarray, size: int) -> np.ndarray:
     items, groups = np.divmod(flat, k)
     group_of = np.full(n, -1, np.intp)
     room = caps.copy()
+    left = n
     for i, g in zip(items.tolist(), groups.tolist()):
         if group_of[i] < 0 and room[g] > 0:
             group_of[i] = g
             room[g] -= 1
+            left -= 1
+            if not left:
+                break
     return np.argsort(group_of, kind="stable").astype(np.intp)
 
 

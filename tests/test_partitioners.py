@@ -1,5 +1,4 @@
 """One contract for every registered partitioner, plus oracles on planted structure."""
-import importlib.util
 
 import numpy as np
 import pytest
