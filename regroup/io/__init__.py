@@ -29,11 +29,13 @@ import scipy.sparse as sp
 
 from .._validation import FormatError, RegroupError, missing_dependency
 from ..pattern import Pattern, from_array, from_sparse
+from .mtx import parse_mtx, read_mtx
 from .safetensors import read_safetensors, write_safetensors
 from .smtx import parse_smtx, read_smtx, write_smtx
 
 __all__ = ["read_patterns", "read_tensors", "patterns_from_tensors", "SUFFIXES",
-           "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors"]
+           "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors",
+           "read_mtx", "parse_mtx"]
 
 SUFFIXES = (".smtx", ".mtx", ".npy", ".npz", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -99,18 +101,9 @@ def _load_npy(path: str) -> dict[str, Any]:
 
 
 def _load_mtx(path: str) -> dict[str, Any]:
-    import scipy.io
-
-    try:
-        _, _, _, fmt, field, _ = scipy.io.mminfo(path)
-        data = scipy.io.mmread(path)
-    except Exception as exc:
-        raise FormatError(f"{path}: not a valid MatrixMarket file ({type(exc).__name__}: "
-                          f"{exc})") from None
+    matrix, has_values = read_mtx(path, max_elements=MAX_ELEMENTS)
     name = Path(path).stem
-    if sp.issparse(data):
-        return {name: from_sparse(data, name=name, has_weights=field != "pattern")}
-    return {name: data}
+    return {name: from_sparse(matrix, name=name, has_weights=has_values)}
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
