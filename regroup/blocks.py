@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from ._validation import RegroupError, check_choice
 
 __all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
-           "check_layout", "layout_mask", "select"]
+           "check_layout", "group_indicator", "layout_mask", "select"]
 
 FORMATS = ("grid", "shuffled")
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
@@ -100,8 +100,8 @@ class Layout:
         "grid": (n_panels, n_groups) kept blocks; "shuffled": (n_panels, n_tiles) whether
         the panel's t-th best tile is kept.
     kept_area : int
-    kept_mass : float or None
-        Objective mass inside the kept blocks (set by :func:`assemble`).
+    kept_mass : float
+        Objective mass inside the kept blocks.
     """
 
     format: str
@@ -112,7 +112,7 @@ class Layout:
     panel_cols: tuple[np.ndarray, ...] | None
     kept: np.ndarray
     kept_area: int
-    kept_mass: float | None = None
+    kept_mass: float
 
     @property
     def kept_blocks(self) -> int:
@@ -188,6 +188,16 @@ def _positions(perm: np.ndarray) -> np.ndarray:
     pos = np.empty(perm.size, np.intp)
     pos[perm] = np.arange(perm.size)
     return pos
+
+
+def group_indicator(perm, size: int) -> sp.csr_matrix:
+    """(n, n_groups) 0/1 matrix: item ``i`` is in group ``p`` when its position in
+    ``perm`` falls in ``p*size .. (p+1)*size - 1``. ``X.T @ group_indicator(...)`` sums
+    each column of ``X`` per row panel."""
+    perm = np.asarray(perm, np.intp)
+    n = perm.size
+    return sp.csr_matrix((np.ones(n), (np.arange(n), _positions(perm) // size)),
+                         shape=(n, -(-n // size)))
 
 
 def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],

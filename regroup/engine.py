@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from ._validation import (PartitionerError, RegroupError, check_block, check_choice,
                           check_int)
-from .blocks import FORMATS, Budget, Layout, build_layout, layout_mask
+from .blocks import FORMATS, Budget, Layout, build_layout, group_indicator, layout_mask
 from .metrics import fill, panel_km1, retained
 from .partitioners import format_method, get_partitioner, parse_method
 from .partitioners._isolate import run_isolated
@@ -83,25 +83,18 @@ def group_columns(V: sp.csr_matrix, row_perm: np.ndarray, block: tuple[int, int]
     """
     from .partitioners.hierarchical import hierarchical
 
-    n, m = V.shape
+    m = V.shape[1]
     br, bc = block
-    panel = np.empty(n, np.intp)
-    panel[row_perm] = np.arange(n) // br
-    R = sp.csr_matrix((np.ones(n), (np.arange(n), panel)), shape=(n, -(-n // br)))
-    profile = (V.T @ R).tocsr()
+    profile = (V.T @ group_indicator(row_perm, br)).tocsr()
     dense = profile.toarray()
     home = dense.argmax(axis=1)
     top = dense[np.arange(m), home]
     orders = [np.lexsort((np.arange(m), -top, home)).astype(np.intp)]
     if cluster and bc < m <= PROFILE_CLUSTER_LIMIT:
         orders.append(hierarchical(profile, bc))
-    best, best_mass = orders[0], -1.0
-    for order in orders:
-        lay = build_layout(V, row_perm, order, block, "grid", budget, nnz)
-        mass = retained(V, layout_mask(lay))
-        if mass > best_mass:
-            best, best_mass = order, mass
-    return best
+    masses = [build_layout(V, row_perm, order, block, "grid", budget, nnz).kept_mass
+              for order in orders]
+    return orders[int(np.argmax(masses))]
 
 
 def _candidate(name: str, params: dict, B: sp.csr_matrix, V: sp.csr_matrix, fmt: str,
@@ -225,6 +218,7 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
                            "them (use objective 'count')")
     V = pattern.matrix if use_mag else B
+    total = float(V.sum()) or 1.0   # all-zero magnitudes: every layout retains 0
     n, m = B.shape
     nnz = pattern.nnz
     spec = get_partitioner(name)
@@ -246,7 +240,7 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
             warnings.warn(f"auto: candidate {cand!r} failed on {pattern.describe()}: {exc}",
                           RuntimeWarning, stacklevel=2)
             continue
-        score = retained(V, layout_mask(lay))
+        score = lay.kept_mass / total
         scores[cand] = score
         if best is None or score > best[0]:
             best = (score, cand, lay)
@@ -258,13 +252,13 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         # step, which makes it equal to a direct run of the chosen method.
         cols = group_columns(V, lay.row_perm, block, budget, nnz)
         lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
-        score = retained(V, layout_mask(lay))
+        score = lay.kept_mass / total
     do_refine = bool(spec.portfolio) if refine is None else bool(refine)
     refine_gain = None
     if do_refine:
         from .refine import refine as local_search
         lay = local_search(V, lay, budget, nnz)
-        refine_gain = retained(V, layout_mask(lay)) - score
+        refine_gain = lay.kept_mass / total - score
     metrics = layer_metrics(pattern, lay, identity)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),
                     "chosen": chosen, "refined": do_refine, "refine_gain": refine_gain})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from .blocks import group_indicator
 from .hypergraph import column_net, km1
 
 __all__ = ["retained", "fill", "panel_km1"]
@@ -44,6 +45,5 @@ def fill(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
 
 def panel_km1(matrix: sp.csr_matrix, row_perm: np.ndarray, br: int) -> int:
     """km1 of the partition of rows into consecutive panels of ``row_perm``."""
-    labels = np.empty(matrix.shape[0], np.intp)
-    labels[row_perm] = np.arange(matrix.shape[0]) // br
+    labels = group_indicator(row_perm, br).indices   # one entry per row: its panel
     return km1(column_net(matrix), labels)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._validation import FormatError, RegroupError, missing_dependency
 from ..pattern import Pattern, from_array, from_sparse
