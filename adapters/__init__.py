@@ -1,9 +1,5 @@
 """PyTorch adapters for regroup, installed as ``regroup.adapters``.
 
-The core (``regroup``) never imports this package; it imports the core.
-
-Index
------
-regroup.adapters.torch.apply_result -- apply stored refilled block masks to a model's
-                                       layers through torch.nn.utils.prune
+The core (``regroup``) never imports this package; it imports the core. Import the
+submodule for a framework: ``from regroup.adapters.torch import regroup_model``.
 """

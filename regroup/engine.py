@@ -99,19 +99,31 @@ def group_columns(V: sp.csr_matrix, row_perm: np.ndarray, block: tuple[int, int]
 
 def _candidate(name: str, params: dict, B: sp.csr_matrix, V: sp.csr_matrix, fmt: str,
                block: tuple[int, int], budget: Budget, nnz: int, seed: int,
-               time_limit: float | None, cluster_columns: bool = True) -> Layout:
+               time_limit: float | None, cluster_columns: bool = True,
+               fixed_rows: np.ndarray | None = None,
+               fixed_cols: np.ndarray | None = None) -> Layout:
     br, bc = block
     # A fresh generator per candidate: auto's winner equals a direct run of that method.
     rng = np.random.default_rng(seed)
-    row_perm = _run_partitioner(name, params, B, br, rng, time_limit)
+    row_perm = (fixed_rows if fixed_rows is not None
+                else _run_partitioner(name, params, B, br, rng, time_limit))
     col_perm = None
-    if fmt == "grid":
-        if get_partitioner(name).columns == "self":
+    if fmt == "grid" and fixed_cols is not None:
+        col_perm = fixed_cols
+    elif fmt == "grid":
+        if get_partitioner(name).columns == "self" and fixed_rows is None:
             col_perm = _run_partitioner(name, params, B.T.tocsr(), bc, rng, time_limit)
         else:
             col_perm = group_columns(V, row_perm, block, budget, nnz,
                                      cluster=cluster_columns)
     return build_layout(V, row_perm, col_perm, block, fmt, budget, nnz)
+
+
+def _fixed_perm(perm: Any, n: int, what: str, caller: str) -> np.ndarray:
+    try:
+        return check_perm(perm, n, f"the {what!r} parameter of {caller}")
+    except PartitionerError as exc:
+        raise ValueError(str(exc).replace(" returned ", " is ")) from None
 
 
 def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:
@@ -154,7 +166,8 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
                     objective: str = "auto", edge: str = "partial",
                     time_limit: float | None = None,
                     params: dict[str, Any] | None = None,
-                    refine: bool | None = None) -> LayerResult:
+                    refine: bool | None = None,
+                    row_perm: Any = None, col_perm: Any = None) -> LayerResult:
     """Regroup one layer into a block layout.
 
     Parameters
@@ -183,6 +196,12 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         Run the retained-mass local search (:mod:`regroup.refine`) on the chosen layout.
         Default: on for portfolio methods (``auto``), off for the others, so that single
         partitioners are measured as they are.
+    row_perm, col_perm : array of int, optional
+        Fixed orders (same convention as the result's): the rows, or the grid columns,
+        are then not partitioned or refined, only the other side and the kept blocks are
+        chosen. This is how a permutation shared with a neighbouring layer (folded into
+        it) is respected. With ``row_perm`` given, ``method`` is not run for the rows and
+        ``metrics["chosen"]`` is ``"fixed"``.
 
     Returns
     -------
@@ -210,6 +229,14 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
         raise ValueError(f"The 'time_limit' parameter of {caller} must be > 0. Got "
                          f"{time_limit!r} instead.")
     _validate_pattern(pattern, block, edge)
+    n, m = pattern.n_rows, pattern.n_cols
+    if row_perm is not None:
+        row_perm = _fixed_perm(row_perm, n, "row_perm", caller)
+    if col_perm is not None:
+        if format != "grid":
+            raise ValueError(f"The 'col_perm' parameter of {caller} applies to the grid "
+                             f"format only (shuffled panels pick their own columns).")
+        col_perm = _fixed_perm(col_perm, m, "col_perm", caller)
     t0 = time.perf_counter()
 
     B = pattern.binary()
@@ -219,10 +246,12 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
                            "them (use objective 'count')")
     V = pattern.matrix if use_mag else B
     total = float(V.sum()) or 1.0   # all-zero magnitudes: every layout retains 0
-    n, m = B.shape
     nnz = pattern.nnz
     spec = get_partitioner(name)
+    wants_refine = bool(spec.portfolio)
     candidates = spec.portfolio if spec.portfolio else (format_method(name, opts),)
+    if row_perm is not None:
+        candidates, spec = ("fixed",), get_partitioner("identity")
     identity = build_layout(V, np.arange(n), np.arange(m), block, format, budget, nnz)
     scores: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -230,9 +259,12 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
     for cand in candidates:
         cname, cparams = parse_method(cand) if spec.portfolio else (name, opts)
         try:
-            lay = identity if cname == "identity" else _candidate(
-                cname, cparams, B, V, format, block, budget, nnz, seed, time_limit,
-                cluster_columns=not spec.portfolio)
+            if cname == "identity" and col_perm is None:
+                lay = identity
+            else:
+                lay = _candidate(cname, cparams, B, V, format, block, budget, nnz, seed,
+                                 time_limit, cluster_columns=not spec.portfolio,
+                                 fixed_rows=row_perm, fixed_cols=col_perm)
         except PartitionerError as exc:
             if not spec.portfolio:
                 raise PartitionerError(f"{pattern.describe()}: {exc}") from None
@@ -246,18 +278,18 @@ def regroup_pattern(pattern: Pattern, *, block: Any = 32, format: str = "grid",
             best = (score, cand, lay)
     assert best is not None  # identity never fails
     score, chosen, lay = best
-    if spec.portfolio and format == "grid" and get_partitioner(
+    if spec.portfolio and format == "grid" and col_perm is None and get_partitioner(
             parse_method(chosen)[0]).columns == "home":
         # Candidates were scored with home-panel columns; the winner gets the full column
         # step, which makes it equal to a direct run of the chosen method.
         cols = group_columns(V, lay.row_perm, block, budget, nnz)
         lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
         score = lay.kept_mass / total
-    do_refine = bool(spec.portfolio) if refine is None else bool(refine)
+    do_refine = wants_refine if refine is None else bool(refine)
     refine_gain = None
     if do_refine:
         from .refine import refine as local_search
-        lay = local_search(V, lay, budget, nnz)
+        lay = local_search(V, lay, budget, nnz, rows=row_perm is None, cols=col_perm is None)
         refine_gain = lay.kept_mass / total - score
     metrics = layer_metrics(pattern, lay, identity)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),

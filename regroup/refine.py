@@ -108,12 +108,15 @@ def _cols_step(V: sp.csr_matrix, lay: Layout) -> np.ndarray:
 
 
 def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
-           time_limit: float | None = None, max_rounds: int = 20) -> Layout:
+           time_limit: float | None = None, max_rounds: int = 20,
+           rows: bool = True, cols: bool = True) -> Layout:
     """Improve ``layout`` for the objective ``V`` (values = mass) under ``budget``.
 
     Returns a layout whose kept mass is >= the input's (the input itself when nothing
     improves). The search is deterministic; ``time_limit`` (seconds) is a safety cap that
     stops it between steps, which makes the result depend on the machine's speed.
+    ``rows`` / ``cols`` False keep that order fixed (a permutation folded into a
+    neighbouring layer must not move); only the kept blocks are re-picked then.
     """
     V = sp.csr_matrix(V)
     n, m = V.shape
@@ -122,7 +125,10 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
     best, best_score = layout, layout.kept_mass
     for _ in range(max_rounds):
         improved = False
-        steps = ["rows"] + (["cols"] if layout.format == "grid" else [])
+        steps = (["rows"] if rows else []) + (["cols"] if cols and layout.format == "grid"
+                                              else [])
+        if not steps:
+            break
         for step in steps:
             if deadline is not None and time.perf_counter() > deadline:
                 return best

@@ -1,0 +1,578 @@
+"""Regroup a live PyTorch model: plan every layer, refill its block mask, fold permutations.
+
+:func:`regroup_model` reads each Linear / Conv2d's mask from the model (a
+torch.nn.utils.prune reparametrization, a torch.ao.pruning parametrization, or the zeros of
+the weight), regroups it with the core engine and applies the refilled block masks in
+place. Row and column orders are then made free where possible:
+
+- ``mode="fold"``: every hidden dimension that can be permuted exactly (see
+  :mod:`.graph`) gets one order, chosen on the joint pattern of its producers' rows and
+  its consumers' columns, and the model's parameters are permuted in place (producer rows
+  and bias, norm parameters and running stats, consumer columns). Nothing runs at
+  inference for those sides. The other sides keep a runtime permutation.
+- ``mode="runtime"``: parameters stay in place; every layer keeps its own orders, applied
+  as a gather before and a scatter after the block product by :func:`to_block_sparse`.
+
+Either way the masked model computes what the masked model computed before, up to
+floating-point rounding. The returned :class:`Plan` saves to a regroup result file and
+re-applies to a fresh copy of the model without recomputation.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+import regroup
+from regroup import RegroupError
+from regroup._validation import check_block
+from regroup.blocks import FORMATS
+from regroup.engine import select_layers
+from regroup.result import LayerResult, load_result, save_result
+
+from .graph import DimAnalysis, hidden_dims
+from .sparse import BlockSparseConv2d, BlockSparseLinear
+
+__all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES"]
+
+MODES = ("fold", "runtime")
+
+
+@dataclass
+class Fold:
+    """One folded hidden dimension: ``perm[i]`` is the original feature now at ``i``.
+
+    ``consumers`` pairs each reading module with its kernel area (kh*kw; 1 for Linear),
+    the width of one input feature in its flattened weight.
+    """
+
+    perm: np.ndarray
+    producers: list[str]
+    consumers: list[tuple[str, int]]
+    norms: list[str]
+
+
+@dataclass
+class Plan:
+    """The regrouping of a model: per layer the layout, per hidden dimension the fold.
+
+    Attributes
+    ----------
+    layers : dict of str to LayerResult
+        Keyed by weight name (``"fc1.weight"``), layouts in the ORIGINAL coordinates.
+    folds : list of Fold
+    sides : dict of str to dict
+        Per layer, how its rows and columns are ordered at run time: ``"fold"`` (folded
+        into the model, nothing to do), ``"runtime"`` (gather / scatter), or ``"tiles"``
+        (shuffled format: the kernel gathers its column tiles); ``"why_rows"`` /
+        ``"why_cols"`` say why a side is not folded.
+    skipped : dict of str to str
+        Layers not regrouped, with the reason.
+    notes : list of str
+        Model-level findings (not traceable, weights used by parent modules, ...).
+    options : dict
+        The arguments of :func:`regroup_model` (block, format, method, budget, seed, mode).
+    """
+
+    layers: dict[str, LayerResult]
+    folds: list[Fold] = field(default_factory=list)
+    sides: dict[str, dict[str, str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    # -- coordinates ---------------------------------------------------------------------
+    def _maps(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        rows: dict[str, np.ndarray] = {}
+        cols: dict[str, np.ndarray] = {}
+        for f in self.folds:
+            for name in f.producers:
+                rows[name] = f.perm
+            for name, kk in f.consumers:
+                cols[name] = (f.perm[:, None] * kk + np.arange(kk)[None, :]).reshape(-1)
+        return rows, cols
+
+    def current_result(self, name: str) -> LayerResult:
+        """Layer ``name``'s layout in the model's coordinates after folding (what
+        :class:`BlockSparseLinear` needs); equal to ``layers[name]`` in runtime mode."""
+        r = self.layers[name]
+        module = name.rpartition(".")[0]
+        rows, cols = self._maps()
+        mask2d = r.mask2d
+        row_perm, col_perm, panel_cols = r.row_perm, r.col_perm, r.panel_cols
+        if module in rows:
+            pi = rows[module]
+            mask2d = mask2d[pi]
+            row_perm = _positions(pi)[row_perm]
+        if module in cols:
+            pi = cols[module]
+            mask2d = mask2d[:, pi]
+            pos = _positions(pi)
+            col_perm = None if col_perm is None else pos[col_perm]
+            panel_cols = None if panel_cols is None else tuple(pos[c] for c in panel_cols)
+        return replace(r, mask=mask2d.reshape(r.shape), row_perm=row_perm, col_perm=col_perm,
+                       panel_cols=panel_cols)
+
+    # -- applying ------------------------------------------------------------------------
+    def apply(self, model: nn.Module, *, rewind: Mapping[str, torch.Tensor] | None = None,
+              permute: bool = True) -> None:
+        """Refill the block masks into ``model`` and fold the permutations, in place.
+
+        ``model`` must be in its original (unfolded) order: a fresh instance of the
+        architecture the plan was made on, with its weights. ``rewind`` maps weight names
+        to values to put under the masks (IMP-Regroup rewinds to early weights).
+        ``permute=False`` sets the masks only; :meth:`fold` permutes later (an IMP loop
+        keeps the original order so that rewinding stays valid).
+
+        Raises
+        ------
+        RegroupError
+            A layer or folded module is missing or has another shape, or the model's
+            parameters were already permuted; nothing is changed then.
+        """
+        self._check_unfolded(model)
+        modules = dict(model.named_modules())
+        staged = []
+        for name, r in self.layers.items():
+            module = _module(modules, name)
+            w = _values(module)
+            if tuple(w.shape) != tuple(r.shape):
+                raise RegroupError(f"layer {name!r}: the plan has shape {tuple(r.shape)}, the "
+                                   f"model's weight {tuple(w.shape)}")
+            src = None
+            if rewind is not None:
+                src = _rewind_value(rewind, name)
+                if src is not None and tuple(src.shape) != tuple(r.shape):
+                    raise RegroupError(f"rewind value of {name!r} has shape "
+                                       f"{tuple(src.shape)}, expected {tuple(r.shape)}")
+            staged.append((module, r, src))
+        self._check_fold_members(modules)
+        for module, r, src in staged:
+            _set_mask(module, torch.from_numpy(np.ascontiguousarray(r.mask)), src)
+        if permute:
+            self.fold(model)
+
+    def fold(self, model: nn.Module) -> None:
+        """Permute ``model``'s parameters by the plan's folds (masks follow), in place.
+        The function of the model is unchanged."""
+        self._check_unfolded(model)
+        modules = dict(model.named_modules())
+        self._check_fold_members(modules)
+        for f in self.folds:
+            perm = torch.from_numpy(f.perm.astype(np.int64))
+            for mod_name in f.producers:
+                _permute(modules[mod_name], perm, 0, with_bias=True)
+            for mod_name, _ in f.consumers:
+                _permute(modules[mod_name], perm, 1, with_bias=False)
+            for mod_name in f.norms:
+                _permute_norm(modules[mod_name], perm)
+        if self.folds:
+            model._regroup_folded = True
+
+    def _check_unfolded(self, model: nn.Module) -> None:
+        if self.folds and getattr(model, "_regroup_folded", False):
+            raise RegroupError("this model's parameters were already permuted by a folding "
+                               "regroup plan; apply plans to a fresh model")
+
+    def _check_fold_members(self, modules: Mapping[str, nn.Module]) -> None:
+        for f in self.folds:
+            for mod_name in (*f.producers, *(c for c, _ in f.consumers), *f.norms):
+                if mod_name not in modules:
+                    raise RegroupError(f"folded module {mod_name!r} is not in the model")
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as a regroup result file (``regroup inspect`` reads it)."""
+        meta = {"regroup_version": regroup.__version__, "plan": {
+            "options": self.options, "sides": self.sides, "skipped": self.skipped,
+            "notes": self.notes,
+            "folds": [{"perm": f.perm.tolist(), "producers": f.producers,
+                       "consumers": [[c, kk] for c, kk in f.consumers], "norms": f.norms}
+                      for f in self.folds]}}
+        save_result(path, list(self.layers.values()), meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read a plan written by :meth:`save`."""
+        res = load_result(path)
+        doc = res.meta.get("plan")
+        if not isinstance(doc, dict):
+            raise RegroupError(f"{os.fspath(path)}: a result file without a model plan (made "
+                               "by `regroup run`?); use regroup.adapters.torch.apply_result")
+        folds = [Fold(np.asarray(f["perm"], np.intp), list(f["producers"]),
+                      [(c, int(kk)) for c, kk in f["consumers"]], list(f["norms"]))
+                 for f in doc["folds"]]
+        return cls(dict(res), folds, doc["sides"], doc["skipped"], doc["notes"],
+                   doc["options"])
+
+    def report(self) -> str:
+        """A table: layer, shape, method chosen, retained (and identity's), row / column
+        handling; then skipped layers and notes."""
+        lines = [f"{'layer':32s} {'shape':>16s} {'chosen':>24s} {'retained':>8s} "
+                 f"{'ident.':>7s} {'rows':>8s} {'cols':>8s}"]
+        for name, r in self.layers.items():
+            s = self.sides.get(name, {})
+            lines.append(f"{name[:32]:32s} {'x'.join(map(str, r.shape)):>16s} "
+                         f"{str(r.metrics.get('chosen'))[:24]:>24s} "
+                         f"{r.metrics['retained']:8.4f} {r.metrics['retained_identity']:7.4f} "
+                         f"{s.get('rows', '-'):>8s} {s.get('cols', '-'):>8s}")
+        lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# -- helpers on live modules -------------------------------------------------------------
+def _positions(perm: np.ndarray) -> np.ndarray:
+    pos = np.empty_like(perm)
+    pos[perm] = np.arange(perm.size)
+    return pos
+
+
+def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
+    mod_name, _, attr = name.rpartition(".")
+    module = modules.get(mod_name)
+    if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise RegroupError(f"layer {name!r}: no Linear or Conv2d named {mod_name!r} in the "
+                           "model")
+    return module
+
+
+def _ao_mask(module: nn.Module) -> torch.Tensor | None:
+    if parametrize.is_parametrized(module, "weight"):
+        for p in module.parametrizations["weight"]:
+            mask = getattr(p, "mask", None)
+            if isinstance(mask, torch.Tensor):
+                return mask
+    return None
+
+
+def _values(module: nn.Module) -> torch.Tensor:
+    """The weight's unmasked values (what a refilled position gets)."""
+    if hasattr(module, "weight_orig"):
+        return module.weight_orig
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+def layer_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """``{weight name: (masked weight, mask, source)}`` for every Linear / Conv2d.
+
+    The source is ``"prune"`` (torch.nn.utils.prune's ``weight_mask``), ``"ao"`` (a
+    torch.ao.pruning parametrization's mask) or ``"zeros"`` (the weight's nonzeros).
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:
+            continue
+        with torch.no_grad():
+            if hasattr(m, "weight_mask"):
+                mask, src = m.weight_mask, "prune"
+            elif _ao_mask(m) is not None:
+                mask, src = _ao_mask(m), "ao"
+            else:
+                mask, src = m.weight != 0, "zeros"
+            mask = mask.detach().bool()
+            out[name + ".weight"] = (_values(m).detach() * mask, mask, src)
+    return out
+
+
+def _rewind_value(rewind: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    mod = name[: -len(".weight")]
+    for key in (name, name + "_orig", mod + ".parametrizations.weight.original"):
+        if key in rewind:
+            return rewind[key]
+    return None
+
+
+def _set_mask(module: nn.Module, mask: torch.Tensor, src: torch.Tensor | None) -> None:
+    values = _values(module)
+    mask = mask.to(device=values.device)
+    with torch.no_grad():
+        if src is not None:
+            values.copy_(src.to(values.dtype))
+        ao = _ao_mask(module)
+        if ao is not None:
+            ao.copy_(mask.to(ao.dtype))
+            return
+        if hasattr(module, "weight_mask"):
+            module.weight_mask.copy_(mask.to(module.weight_mask.dtype))
+            module.weight = module.weight_orig * module.weight_mask
+            return
+    prune.custom_from_mask(module, "weight", mask)
+
+
+def _tensors(module: nn.Module, name: str) -> list[torch.Tensor]:
+    out = []
+    for key in (name, name + "_orig", name + "_mask"):
+        t = getattr(module, key, None) if not (
+            key == name and parametrize.is_parametrized(module, name)) else None
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+    if parametrize.is_parametrized(module, name):
+        out.append(module.parametrizations[name].original)
+        for p in module.parametrizations[name]:
+            mask = getattr(p, "mask", None)
+            if isinstance(mask, torch.Tensor):
+                out.append(mask)
+    seen, unique = set(), []
+    for t in out:
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique.append(t)
+    return unique
+
+
+def _permute(module: nn.Module, perm: torch.Tensor, dim: int, with_bias: bool) -> None:
+    with torch.no_grad():
+        for t in _tensors(module, "weight"):
+            t.copy_(t.index_select(dim, perm.to(t.device)))
+        if with_bias and getattr(module, "bias", None) is not None:
+            b = module.bias
+            b.copy_(b.index_select(0, perm.to(b.device)))
+
+
+def _permute_norm(module: nn.Module, perm: torch.Tensor) -> None:
+    with torch.no_grad():
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, key, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                t.copy_(t.index_select(0, perm.to(t.device)))
+
+
+# -- planning ----------------------------------------------------------------------------
+def _kk(module: nn.Module) -> int:
+    return int(np.prod(module.kernel_size)) if isinstance(module, nn.Conv2d) else 1
+
+
+def _joint_pattern(dim, patterns: dict[str, regroup.Pattern], modules) -> sp.csr_matrix | None:
+    """Channels x (producer inputs + consumer outputs), each layer scaled to total 1."""
+    parts = []
+    for name in dim.producers:
+        p = patterns.get(name + ".weight")
+        if p is not None:
+            parts.append(p.matrix)
+    for name in dim.consumers:
+        p = patterns.get(name + ".weight")
+        if p is not None:
+            kk = _kk(modules[name])
+            M = p.matrix.tocoo()
+            # (out, C*kk) -> (C, out*kk): channel c's column j*kk+k is weight [j, c, k].
+            parts.append(sp.csr_matrix((M.data, (M.col // kk, M.row * kk + M.col % kk)),
+                                       shape=(dim.size, M.shape[0] * kk)))
+    parts = [P / (P.sum() or 1.0) for P in parts if P.nnz]
+    return sp.hstack(parts).tocsr() if parts else None
+
+
+def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
+                  format: str = "grid", mode: str = "fold", budget: str = "iso",
+                  seed: int = 0, objective: str = "auto", example_inputs: Any = None,
+                  layers: str | list[str] | None = None,
+                  rewind: Mapping[str, torch.Tensor] | None = None,
+                  time_limit: float | None = None, permute: bool = True) -> Plan:
+    """Regroup every pruned Linear / Conv2d of ``model`` and apply the result in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Pruned with torch.nn.utils.prune, torch.ao.pruning, or by zeroing weights.
+        Modified in place (masks refilled, permutations folded); deep-copy it first to
+        keep the original.
+    block, method, format, budget, seed, objective, time_limit
+        As in :func:`regroup.regroup_pattern`; ``block=(32, 32)`` or ``32``.
+    mode : {"fold", "runtime"}, default="fold"
+        See the module docstring. "fold" needs ``example_inputs`` to trace the model.
+    example_inputs : tensor or tuple of tensors
+        Inputs to trace the model with (shapes only; a batch of 1-2 is enough).
+    layers : str or list of str, optional
+        Globs on module names (``"encoder.*"``); default: every pruned layer.
+    rewind : mapping of weight name to tensor, optional
+        Values to put under the refilled masks (IMP-Regroup rewinds to early weights);
+        default: the layer's current unmasked values (``weight_orig`` under prune).
+    permute : bool, default=True
+        In fold mode, permute the parameters now; False plans fold-compatible layouts
+        but sets the masks only, leaving ``plan.fold(model)`` for later (an IMP loop
+        rewinds in the original order).
+
+    Returns
+    -------
+    Plan
+        ``plan.report()`` summarises it; ``plan.save(path)`` / ``Plan.load(path)``;
+        :func:`to_block_sparse` swaps in block-sparse modules.
+
+    Raises
+    ------
+    RegroupError
+        No pruned layer, an unknown layer glob, fold mode without example inputs.
+    """
+    caller = "regroup_model"
+    if mode not in MODES:
+        raise ValueError(f"The 'mode' parameter of {caller} must be one of {MODES}. Got "
+                         f"{mode!r} instead.")
+    if format not in FORMATS:
+        raise ValueError(f"The 'format' parameter of {caller} must be one of {FORMATS}. "
+                         f"Got {format!r} instead.")
+    block = check_block(block, caller)
+    if mode == "fold" and example_inputs is None:
+        raise RegroupError("regroup_model(mode='fold') traces the model to find where "
+                           "permutations fold: pass example_inputs=(x,), or use "
+                           "mode='runtime'")
+    modules = dict(model.named_modules())
+    found = layer_masks(model)
+    selected = list(found)
+    if layers is not None:
+        selected = select_layers(
+            [n[: -len(".weight")] for n in found], layers)
+        selected = [n + ".weight" for n in selected]
+    patterns: dict[str, regroup.Pattern] = {}
+    skipped: dict[str, str] = {}
+    for name in selected:
+        w, mask, _ = found[name]
+        if bool(mask.all()):
+            skipped[name] = "dense (nothing pruned): left as it is"
+            continue
+        if not bool(mask.any()):
+            skipped[name] = "fully pruned (no weight left): left as it is"
+            continue
+        pattern = regroup.from_array(w.cpu().double().numpy(), name=name,
+                                     mask=mask.cpu().numpy())
+        if pattern.n_rows < block[0] or pattern.n_cols < block[1]:
+            skipped[name] = (f"matrix {pattern.n_rows}x{pattern.n_cols} is smaller than the "
+                             f"{block[0]}x{block[1]} block: left as it is")
+            continue
+        patterns[name] = pattern
+    if not patterns:
+        raise RegroupError(f"{type(model).__name__} has no pruned Linear or Conv2d layer "
+                           f"to regroup (skipped: {skipped or 'none found'})")
+    notes: list[str] = []
+    analysis: DimAnalysis | None = None
+    if mode == "fold":
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        was_training = model.training
+        model.eval()      # tracing runs the model: keep BatchNorm statistics untouched
+        try:
+            analysis = hidden_dims(model, inputs)
+        finally:
+            model.train(was_training)
+        if not analysis.traced:
+            msg = (f"torch.fx could not trace {type(model).__name__} ({analysis.error}); "
+                   "every layer uses runtime permutations")
+            warnings.warn(f"regroup_model: {msg}", RuntimeWarning, stacklevel=2)
+            notes.append(msg)
+        for name, why in analysis.uncalled.items():
+            notes.append(f"{name}: {why}; its mask is applied, it stays dense")
+    common = dict(block=block, format=format, budget=budget, seed=seed,
+                  objective=objective, time_limit=time_limit)
+    folds: list[Fold] = []
+    fixed_rows: dict[str, np.ndarray] = {}
+    fixed_cols: dict[str, np.ndarray] = {}
+    dim_of_side: dict[tuple[str, str], Any] = {}
+    if analysis is not None:
+        for name, (i, o) in analysis.layer_dims.items():
+            dim_of_side[(name, "cols")] = analysis.dims[i]
+            dim_of_side[(name, "rows")] = analysis.dims[o]
+        for dim in analysis.dims:
+            if not dim.foldable:
+                continue
+            joint = _joint_pattern(dim, patterns, modules)
+            if joint is None:
+                continue
+            if dim.size <= block[0]:
+                continue          # one panel: every order is the same
+            jp = regroup.from_sparse(joint, name=f"hidden dimension of {dim.producers[0]}")
+            pi = regroup.regroup_pattern(jp, method=method, **{**common, "format": "shuffled",
+                                         "block": (block[0], block[1])}).row_perm
+            folds.append(Fold(pi, list(dim.producers),
+                              [(c, _kk(modules[c])) for c in dim.consumers], list(dim.norms)))
+            for p in dim.producers:
+                fixed_rows[p] = pi
+            for c in dim.consumers:
+                kk = _kk(modules[c])
+                fixed_cols[c] = (pi[:, None] * kk + np.arange(kk)[None, :]).reshape(-1)
+    results: dict[str, LayerResult] = {}
+    sides: dict[str, dict[str, str]] = {}
+    for name, pattern in patterns.items():
+        mod = name[: -len(".weight")]
+        rp = fixed_rows.get(mod)
+        cp = fixed_cols.get(mod) if format == "grid" else None
+        results[name] = regroup.regroup_pattern(pattern, method=method, row_perm=rp,
+                                                col_perm=cp, **common)
+        side = {"rows": "fold" if rp is not None else "runtime",
+                "cols": ("fold" if cp is not None else "runtime") if format == "grid"
+                else "tiles"}
+        for s in ("rows", "cols"):
+            if side[s] == "runtime":
+                side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), mod)
+        sides[name] = side
+    plan = Plan(results, folds, sides, skipped, notes,
+                {"block": list(block), "format": format, "method": method,
+                 "budget": str(budget), "seed": seed, "mode": mode, "objective": objective})
+    plan.apply(model, rewind=rewind, permute=permute)
+    return plan
+
+
+def _why(mode: str, analysis: DimAnalysis | None, dim, mod: str) -> str:
+    if mode == "runtime":
+        return "mode='runtime'"
+    if analysis is not None and mod in analysis.uncalled:
+        return analysis.uncalled[mod]
+    if dim is None:
+        return "not found in the traced graph"
+    if dim.reasons:
+        return "; ".join(dict.fromkeys(dim.reasons))
+    if not dim.producers:
+        return "no producing layer"
+    if not dim.consumers:
+        return "no consuming layer"
+    return f"one panel covers all {dim.size} features"
+
+
+def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
+                    ) -> dict[str, str]:
+    """Replace the planned Linear / Conv2d modules of a regrouped ``model`` (after
+    :func:`regroup_model` or :meth:`Plan.apply`) by block-sparse modules, in place.
+
+    Returns ``{weight name: what happened}``: ``"BlockSparseLinear"`` /
+    ``"BlockSparseConv2d"``, or why the layer stays dense-masked (a module whose weight a
+    parent uses directly; a grouped convolution).
+    """
+    if plan.folds and not getattr(model, "_regroup_folded", False):
+        raise RegroupError("to_block_sparse: the plan folds permutations into the model, but "
+                           "this model was not permuted; call plan.fold(model) first")
+    modules = dict(model.named_modules())
+    uncalled = {n.split(":")[0] for n in plan.notes if ": not called as a module" in n}
+    out = {}
+    for name in plan.layers:
+        mod_name, _, _ = name.rpartition(".")
+        module = modules[mod_name]
+        if mod_name in uncalled:
+            out[name] = "stays dense-masked: its weight is used directly by its parent"
+            continue
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(
+                module.padding, str) or module.padding_mode != "zeros"):
+            out[name] = ("stays dense-masked: BlockSparseConv2d needs groups=1, numeric "
+                         "padding and zero padding mode")
+            continue
+        r = plan.current_result(name)
+        weight = module.weight.detach()
+        holder = _parent(model, mod_name)
+        if isinstance(module, nn.Linear):
+            new: nn.Module = BlockSparseLinear(r, weight, module.bias, backend=backend)
+        else:
+            new = BlockSparseConv2d(r, module, backend=backend)
+        setattr(holder, mod_name.rpartition(".")[2], new)
+        out[name] = type(new).__name__
+    return out
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent = name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
+

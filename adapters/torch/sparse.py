@@ -1,0 +1,366 @@
+"""Block-sparse Linear and Conv2d modules that run a regrouped layout.
+
+A layer's weight is stored as the values of its kept blocks in regrouped coordinates,
+plus the layout (which blocks, which rows and columns). The forward pass gathers the input
+columns into the regrouped order (skipped when the permutation was folded into the
+previous layer, i.e. is the identity), multiplies by the blocks, and scatters the output
+rows back to the original order (skipped likewise).
+
+Execution paths (``backend``):
+
+- ``"bsr"``: ``torch.mm`` on a ``torch.sparse_bsr_tensor``. On CUDA this is torch's
+  Triton block-sparse kernel (fp16/bf16/fp32, square blocks >= 16 and powers of two); on
+  CPU its BSR kernel (fp32/fp64, square blocks). The shuffled format runs the same
+  product on its gathered column tiles (tile ``t`` is block column ``t``).
+- ``"dense"``: the masked weight as a dense matrix in original coordinates: ``F.linear``
+  / ``F.conv2d``, no permutation at all.
+- ``"auto"`` (default): the first call for each (device, dtype, batch size class, grad
+  mode) times every available path on that very input and keeps the fastest; a sparse
+  path must beat dense by 5 % to be chosen, so auto is never measurably slower than
+  dense. The choices are in ``module.dispatch_log``.
+
+Gradients flow to the input and to the block values (``module.values``), so the modules
+train; the gradient of a BSR product is computed with the transposed layout because
+torch's BSR matmul has no backward for a sparse weight.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regroup import RegroupError, check_layout
+from regroup.result import LayerResult
+
+__all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BACKENDS", "MARGIN"]
+
+BACKENDS = ("auto", "bsr", "dense")
+# A sparse path is chosen by "auto" only when it beats dense by this factor.
+MARGIN = 0.95
+_REPS = 3
+
+
+def _index(perm: np.ndarray) -> torch.Tensor | None:
+    """The permutation as a long tensor, or None when it is the identity (nothing to do)."""
+    perm = np.asarray(perm, np.int64)
+    return None if np.array_equal(perm, np.arange(perm.size)) else torch.from_numpy(perm)
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)
+    return inv
+
+
+def _bsr(crow, col, values, size) -> torch.Tensor:
+    # Indices are built here and valid by construction; torch warns once that BSR is beta.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+        return torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+class _BsrMatmul(torch.autograd.Function):
+    """``W @ xt`` for the BSR ``W`` of a block core (padded, regrouped coordinates) and a
+    dense ``xt`` (cols, batch), with the backward torch lacks for a sparse weight."""
+
+    @staticmethod
+    def forward(ctx, xt, values, core):
+        ctx.save_for_backward(xt, values)
+        ctx.core = core
+        return torch.mm(_bsr(core.crow, core.col, values, core.padded), xt)
+
+    @staticmethod
+    def backward(ctx, gy):
+        xt, values = ctx.saved_tensors
+        core = ctx.core
+        gx = gv = None
+        if ctx.needs_input_grad[0]:
+            wt = _bsr(core.crow_t, core.col_t, values[core.perm_t].transpose(1, 2).contiguous(),
+                      core.padded[::-1])
+            gx = torch.mm(wt, gy.contiguous())
+        if ctx.needs_input_grad[1]:
+            br, bc = core.block
+            gyb = gy.reshape(-1, br, gy.shape[1])[core.block_row]      # (nb, br, N)
+            xb = xt.reshape(-1, bc, xt.shape[1])[core.block_col]       # (nb, bc, N)
+            gv = torch.bmm(gyb, xb.transpose(1, 2))
+        return gx, gv, None
+
+
+class _BlockCore(nn.Module):
+    """The kept blocks of one weight matrix (rows x cols) and the products they allow.
+
+    Both formats become one BSR matrix over a gathered input: grid gathers the columns in
+    ``col_perm`` order (b x b blocks on a P x Q grid); shuffled gathers every kept tile's
+    columns side by side, so tile ``t`` is block column ``t`` of its panel's block row.
+    ``in_index`` (None when the identity) is that gather; index ``cols`` reads an appended
+    zero column (padding of short tiles and edges). ``out_index`` puts rows back.
+    """
+
+    def __init__(self, result: LayerResult, weight2d: torch.Tensor, backend: str) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"The 'backend' parameter must be one of {BACKENDS}. Got "
+                             f"{backend!r} instead.")
+        n, m = weight2d.shape
+        mask = np.asarray(result.mask2d, bool)
+        if mask.shape != (n, m):
+            raise RegroupError(f"layer {result.name!r}: layout shape {mask.shape} differs from "
+                               f"the weight's {(n, m)}")
+        check_layout(mask, result.format, result.block_shape, result.row_perm,
+                     result.col_perm, result.panel_cols)
+        self.name, self.format, self.block = result.name, result.format, tuple(result.block_shape)
+        self.backend = backend
+        self.shape = (n, m)
+        br, bc = self.block
+        P = -(-n // br)
+        row_perm = np.asarray(result.row_perm, np.int64)
+        if self.format == "grid":
+            Q = -(-m // bc)
+            gather = np.concatenate([result.col_perm, np.full(Q * bc - m, m)]).astype(np.int64)
+            R = np.zeros((P * br, Q * bc), bool)
+            R[:n, :m] = mask[np.ix_(row_perm, result.col_perm)]
+            kept = R.reshape(P, br, Q, bc).any(axis=(1, 3))
+            block_row, block_col = np.nonzero(kept)                      # row-major order
+        else:
+            tiles = [(p, cols[t:t + bc]) for p, cols in enumerate(result.panel_cols)
+                     for t in range(0, len(cols), bc)]
+            gather = np.full(len(tiles) * bc, m, np.int64)
+            for t, (_, cols) in enumerate(tiles):
+                gather[t * bc:t * bc + len(cols)] = cols
+            block_row = np.asarray([p for p, _ in tiles], np.int64)
+            block_col = np.arange(len(tiles), dtype=np.int64)
+            Q = len(tiles)
+        self.padded = (P * br, Q * bc)
+        identity = gather.size == m and np.array_equal(gather, np.arange(m))
+        self.register_buffer("in_index", None if identity else torch.from_numpy(gather),
+                             persistent=False)
+        self.register_buffer("out_index", _index(_inverse(row_perm)), persistent=False)
+        w = weight2d.detach()
+        Wz = torch.cat([w[torch.from_numpy(row_perm)], w.new_zeros((n, 1))], dim=1)
+        Wp = w.new_zeros(self.padded)
+        Wp[:n] = Wz[:, torch.from_numpy(gather)]
+        values = Wp.reshape(P, br, Q, bc).permute(0, 2, 1, 3)[
+            torch.from_numpy(block_row), torch.from_numpy(block_col)]
+        counts_r = np.bincount(block_row, minlength=P)
+        counts_c = np.bincount(block_col, minlength=Q)
+        perm_t = np.lexsort((block_row, block_col))   # the transposed layout's block order
+        for name, arr in (("crow", np.concatenate([[0], np.cumsum(counts_r)])),
+                          ("col", block_col),
+                          ("crow_t", np.concatenate([[0], np.cumsum(counts_c)])),
+                          ("col_t", block_row[perm_t]), ("perm_t", perm_t),
+                          ("block_row", block_row), ("block_col", block_col)):
+            self.register_buffer(name, torch.from_numpy(np.asarray(arr, np.int64)),
+                                 persistent=False)
+        self.values = nn.Parameter(values.contiguous().clone())
+        self.dispatch_log: dict[tuple, str] = {}
+        self._dense_cache: tuple[Any, torch.Tensor] | None = None
+
+    # -- paths ---------------------------------------------------------------------------
+    def paths(self, x: torch.Tensor) -> list[str]:
+        """The paths that can run ``x`` here, dense first."""
+        br, bc = self.block
+        if x.device.type == "cuda":
+            ok = x.dtype in (torch.float16, torch.bfloat16, torch.float32) and br == bc and \
+                br >= 16 and br & (br - 1) == 0
+        else:
+            ok = x.dtype in (torch.float32, torch.float64) and br == bc
+        return ["dense", "bsr"] if ok else ["dense"]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The masked weight in original coordinates, shape (rows, cols)."""
+        # Inference reuses the dense weight until the values change (in place or replaced).
+        key = (self.values._version, self.values.data_ptr(), self.values.device)
+        if not torch.is_grad_enabled() and self._dense_cache is not None and \
+                self._dense_cache[0] == key:
+            return self._dense_cache[1]
+        n, m = self.shape
+        br, bc = self.block
+        v = self.values
+        P, Q = self.padded[0] // br, self.padded[1] // bc
+        W = v.new_zeros((P, Q, br, bc)).index_put((self.block_row, self.block_col), v)
+        W = W.permute(0, 2, 1, 3).reshape(self.padded)[:n]
+        if self.in_index is not None:
+            W = W.new_zeros((n, m + 1)).index_add(1, self.in_index, W)
+        W = W[:, :m]
+        if self.out_index is not None:
+            W = W.index_select(0, self.out_index)
+        W = W.contiguous()              # a column slice: GEMM on it would copy every call
+        if not torch.is_grad_enabled():
+            self._dense_cache = (key, W)
+        return W
+
+    def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for a 2-D ``x`` (batch, cols) through the BSR product."""
+        n, m = self.shape
+        if self.values.shape[0] == 0:      # no kept block: W is zero
+            return x.new_zeros((x.shape[0], n)) + 0 * self.values.sum()
+        # Gathering rows of x.T copies contiguous runs: ~2x faster than columns of x.
+        xt = x.t().contiguous()
+        if self.in_index is not None:
+            xt = F.pad(xt, (0, 0, 0, 1)).index_select(0, self.in_index)
+        yt = _BsrMatmul.apply(xt, self.values, self)[:n]
+        if self.out_index is not None:
+            yt = yt.index_select(0, self.out_index)
+        return yt.t()
+
+    def choose(self, x: torch.Tensor, run) -> str:
+        """The path for input ``x``: fixed by ``backend``, or measured once per class of
+        inputs (``run(path)`` performs the whole forward on ``x``)."""
+        paths = self.paths(x)
+        if self.backend != "auto":
+            if self.backend not in paths:
+                raise RegroupError(
+                    f"layer {self.name!r}: backend {self.backend!r} cannot run "
+                    f"{x.dtype} on {x.device.type} with {self.block[0]}x{self.block[1]} "
+                    f"blocks (available: {paths}); use backend='auto' or 'dense'")
+            return self.backend
+        key = (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
+               torch.is_grad_enabled())
+        choice = self.dispatch_log.get(key)
+        if choice is None:
+            times = _time(run, paths, x.device)
+            best = min((p for p in paths if p != "dense"), key=times.get, default="dense")
+            choice = best if times[best] < MARGIN * times["dense"] else "dense"
+            self.dispatch_log[key] = choice
+        return choice
+
+    def extra_repr(self) -> str:
+        return (f"format={self.format}, block={self.block[0]}x{self.block[1]}, "
+                f"blocks={self.values.shape[0]}, backend={self.backend}")
+
+
+def _time(run, paths: list[str], device: torch.device) -> dict[str, float]:
+    """Best-of-``_REPS`` seconds per path, the paths interleaved so that a burst of load
+    on the machine hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = dict.fromkeys(paths, float("inf"))
+    with torch.no_grad():
+        for p in paths:
+            run(p)                                  # warm-up (and lazy init)
+        sync()
+        for _ in range(_REPS):
+            for p in paths:
+                t0 = time.perf_counter()
+                run(p)
+                sync()
+                best[p] = min(best[p], time.perf_counter() - t0)
+    return best
+
+
+class _BlockModule(nn.Module):
+    """What the block-sparse modules share: their block core and its dispatch."""
+
+    core: _BlockCore
+
+    @property
+    def values(self) -> nn.Parameter:
+        """The kept blocks, (n_blocks, br, bc), regrouped coordinates (trainable)."""
+        return self.core.values
+
+    @property
+    def dispatch_log(self) -> dict:
+        """``{(device, dtype, batch class, grad mode): path}`` chosen by backend auto."""
+        return self.core.dispatch_log
+
+
+class BlockSparseLinear(_BlockModule):
+    """A Linear layer whose weight is the kept blocks of a regrouped layout.
+
+    Parameters
+    ----------
+    result : LayerResult
+        The layout, in the coordinates of ``weight`` (see
+        :meth:`regroup.adapters.torch.Plan.current_result` after folding).
+    weight : Tensor of shape (out_features, in_features)
+        Values; only those inside kept blocks are stored.
+    bias : Tensor of shape (out_features,), optional
+    backend : {"auto", "bsr", "dense"}, default="auto"
+        See the module docstring.
+    """
+
+    def __init__(self, result: LayerResult, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise RegroupError(f"layer {result.name!r}: BlockSparseLinear needs a 2-D "
+                               f"weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.core = _BlockCore(result, weight, backend)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, result: LayerResult, *,
+                    backend: str = "auto") -> "BlockSparseLinear":
+        """Build from an ``nn.Linear`` (its current weight, masked or not)."""
+        return cls(result, linear.weight, linear.bias, backend=backend)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.core.dense_weight()
+
+    def _run(self, x2d: torch.Tensor, path: str) -> torch.Tensor:
+        if path == "dense":
+            return F.linear(x2d, self.core.dense_weight(), self.bias)
+        y = self.core.sparse_matmul(x2d)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        path = self.core.choose(x2d, lambda p: self._run(x2d, p))
+        return self._run(x2d, path).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BlockSparseConv2d(_BlockModule):
+    """A Conv2d whose (out, in*kh*kw) weight is the kept blocks of a regrouped layout.
+
+    Sparse paths run the im2col product (``F.unfold``, then the block matmul); the dense
+    path is ``F.conv2d`` with the masked weight. ``groups`` must be 1 and
+    ``padding_mode`` "zeros".
+    """
+
+    def __init__(self, result: LayerResult, conv: nn.Conv2d, *, backend: str = "auto") -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise RegroupError(
+                f"layer {result.name!r}: BlockSparseConv2d needs groups=1, numeric padding "
+                f"and padding_mode='zeros' (got groups={conv.groups}, padding="
+                f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); keep it dense-masked")
+        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.core = _BlockCore(result, conv.weight.reshape(conv.out_channels, -1), backend)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.core.dense_weight().reshape(self.out_channels, self.in_channels,
+                                                *self.kernel_size)
+
+    def _run(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        if path == "dense":
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding,
+                            self.dilation)
+        N, _, H, W = x.shape
+        kh, kw = self.kernel_size
+        Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self.core.sparse_matmul(cols.transpose(1, 2).reshape(N * Ho * Wo, -1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(N, Ho * Wo, -1).transpose(1, 2).reshape(N, -1, Ho, Wo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.core.choose(x, lambda p: self._run(x, p))
+        return self._run(x, path)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")

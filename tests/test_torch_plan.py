@@ -1,0 +1,238 @@
+"""regroup_model / Plan / to_block_sparse on the model zoo: exactness, folding, round trips."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from regroup import RegroupError  # noqa: E402
+from regroup.adapters.torch import (Plan, hidden_dims, layer_masks,  # noqa: E402
+                                    regroup_model, to_block_sparse)
+from tests.torch_zoo import pruned, zoo  # noqa: E402
+
+ATOL = 1e-5
+
+
+def _masked_reference(name, plan, seed=0):
+    """The same pruned model with the plan's refilled masks, nothing permuted."""
+    ref, x = pruned(name, seed)
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for lname, r in plan.layers.items():
+            modules[lname[:-len(".weight")]].weight_mask.copy_(torch.from_numpy(r.mask))
+    return ref, x
+
+
+@pytest.mark.parametrize("name", sorted(zoo()))
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("mode", ["fold", "runtime"])
+def test_regrouped_model_computes_the_masked_model(name, fmt, mode):
+    model, x = pruned(name)
+    plan = regroup_model(model, block=16, format=fmt, mode=mode, example_inputs=(x,),
+                         method="metis")
+    ref, _ = _masked_reference(name, plan)
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+    for backend in ("bsr", "dense", "auto"):
+        sparse = copy.deepcopy(model)
+        done = to_block_sparse(sparse, plan, backend=backend)
+        assert set(done.values()) <= {"BlockSparseLinear", "BlockSparseConv2d"}
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name, folds, folded_layers", [
+    ("mlp", 2, {"layers.0.weight": ("fold", "runtime"), "layers.1.weight": ("fold", "fold")}),
+    ("transformer", 1, {"fc1.weight": ("fold", "runtime"), "fc2.weight": ("runtime", "fold"),
+                        "attn.q.weight": ("runtime", "runtime")}),
+])
+def test_fold_finds_the_exact_hidden_dimensions(name, folds, folded_layers):
+    model, x = pruned(name)
+    plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    assert len(plan.folds) == folds
+    for layer, (rows, cols) in folded_layers.items():
+        assert (plan.sides[layer]["rows"], plan.sides[layer]["cols"]) == (rows, cols)
+    # A folded side needs nothing at run time: its current order is the identity.
+    for layer, side in plan.sides.items():
+        cur = plan.current_result(layer)
+        if side["rows"] == "fold":
+            assert np.array_equal(cur.row_perm, np.arange(cur.row_perm.size))
+        if side["cols"] == "fold":
+            assert np.array_equal(cur.col_perm, np.arange(cur.col_perm.size))
+        for s in ("rows", "cols"):
+            assert (side[s] == "runtime") == ("why_" + s in side)
+
+
+def test_cnn_residual_stream_folds_through_batchnorm():
+    model, x = pruned("cnn")
+    dims = hidden_dims(model, (x,))
+    stream = [d for d in dims.dims if "block.conv2" in d.producers]
+    assert len(stream) == 1 and stream[0].foldable
+    assert set(stream[0].producers) == {"stem", "block.conv2"}
+    assert set(stream[0].consumers) == {"block.conv1", "down"}
+    assert set(stream[0].norms) == {"bn", "block.bn2"}
+    head = [d for d in dims.dims if "head" in d.producers][0]
+    assert not head.foldable and "it is a model output" in head.reasons
+
+
+def test_runtime_mode_leaves_parameters_in_place():
+    model, x = pruned("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    plan = regroup_model(model, block=16, mode="runtime", method="metis")
+    assert plan.folds == []
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_plan_round_trip_reapplies_without_recomputing(tmp_path, monkeypatch):
+    model, x = pruned("cnn")
+    plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    path = tmp_path / "cnn.regroup.npz"
+    plan.save(path)
+    import regroup
+    monkeypatch.setattr(regroup, "regroup_pattern", None)     # any recomputation fails
+    loaded = Plan.load(path)
+    assert loaded.sides == plan.sides and loaded.options == plan.options
+    assert [f.perm.tolist() for f in loaded.folds] == [f.perm.tolist() for f in plan.folds]
+    fresh, _ = pruned("cnn")
+    loaded.apply(fresh)
+    sd, sd2 = model.state_dict(), fresh.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    with pytest.raises(RegroupError, match="already permuted by a folding"):
+        loaded.apply(fresh)
+
+
+def test_plan_load_refuses_a_run_result(tmp_path):
+    import regroup
+    w = np.random.default_rng(0).standard_normal((32, 32)) * (
+        np.random.default_rng(1).random((32, 32)) < 0.2)
+    r = regroup.regroup_pattern(regroup.from_array(w, name="fc.weight"), block=16,
+                                method="sort")
+    regroup.save_result(tmp_path / "r.npz", [r])
+    with pytest.raises(RegroupError, match="without a model plan"):
+        Plan.load(tmp_path / "r.npz")
+
+
+def test_ao_pruning_masks_are_updated_in_place():
+    from torch.ao.pruning import WeightNormSparsifier
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                          nn.Linear(32, 8))
+    sparsifier = WeightNormSparsifier(sparsity_level=0.8, sparse_block_shape=(1, 4),
+                                      zeros_per_block=4)
+    sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    sparsifier.step()
+    x = torch.randn(5, 40)
+    ref = copy.deepcopy(model)
+    plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    assert set(plan.layers) == {"0.weight", "2.weight"}
+    assert plan.skipped == {"4.weight": "dense (nothing pruned): left as it is"}
+    for fqn in ("0.weight", "2.weight"):
+        mod = model[int(fqn[0])]
+        mask = sparsifier.state[fqn]["mask"]
+        assert mask is mod.parametrizations.weight[0].mask
+        assert torch.equal(mask.bool(), torch.from_numpy(plan.current_result(fqn).mask))
+        ref_mod = ref[int(fqn[0])]
+        ref_mod.parametrizations.weight[0].mask.copy_(torch.from_numpy(plan.layers[fqn].mask))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=ATOL)
+
+
+def test_zero_weights_are_read_as_the_mask_and_rewind_refills():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32))
+    early = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    masks = layer_masks(model)
+    assert masks["0.weight"][2] == "zeros"
+    plan = regroup_model(model, block=16, mode="runtime", method="metis",
+                         rewind={"0.weight": early["0.weight"]})
+    # Refilled from the rewind values, zero outside the blocks.
+    mask0 = torch.from_numpy(plan.layers["0.weight"].mask)
+    assert torch.equal(model[0].weight, early["0.weight"] * mask0)
+    # Without rewind a plain weight keeps its zeros inside blocks (nothing to refill from).
+    mask2 = torch.from_numpy(plan.layers["2.weight"].mask)
+    assert torch.equal(model[2].weight_mask.bool(), mask2)
+
+
+def test_fold_mode_needs_example_inputs():
+    model, _ = pruned("mlp")
+    with pytest.raises(RegroupError, match="pass example_inputs"):
+        regroup_model(model, block=16)
+
+
+def test_untraceable_model_says_so_and_uses_runtime_permutations():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if h.sum() > 0:                     # data-dependent control flow: fx cannot trace
+                h = h * 2
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    with torch.no_grad():
+        for m in (model.a, model.b):
+            m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    x = torch.randn(4, 32)
+    with pytest.warns(RuntimeWarning, match="could not trace Branchy"):
+        plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    assert plan.folds == [] and any("could not trace" in n for n in plan.notes)
+    assert all(s["rows"] == "runtime" and "could not be traced" in s["why_rows"]
+               for s in plan.sides.values())
+    expected = model(x)
+    to_block_sparse(model, plan, backend="bsr")
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+
+
+def test_weights_used_by_a_parent_module_stay_dense_and_are_reported():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = WithMHA().eval()
+    with torch.no_grad():
+        for m in (model.attn.out_proj, model.fc):
+            m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    x = torch.randn(2, 3, 32)
+    plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    assert any(n.startswith("attn.out_proj: not called as a module") for n in plan.notes)
+    expected = model(x)
+    done = to_block_sparse(model, plan)
+    assert done["attn.out_proj.weight"].startswith("stays dense-masked")
+    assert done["fc.weight"] == "BlockSparseLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+
+
+def test_layers_glob_and_nothing_to_do():
+    model, x = pruned("mlp")
+    plan = regroup_model(model, block=16, example_inputs=(x,), layers="layers.1",
+                         method="metis")
+    assert list(plan.layers) == ["layers.1.weight"]
+    dense = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(RegroupError, match="no pruned Linear or Conv2d"):
+        regroup_model(dense, block=16, mode="runtime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="'mode' parameter of regroup_model"):
+            regroup_model(model, mode="sideways")

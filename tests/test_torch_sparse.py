@@ -1,0 +1,160 @@
+"""BlockSparseLinear / BlockSparseConv2d against dense: values, gradients, dispatch."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import regroup  # noqa: E402
+from regroup import RegroupError  # noqa: E402
+from regroup.adapters.torch import BlockSparseConv2d, BlockSparseLinear  # noqa: E402
+
+
+def _layout(w: np.ndarray, block, fmt, seed=0, method="metis"):
+    return regroup.regroup_pattern(regroup.from_array(w, name="w"), block=block, format=fmt,
+                                   method=method, seed=seed)
+
+
+def _masked(n, m, density, seed, dtype=torch.float64):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, m)) * (rng.random((n, m)) < density)
+    return w, torch.tensor(w, dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(16, 70), m=st.integers(16, 70), b=st.sampled_from([4, 8, 16]),
+       fmt=st.sampled_from(["grid", "shuffled"]), density=st.floats(0.05, 0.6),
+       batch=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_block_sparse_linear_equals_dense_masked(n, m, b, fmt, density, batch, seed):
+    w, _ = _masked(n, m, density, seed)
+    if not w.any():
+        return
+    r = _layout(w, b, fmt, seed, method="sort")
+    W = torch.tensor(w * r.mask)
+    bias = torch.randn(n, dtype=torch.float64)
+    x = torch.randn(batch, 3, m, dtype=torch.float64)
+    expected = F.linear(x, W, bias)
+    for backend in ("bsr", "dense"):
+        mod = BlockSparseLinear(r, torch.tensor(w), bias, backend=backend)
+        torch.testing.assert_close(mod(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mod.dense_weight(), W, rtol=0, atol=0)
+    # Only the kept blocks are stored.
+    assert mod.values.shape[0] == r.metrics["kept_blocks"]
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("shape", [(48, 40), (50, 37)])
+def test_gradients_match_dense(fmt, shape):
+    w, _ = _masked(*shape, 0.25, 1)
+    r = _layout(w, 8, fmt)
+    mod = BlockSparseLinear(r, torch.tensor(w), torch.randn(shape[0], dtype=torch.float64),
+                            backend="bsr")
+    x = torch.randn(4, shape[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: _call_with_values(mod, x, v),
+                                    (x, mod.values.detach().clone().requires_grad_()))
+    # And the same gradients as the dense path, for input, values and bias.
+    grads = {}
+    for backend in ("bsr", "dense"):
+        mod.core.backend = backend
+        xx = x.detach().clone().requires_grad_()
+        mod.zero_grad()
+        (mod(xx) ** 2).sum().backward()
+        grads[backend] = (xx.grad, mod.values.grad.clone(), mod.bias.grad.clone())
+    for a, b in zip(grads["bsr"], grads["dense"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _call_with_values(mod, x, v):
+    """The module's BSR product as a function of the input and the block values."""
+    from regroup.adapters.torch.sparse import _BsrMatmul
+    core = mod.core
+    xt = x.t()
+    if core.in_index is not None:
+        xt = F.pad(xt, (0, 0, 0, 1)).index_select(0, core.in_index)
+    yt = _BsrMatmul.apply(xt.contiguous(), v, core)[: mod.out_features]
+    return (yt if core.out_index is None else yt.index_select(0, core.out_index)).t()
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_training_follows_the_masked_dense_model(fmt):
+    """SGD on the block values = SGD on the dense weight with its gradient masked."""
+    torch.manual_seed(0)
+    w, _ = _masked(32, 24, 0.3, 2)
+    r = _layout(w, 8, fmt)
+    mask = torch.from_numpy(r.mask)
+    mod = BlockSparseLinear(r, torch.tensor(w), torch.zeros(32, dtype=torch.float64),
+                            backend="bsr")
+    ref = nn.Linear(24, 32).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(w) * mask)
+        ref.bias.zero_()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (mod, ref)]
+    x, target = torch.randn(64, 24, dtype=torch.float64), torch.randn(64, 32,
+                                                                      dtype=torch.float64)
+    for _ in range(5):
+        for m, opt in zip((mod, ref), opts):
+            opt.zero_grad()
+            F.mse_loss(m(x), target).backward()
+            if m is ref:
+                m.weight.grad *= mask
+            opt.step()
+    torch.testing.assert_close(mod.dense_weight(), ref.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mod.bias, ref.bias)
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_block_sparse_conv_equals_conv(fmt, stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 24, 3, stride=stride, padding=padding, dilation=dilation).double()
+    w = conv.weight.detach().numpy() * (np.random.default_rng(0).random((24, 6, 3, 3)) < 0.3)
+    r = _layout(w, 8, fmt)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(w * r.mask))
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64, requires_grad=True)
+    for backend in ("bsr", "dense"):
+        mod = BlockSparseConv2d(r, conv, backend=backend)
+        y = mod(x)
+        torch.testing.assert_close(y, conv(x), rtol=1e-12, atol=1e-12)
+        g = torch.autograd.grad(y.sum(), x)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(conv(x).sum(), x)[0])
+
+
+def test_grouped_conv_is_refused_with_the_reason():
+    conv = nn.Conv2d(8, 16, 3, groups=2)
+    w = conv.weight.detach().numpy() * (np.random.default_rng(0).random((16, 4, 3, 3)) < 0.3)
+    r = _layout(w, 8, "grid")
+    with pytest.raises(RegroupError, match="needs groups=1"):
+        BlockSparseConv2d(r, conv)
+
+
+def test_auto_dispatch_measures_once_per_input_class():
+    w, _ = _masked(64, 64, 0.2, 3, torch.float32)
+    r = _layout(w, 16, "grid")
+    mod = BlockSparseLinear(r, torch.tensor(w, dtype=torch.float32))
+    with torch.no_grad():
+        mod(torch.randn(5, 64))
+        mod(torch.randn(7, 64))             # same class (batch rounded up to 8)
+        mod(torch.randn(100, 64))
+    assert set(mod.dispatch_log) == {("cpu", torch.float32, 8, False),
+                                     ("cpu", torch.float32, 128, False)}
+    assert set(mod.dispatch_log.values()) <= {"bsr", "dense"}
+    # bf16 on CPU has no BSR kernel: auto runs dense, an explicit "bsr" says why not.
+    with torch.no_grad():
+        mod.to(torch.bfloat16)(torch.randn(4, 64, dtype=torch.bfloat16))
+    assert mod.dispatch_log[("cpu", torch.bfloat16, 4, False)] == "dense"
+    mod.core.backend = "bsr"
+    with pytest.raises(RegroupError, match="cannot run torch.bfloat16 on cpu"):
+        mod(torch.randn(4, 64, dtype=torch.bfloat16))
+
+
+def test_layout_must_match_the_weight():
+    w, _ = _masked(32, 32, 0.2, 4)
+    r = _layout(w, 8, "grid")
+    with pytest.raises(RegroupError, match="differs from the weight"):
+        BlockSparseLinear(r, torch.zeros(32, 16))
+    with pytest.raises(ValueError, match="'backend' parameter"):
+        BlockSparseLinear(r, torch.tensor(w), backend="fast")
