@@ -85,16 +85,17 @@ def channel_refill(event: str, info: dict) -> None:
             m.weight = m.weight_orig * m.weight_mask
 
 
-def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int):
+def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int,
+        rewind_epochs: int):
     Xtr, ytr, Xte, yte = data
     torch.manual_seed(seed)
     model = MLP()
 
-    def train(m, r):
+    def train(m, r, n_epochs=epochs):
         g = torch.Generator().manual_seed(seed * 1000 + r)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         m.train()
-        for _ in range(epochs):
+        for _ in range(n_epochs):
             for idx in torch.randperm(len(Xtr), generator=g).split(128):
                 opt.zero_grad()
                 F.cross_entropy(m(Xtr[idx]), ytr[idx]).backward()
@@ -107,7 +108,11 @@ def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int
 
     opts = dict(VARIANTS[variant])
     refill = opts.pop("refill", False)
+    # Late rewinding (Frankle et al. 2020): the weights after a short warm-up, not init.
+    train(model, -1, rewind_epochs)
+    rewind = copy.deepcopy(model.state_dict())
     hist = imp_regroup(model, train, rounds=rounds, sparsity=sparsity, block=BLOCK,
+                       rewind=rewind,
                        seed=seed, evaluate=accuracy, layers=["fc1", "fc2"], mode="fold",
                        example_inputs=(Xte[:2],),
                        callbacks=[channel_refill] if refill else (), **opts)
@@ -152,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: one seed, 90 %% only, 2 rounds, 3 epochs")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rewind-epochs", type=int, default=1,
+                    help="epochs of warm-up whose weights every round rewinds to (0: init)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -167,7 +174,8 @@ def main(argv=None) -> int:
             accs, achieved = [], []
             timing = None
             for seed in seeds:
-                model, hist = run(variant, sp, seed, data, epochs, rounds)
+                model, hist = run(variant, sp, seed, data, epochs, rounds,
+                                  args.rewind_epochs)
                 rec = hist[-1]
                 if variant == "IMP":
                     dense_acc.append(hist[0]["score"])     # round 0: the dense model

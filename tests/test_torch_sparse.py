@@ -158,3 +158,60 @@ def test_layout_must_match_the_weight():
         BlockSparseLinear(r, torch.zeros(32, 16))
     with pytest.raises(ValueError, match="'backend' parameter"):
         BlockSparseLinear(r, torch.tensor(w), backend="fast")
+
+
+_TRITON_CHECK = r"""
+import numpy as np, torch, regroup
+from regroup.adapters.torch import BlockSparseConv2d, BlockSparseLinear
+rng = np.random.default_rng(0)
+for n, m, b, batch in ((64, 48, 16, 37), (70, 50, 16, 5), (64, 96, 32, 70)):
+    w = rng.standard_normal((n, m)) * (rng.random((n, m)) < 0.3)
+    r = regroup.regroup_pattern(regroup.from_array(w), block=b, format="shuffled",
+                                method="metis")
+    mod = BlockSparseLinear(r, torch.tensor(w, dtype=torch.float32), torch.randn(n),
+                            backend="triton")
+    assert "triton" in mod.core.paths(torch.zeros(1, m))
+    x = torch.randn(batch, m, requires_grad=True)
+    y = mod(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, mod.values), g)
+    mod.core.backend = "dense"
+    y_ref = mod(x)
+    ref = torch.autograd.grad(y_ref, (x, mod.values), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, ref):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+conv = torch.nn.Conv2d(8, 32, 3, padding=1)
+w = conv.weight.detach().numpy() * (rng.random((32, 8, 3, 3)) < 0.3)
+r = regroup.regroup_pattern(regroup.from_array(w), block=16, format="shuffled",
+                            method="metis")
+with torch.no_grad():
+    conv.weight.copy_(torch.from_numpy(w * r.mask))
+x = torch.randn(2, 8, 7, 7)
+torch.testing.assert_close(BlockSparseConv2d(r, conv, backend="triton")(x), conv(x),
+                           rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_triton_shuffled_kernel_matches_dense_under_the_interpreter():
+    """The CUDA kernel of the shuffled format, run by Triton's CPU interpreter (the
+    interpreter is chosen when the kernel is built, hence a fresh process)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w, _ = _masked(32, 32, 0.3, 5, torch.float32)
+    r = _layout(w, 16, "shuffled")
+    mod = BlockSparseLinear(r, torch.tensor(w, dtype=torch.float32), backend="triton")
+    with pytest.raises(RegroupError, match="backend 'triton' cannot run"):
+        mod(torch.randn(3, 32))

@@ -12,6 +12,8 @@ Execution paths (``backend``):
   Triton block-sparse kernel (fp16/bf16/fp32, square blocks >= 16 and powers of two); on
   CPU its BSR kernel (fp32/fp64, square blocks). The shuffled format runs the same
   product on its gathered column tiles (tile ``t`` is block column ``t``).
+- ``"triton"`` (shuffled format, CUDA): regroup's Triton kernel reads each tile's columns
+  of the input in place (:mod:`.triton_shuffled`); blocks >= 16, powers of two.
 - ``"dense"``: the masked weight as a dense matrix in original coordinates: ``F.linear``
   / ``F.conv2d``, no permutation at all.
 - ``"auto"`` (default): the first call for each (device, dtype, batch size class, grad
@@ -38,12 +40,14 @@ from torch import nn
 from regroup import RegroupError, check_layout
 from regroup.result import LayerResult
 
+from . import triton_shuffled
+
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BACKENDS", "MARGIN"]
 
-BACKENDS = ("auto", "bsr", "dense")
+BACKENDS = ("auto", "bsr", "triton", "dense")
 # A sparse path is chosen by "auto" only when it beats dense by this factor.
 MARGIN = 0.95
-_REPS = 3
+_REPS, _MAX_REPS, _TIME_PER_PATH = 3, 30, 0.05
 
 
 def _index(perm: np.ndarray) -> torch.Tensor | None:
@@ -137,7 +141,8 @@ class _BlockCore(nn.Module):
             block_col = np.arange(len(tiles), dtype=np.int64)
             Q = len(tiles)
         self.padded = (P * br, Q * bc)
-        identity = gather.size == m and np.array_equal(gather, np.arange(m))
+        identity = gather.size == m and np.array_equal(gather, np.arange(m)) and \
+            self.format == "grid"
         self.register_buffer("in_index", None if identity else torch.from_numpy(gather),
                              persistent=False)
         self.register_buffer("out_index", _index(_inverse(row_perm)), persistent=False)
@@ -170,7 +175,12 @@ class _BlockCore(nn.Module):
                 br >= 16 and br & (br - 1) == 0
         else:
             ok = x.dtype in (torch.float32, torch.float64) and br == bc
-        return ["dense", "bsr"] if ok else ["dense"]
+        out = ["dense", "bsr"] if ok else ["dense"]
+        pow2 = all(b >= 16 and b & (b - 1) == 0 for b in self.block)
+        if self.format == "shuffled" and pow2 and triton_shuffled.available(x.device) and \
+                x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            out.append("triton")
+        return out
 
     def dense_weight(self) -> torch.Tensor:
         """The masked weight in original coordinates, shape (rows, cols)."""
@@ -195,11 +205,15 @@ class _BlockCore(nn.Module):
             self._dense_cache = (key, W)
         return W
 
-    def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for a 2-D ``x`` (batch, cols) through the BSR product."""
+    def sparse_matmul(self, x: torch.Tensor, path: str = "bsr") -> torch.Tensor:
+        """``x @ W.T`` for a 2-D ``x`` (batch, cols) through the BSR product or, for the
+        shuffled format, the Triton tile kernel (``path="triton"``)."""
         n, m = self.shape
         if self.values.shape[0] == 0:      # no kept block: W is zero
             return x.new_zeros((x.shape[0], n)) + 0 * self.values.sum()
+        if path == "triton":
+            y = triton_shuffled.shuffled_matmul(x, self)[:, :n]
+            return y if self.out_index is None else y.index_select(1, self.out_index)
         # Gathering rows of x.T copies contiguous runs: ~2x faster than columns of x.
         xt = x.t().contiguous()
         if self.in_index is not None:
@@ -236,15 +250,21 @@ class _BlockCore(nn.Module):
 
 
 def _time(run, paths: list[str], device: torch.device) -> dict[str, float]:
-    """Best-of-``_REPS`` seconds per path, the paths interleaved so that a burst of load
-    on the machine hits them alike."""
+    """Best-of-n seconds per path, the paths interleaved so that a burst of load on the
+    machine hits them alike; n grows for fast calls (3 to 30, ~50 ms per path), whose
+    timings are the noisiest."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = dict.fromkeys(paths, float("inf"))
     with torch.no_grad():
-        for p in paths:
-            run(p)                                  # warm-up (and lazy init)
-        sync()
-        for _ in range(_REPS):
+        for p in paths:                             # warm-up (and lazy init), timed once
+            run(p)
+            sync()
+            t0 = time.perf_counter()
+            run(p)
+            sync()
+            best[p] = time.perf_counter() - t0
+        reps = int(min(_MAX_REPS, max(_REPS, _TIME_PER_PATH / max(min(best.values()), 1e-7))))
+        for _ in range(reps):
             for p in paths:
                 t0 = time.perf_counter()
                 run(p)
@@ -280,7 +300,7 @@ class BlockSparseLinear(_BlockModule):
     weight : Tensor of shape (out_features, in_features)
         Values; only those inside kept blocks are stored.
     bias : Tensor of shape (out_features,), optional
-    backend : {"auto", "bsr", "dense"}, default="auto"
+    backend : {"auto", "bsr", "triton", "dense"}, default="auto"
         See the module docstring.
     """
 
@@ -306,7 +326,7 @@ class BlockSparseLinear(_BlockModule):
     def _run(self, x2d: torch.Tensor, path: str) -> torch.Tensor:
         if path == "dense":
             return F.linear(x2d, self.core.dense_weight(), self.bias)
-        y = self.core.sparse_matmul(x2d)
+        y = self.core.sparse_matmul(x2d, path)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +372,7 @@ class BlockSparseConv2d(_BlockModule):
         Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        y = self.core.sparse_matmul(cols.transpose(1, 2).reshape(N * Ho * Wo, -1))
+        y = self.core.sparse_matmul(cols.transpose(1, 2).reshape(N * Ho * Wo, -1), path)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(N, Ho * Wo, -1).transpose(1, 2).reshape(N, -1, Ho, Wo)
