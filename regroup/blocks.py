@@ -204,12 +204,12 @@ def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],
                fmt: str) -> Candidates:
     """The candidate blocks of ``M`` (values = objective mass) under fixed permutations."""
     check_choice(fmt, "format", "candidates", set(FORMATS))
-    M = sp.csr_matrix(M)
-    n, m = M.shape
+    # A COO input is used as is (refinement rebuilds candidates many times from one).
+    coo = M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
+    n, m = coo.shape
     br, bc = block
     row_perm = np.asarray(row_perm, np.intp)
     P, Q = -(-n // br), -(-m // bc)
-    coo = M.tocoo()
     panel = _positions(row_perm)[coo.row] // br
     area = np.outer(_sizes(n, br), _sizes(m, bc))
     if fmt == "grid":
@@ -250,7 +250,7 @@ def select(c: Candidates, budget: Budget, nnz: int) -> np.ndarray:
     return _select(c.mass, c.area, budget, nnz, *c.shape)
 
 
-def build_layout(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int], fmt: str,
+def build_layout(M: sp.spmatrix, row_perm, col_perm, block: tuple[int, int], fmt: str,
                  budget: Budget, nnz: int | None = None) -> Layout:
     """Choose the kept blocks of ``M`` (values = objective mass) under ``budget``.
 
@@ -260,7 +260,9 @@ def build_layout(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int], f
     optimal for fixed permutations when the blocks have equal area.
     """
     c = candidates(M, row_perm, col_perm, block, fmt)
-    return assemble(c, select(c, budget, sp.csr_matrix(M).nnz if nnz is None else nnz))
+    if nnz is None:
+        nnz = M.nnz if sp.issparse(M) else int(np.count_nonzero(M))
+    return assemble(c, select(c, budget, nnz))
 
 
 def layout_mask(layout: Layout) -> np.ndarray:

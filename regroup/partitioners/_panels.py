@@ -83,30 +83,44 @@ def labels_to_perm(labels, size: int, X: sp.spmatrix | None = None, *,
     if k_target and short != size:
         smallest = live[np.lexsort((-live, counts[live]))[0]]
         caps[smallest] = short
-    if X is not None:
+    over = np.flatnonzero(counts > caps)
+    if X is not None and over.size:
         X = sp.csr_matrix(X, dtype=np.float64)
         onehot = sp.csr_matrix((np.ones(n), (np.arange(n), labels)), shape=(n, k))
         profile = (onehot.T @ X).tocsr()
-        aff = (X @ profile.T).toarray()
         self_aff = np.asarray(X.multiply(X).sum(axis=1)).ravel()
-        aff[np.arange(n), labels] -= self_aff
+
+        def own_affinity(members: np.ndarray, p: int) -> np.ndarray:
+            # Only the over-full parts' members need it: a full items x parts product
+            # costs seconds on a 4096 x 11008 half-dense matrix.
+            return (X[members] @ profile[p].T).toarray().ravel() - self_aff[members]
+
+        def affinity(items: np.ndarray) -> np.ndarray:
+            aff = (X[items] @ profile.T).toarray()
+            aff[np.arange(len(items)), labels[items]] -= self_aff[items]
+            return aff
     else:
-        aff = np.zeros((n, k))
+        def own_affinity(members: np.ndarray, p: int) -> np.ndarray:
+            return np.zeros(len(members))
+
+        def affinity(items: np.ndarray) -> np.ndarray:
+            return np.zeros((len(items), k))
     assign = labels.copy()
     overflow = []
-    for p in np.flatnonzero(counts > caps):
+    for p in over:
         members = np.flatnonzero(labels == p)
         # Least attached first; stable on index for ties.
-        order = np.lexsort((members, aff[members, p]))
+        order = np.lexsort((members, own_affinity(members, p)))
         overflow.append(members[order[: counts[p] - caps[p]]])
     room = caps - np.minimum(counts, caps)
     if overflow:
         items = np.concatenate(overflow)
-        best = aff[items][:, room > 0].max(axis=1) if (room > 0).any() else np.zeros(len(items))
-        for i in items[np.lexsort((items, -best))]:
+        aff = affinity(items)
+        best = aff[:, room > 0].max(axis=1) if (room > 0).any() else np.zeros(len(items))
+        for j in np.lexsort((items, -best)):
             cand = np.flatnonzero(room > 0)
-            p = cand[np.argmax(aff[i, cand])]
-            assign[i] = p
+            p = cand[np.argmax(aff[j, cand])]
+            assign[items[j]] = p
             room[p] -= 1
     # Slot order: full panels by label, the short one last.
     final_counts = np.bincount(assign, minlength=k)
