@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Regroup every selected layer of INPUT; write the result "
                        "file (-o) and optionally a JSON report.")
     p.add_argument("input", nargs="?", help="mask or checkpoint (.smtx .mtx .npy .npz "
-                   ".safetensors .pt .pth .bin .ckpt)")
+                   ".safetensors .pt .pth .bin .ckpt), a sharded safetensors directory, or "
+                   "its model.safetensors.index.json")
     p.add_argument("-o", "--output", help="result file (default: INPUT_STEM.regroup.npz)")
     p.add_argument("--report", help="JSON report path")
     p.add_argument("--objective", default="auto", choices=("auto", "count", "magnitude"))
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-min", type=float, default=0.0, metavar="F",
                    help="with --budget-scope global: share of each layer's own budget "
                    "reserved for it (default 0)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="layers regrouped in N worker processes (or dask workers)")
+    p.add_argument("--engine", default="local", choices=("local", "dask"),
+                   help="local processes, or a dask.distributed cluster")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address "
+                   "(default: a local cluster of --jobs workers)")
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     p.add_argument("--list-methods", action="store_true", help="list partitioners and exit")
     _add_layout_options(p)
@@ -111,6 +118,7 @@ def _refine(args) -> bool | None:
 
 
 def cmd_run(args) -> int:
+    from .checkpoint import regroup_checkpoint
     from .engine import regroup_file
     from .partitioners import available_partitioners, get_partitioner, list_partitioners
     from .report import format_table, write_json
@@ -127,17 +135,26 @@ def cmd_run(args) -> int:
         raise _Usage("the following arguments are required: input")
     out = args.output or f"{Path(args.input).name.split('.')[0]}.regroup.npz"
     progress = _Progress(not args.quiet and sys.stderr.isatty(), "layer")
+    common = dict(layers=args.layers, block=args.block, format=args.format,
+                  method=args.method, budget=args.budget, seed=args.seed,
+                  objective=args.objective, edge=args.edge, time_limit=args.time_limit,
+                  refine=_refine(args), progress=progress)
     try:
-        run = regroup_file(args.input, layers=args.layers, block=args.block,
-                           format=args.format, method=args.method, budget=args.budget,
-                           seed=args.seed, objective=args.objective, edge=args.edge,
-                           time_limit=args.time_limit, refine=_refine(args),
-                           budget_scope=args.budget_scope, layer_min=args.layer_min,
-                           progress=progress)
+        if args.budget_scope == "global":
+            if args.jobs != 1 or args.engine != "local":
+                raise _Usage("--budget-scope global regroups all layers in one process; "
+                             "drop --jobs / --engine")
+            run = regroup_file(args.input, budget_scope="global", layer_min=args.layer_min,
+                               **common)
+            run.save(out)
+            report = run.report()
+        else:
+            # Streamed: one layer in memory per worker, finished layers kept in OUT.parts
+            # so that an interrupted run resumes; the same bytes as regroup_file.
+            report = regroup_checkpoint(args.input, out, jobs=args.jobs, engine=args.engine,
+                                        scheduler=args.scheduler, **common)
     finally:
         progress.close()
-    run.save(out)
-    report = run.report()
     if args.report:
         write_json(report, args.report)
     if not args.quiet:
@@ -145,9 +162,10 @@ def cmd_run(args) -> int:
         t = report["total"]
         print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
               f"identity {t['retained_identity']:.4f} ({args.format} {args.block}, budget "
-              f"{run.options['budget']} per {args.budget_scope.replace('global', 'model')}, "
-              f"seed {args.seed}); {len(run.skipped)} tensors "
-              f"skipped; {t['seconds']:.1f} s")
+              f"{report['options']['budget']} per "
+              f"{args.budget_scope.replace('global', 'model')}, seed {args.seed}); "
+              f"{len(report['skipped'])} tensors skipped; {t['seconds']:.1f} s"
+              + (f"; {t['resumed']} layers resumed" if t.get("resumed") else ""))
         print(f"result: {out}" + (f"   report: {args.report}" if args.report else ""))
     return EXIT_OK
 
@@ -270,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         usage = isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, RegroupError)
         return EXIT_USAGE if usage else EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"regroup {args.command}: interrupted", file=sys.stderr)
+        print(f"regroup {args.command}: interrupted; no result file was written (finished "
+              "layers are kept in OUTPUT.parts: rerun the same command to resume)",
+              file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: still one line, still no partial file
         print(f"regroup {args.command}: internal error: {type(exc).__name__}: {exc} (please "

@@ -32,7 +32,8 @@ from .mtx import parse_mtx, read_mtx
 from .safetensors import read_safetensors, write_safetensors
 from .smtx import parse_smtx, read_smtx, write_smtx
 
-__all__ = ["read_patterns", "read_tensors", "patterns_from_tensors", "SUFFIXES",
+__all__ = ["read_patterns", "read_tensors", "patterns_from_tensors", "group_tensors",
+           "layer_pattern", "shape_problem", "SUFFIXES",
            "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors",
            "read_mtx", "parse_mtx"]
 
@@ -139,6 +140,79 @@ def _canonical(name: str) -> str:
     return name
 
 
+def group_tensors(keys) -> list[tuple[str, str | None, str | None]]:
+    """The layers among tensor names: ``(layer name, weight key, mask key)`` in file order,
+    by the state-dict conventions (prune's ``_orig`` / ``_mask`` pairs, ao.pruning's
+    ``parametrizations.X.original``). Only names are needed, so a sharded checkpoint is
+    grouped from its headers."""
+    keys = list(keys)
+    present = set(keys)
+    used: set[str] = set()
+    out: list[tuple[str, str | None, str | None]] = []
+    for k in keys:
+        if k in used:
+            continue
+        base = None
+        if k.endswith("_mask"):
+            base = k[: -len("_mask")]
+        elif k.endswith("_orig") and k[: -len("_orig")] + "_mask" in present:
+            base = k[: -len("_orig")]
+        elif k + "_mask" in present:
+            base = k
+        if base is None:
+            used.add(k)
+            out.append((_canonical(k), k, None))
+            continue
+        group = (base + "_mask", base + "_orig", base)
+        used.update(g for g in group if g in present)
+        weight = base + "_orig" if base + "_orig" in present else (
+            base if base in present else None)
+        out.append((_canonical(base), weight, base + "_mask"))
+    return out
+
+
+def shape_problem(shape) -> str | None:
+    """Why a tensor of this shape is not a layer (None when it may be one)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 4):
+        return (f"{len(shape)}-D tensor {list(shape)} (regroup takes 2-D Linear or 4-D "
+                "Conv2d weights)")
+    if shape[0] * int(np.prod(shape[1:])) == 0:
+        return f"zero-size tensor {list(shape)}"
+    return None
+
+
+def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>",
+                  block: tuple[int, int] | None = None) -> tuple[Pattern | None, str | None]:
+    """One layer's Pattern from its weight and/or mask, or ``(None, reason)`` when it is
+    not usable (not a tensor, wrong shape, empty, fully dense, smaller than the block)."""
+    ref = mask if mask is not None else weight
+    if isinstance(ref, Pattern):
+        pat = ref
+    elif not hasattr(ref, "shape") or not hasattr(ref, "dtype"):
+        return None, f"not a tensor ({type(ref).__name__})"
+    else:
+        problem = shape_problem(ref.shape)
+        if problem:
+            return None, problem
+        rows, cols = int(ref.shape[0]), int(np.prod(ref.shape[1:]))
+        if rows * cols > MAX_ELEMENTS:
+            raise RegroupError(f"{source}: layer {name!r} has {rows}x{cols} elements, "
+                               f"above the limit of {MAX_ELEMENTS}")
+        try:
+            pat = from_array(weight, name=name, mask=mask)
+        except (RegroupError, TypeError) as exc:
+            raise RegroupError(f"{source}: {exc}") from None
+    if pat.nnz == 0:
+        return None, "empty (every entry is zero)"
+    if pat.nnz == pat.n_rows * pat.n_cols:
+        return None, "fully dense (no zero): not pruned"
+    if block is not None and (block[0] > pat.n_rows or block[1] > pat.n_cols):
+        return None, (f"matrix {pat.n_rows}x{pat.n_cols} is smaller than the block "
+                      f"{block[0]}x{block[1]}")
+    return pat, None
+
+
 def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
                           block: tuple[int, int] | None = None
                           ) -> tuple[list[Pattern], list[tuple[str, str]]]:
@@ -146,59 +220,14 @@ def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
 
     Returns the usable layers and ``(name, reason)`` for every tensor that is not one.
     """
-    used: set[str] = set()
-    entries: list[tuple[str, Any, Any]] = []  # (layer name, weight, mask), in file order
-    for k in tensors:
-        if k in used:
-            continue
-        base = None
-        if k.endswith("_mask"):
-            base = k[: -len("_mask")]
-        elif k.endswith("_orig") and k[: -len("_orig")] + "_mask" in tensors:
-            base = k[: -len("_orig")]
-        elif k + "_mask" in tensors:
-            base = k
-        if base is None:
-            used.add(k)
-            entries.append((_canonical(k), tensors[k], None))
-            continue
-        group = (base + "_mask", base + "_orig", base)
-        used.update(g for g in group if g in tensors)
-        weight = tensors.get(base + "_orig", tensors.get(base))
-        entries.append((_canonical(base), weight, tensors[base + "_mask"]))
     patterns: list[Pattern] = []
     skipped: list[tuple[str, str]] = []
-    for name, weight, mask in entries:
-        ref = mask if mask is not None else weight
-        if isinstance(ref, Pattern):
-            pat = ref
-        elif not hasattr(ref, "shape") or not hasattr(ref, "dtype"):
-            skipped.append((name, f"not a tensor ({type(ref).__name__})"))
-            continue
-        else:
-            shape = tuple(int(s) for s in ref.shape)
-            if len(shape) not in (2, 4):
-                skipped.append((name, f"{len(shape)}-D tensor {list(shape)} (regroup takes "
-                                      "2-D Linear or 4-D Conv2d weights)"))
-                continue
-            rows, cols = shape[0], int(np.prod(shape[1:]))
-            if rows * cols > MAX_ELEMENTS:
-                raise RegroupError(f"{source}: layer {name!r} has {rows}x{cols} elements, "
-                                   f"above the limit of {MAX_ELEMENTS}")
-            if rows * cols == 0:
-                skipped.append((name, f"zero-size tensor {list(shape)}"))
-                continue
-            try:
-                pat = from_array(weight, name=name, mask=mask)
-            except (RegroupError, TypeError) as exc:
-                raise RegroupError(f"{source}: {exc}") from None
-        if pat.nnz == 0:
-            skipped.append((name, "empty (every entry is zero)"))
-        elif pat.nnz == pat.n_rows * pat.n_cols:
-            skipped.append((name, "fully dense (no zero): not pruned"))
-        elif block is not None and (block[0] > pat.n_rows or block[1] > pat.n_cols):
-            skipped.append((name, f"matrix {pat.n_rows}x{pat.n_cols} is smaller than the "
-                                  f"block {block[0]}x{block[1]}"))
+    for name, wkey, mkey in group_tensors(tensors):
+        pat, reason = layer_pattern(name, tensors.get(wkey) if wkey else None,
+                                    tensors[mkey] if mkey else None, source=source,
+                                    block=block)
+        if pat is None:
+            skipped.append((name, reason))
         else:
             patterns.append(pat)
     return patterns, skipped

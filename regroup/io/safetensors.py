@@ -17,7 +17,7 @@ import numpy as np
 from .._atomic import atomic_write
 from .._validation import FormatError
 
-__all__ = ["read_safetensors", "write_safetensors", "DTYPES"]
+__all__ = ["read_safetensors", "safetensors_index", "write_safetensors", "DTYPES"]
 
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
           "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
@@ -44,37 +44,60 @@ def _header(f, path, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file into numpy arrays (name order kept)."""
+def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple], int]:
+    """The validated header of a ``.safetensors`` file, without reading any tensor:
+    ``{name: (dtype, shape, begin, end)}`` (file order; offsets absolute) and the file size.
+    """
     path = os.fspath(path)
     size = os.path.getsize(path)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple] = {}
     with open(path, "rb") as f:
         header, start = _header(f, path, size)
-        data_size = size - start
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = info["dtype"]
-                shape = [int(s) for s in info["shape"]]
-                begin, end = (int(v) for v in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{path}: tensor {name!r} has an invalid header entry") \
-                    from None
-            if dtype not in DTYPES:
-                raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
-                                  f"(supported: {', '.join(DTYPES)})")
-            if any(s < 0 for s in shape):
-                raise FormatError(f"{path}: tensor {name!r} has a negative dimension {shape}")
-            npd = np.dtype(DTYPES[dtype])
-            count = int(np.prod(shape, dtype=object))
-            if not 0 <= begin <= end <= data_size or end - begin != count * npd.itemsize:
-                raise FormatError(f"{path}: tensor {name!r} (dtype {dtype}, shape {shape}) "
-                                  f"has data offsets [{begin}, {end}] inconsistent with the "
-                                  f"file ({data_size} data bytes)")
-            f.seek(start + begin)
-            arr = np.frombuffer(f.read(end - begin), dtype=npd).reshape(shape)
+    data_size = size - start
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = info["dtype"]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: tensor {name!r} has an invalid header entry") \
+                from None
+        if dtype not in DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
+                              f"(supported: {', '.join(DTYPES)})")
+        if any(s < 0 for s in shape):
+            raise FormatError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+        npd = np.dtype(DTYPES[dtype])
+        count = int(np.prod(shape, dtype=object))
+        if not 0 <= begin <= end <= data_size or end - begin != count * npd.itemsize:
+            raise FormatError(f"{path}: tensor {name!r} (dtype {dtype}, shape {shape}) "
+                              f"has data offsets [{begin}, {end}] inconsistent with the "
+                              f"file ({data_size} data bytes)")
+        out[name] = (dtype, tuple(shape), start + begin, start + end)
+    return out, size
+
+
+def read_safetensors(path: str | os.PathLike, names=None, *,
+                     index: dict[str, tuple] | None = None,
+                     digest=None) -> dict[str, np.ndarray]:
+    """Read tensors of a ``.safetensors`` file into numpy arrays (file order kept):
+    all of them, or only ``names`` (one layer at a time for large checkpoints).
+    ``digest`` (a hashlib object) is updated with each tensor's name, header and bytes."""
+    path = os.fspath(path)
+    if index is None:
+        index, _ = safetensors_index(path)
+    wanted = index if names is None else {n: index[n] for n in index if n in set(names)}
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for name, (dtype, shape, begin, end) in wanted.items():
+            f.seek(begin)
+            raw = f.read(end - begin)
+            if digest is not None:
+                digest.update(f"{name}|{dtype}|{list(shape)}|".encode())
+                digest.update(raw)
+            arr = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype])).reshape(shape)
             if dtype == "BF16":
                 arr = (arr.astype(np.uint32) << 16).view(np.float32)
             out[name] = arr

@@ -1,0 +1,165 @@
+"""Whole checkpoints: sharded safetensors, streaming, resume, parallel and dask engines."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from regroup import RegroupError, regroup_file
+from regroup.checkpoint import open_source, regroup_checkpoint
+from regroup.io import write_safetensors
+
+OPTS = dict(block=16, method="metis", seed=3)
+
+
+def _tensors(seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(3):
+        w = rng.standard_normal((64, 48)).astype(np.float32)
+        w[rng.random(w.shape) < 0.8] = 0
+        out[f"layers.{i}.fc.weight"] = w
+        out[f"layers.{i}.fc.bias"] = rng.standard_normal(64).astype(np.float32)
+    conv = rng.standard_normal((32, 8, 3, 3)).astype(np.float32)
+    out["conv.weight_orig"] = conv
+    out["conv.weight_mask"] = (rng.random(conv.shape) < 0.25).astype(np.float32)
+    out["dense.weight"] = rng.standard_normal((32, 32)).astype(np.float32)
+    return out
+
+
+def _sharded(tmp_path, tensors):
+    """A Hugging Face style sharded checkpoint: two shards and the index."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        write_safetensors({k: tensors[k] for k in keys}, d / fname)
+        weight_map.update({k: fname for k in keys})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return d
+
+
+def test_single_file_equals_regroup_file_byte_for_byte(tmp_path):
+    src = tmp_path / "model.safetensors"
+    write_safetensors(_tensors(), src)
+    regroup_file(src, **OPTS).save(tmp_path / "serial.npz")
+    report = regroup_checkpoint(src, tmp_path / "stream.npz", **OPTS)
+    assert (tmp_path / "serial.npz").read_bytes() == (tmp_path / "stream.npz").read_bytes()
+    assert report["total"]["layers"] == 4 and report["total"]["resumed"] == 0
+    assert {n["name"] for n in report["skipped"]} == {
+        "dense.weight", "layers.0.fc.bias", "layers.1.fc.bias", "layers.2.fc.bias"}
+    assert not (tmp_path / "stream.npz.parts").exists()
+
+
+def test_other_formats_go_through_the_same_path(tmp_path):
+    src = tmp_path / "model.npz"
+    np.savez(src, **_tensors())
+    regroup_file(src, **OPTS).save(tmp_path / "a.npz")
+    regroup_checkpoint(src, tmp_path / "b.npz", **OPTS, jobs=2)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_sharded_directory_and_index_parallel_equal_serial(tmp_path):
+    tensors = _tensors()
+    d = _sharded(tmp_path, tensors)
+    src = open_source(d)
+    assert {r.shard for r in src.refs if r.shard} == {
+        str(d / "model-00001-of-00002.safetensors"), str(d / "model-00002-of-00002.safetensors")}
+    regroup_checkpoint(d, tmp_path / "serial.npz", **OPTS)
+    regroup_checkpoint(d / "model.safetensors.index.json", tmp_path / "index.npz", **OPTS)
+    regroup_checkpoint(d, tmp_path / "jobs2.npz", **OPTS, jobs=2)
+    serial = (tmp_path / "serial.npz").read_bytes()
+    assert serial == (tmp_path / "index.npz").read_bytes()
+    assert serial == (tmp_path / "jobs2.npz").read_bytes()
+    # The same layers as one unsharded file (only the source identity differs).
+    one = tmp_path / "one.safetensors"
+    write_safetensors(tensors, one)
+    from regroup import load_result
+    a, b = load_result(tmp_path / "serial.npz"), load_result(_save(tmp_path, one))
+    assert list(a) == list(b)
+    for k in a:
+        assert np.array_equal(a[k].mask, b[k].mask) and a[k].metrics == b[k].metrics
+
+
+def _save(tmp_path, src):
+    path = tmp_path / "unsharded.npz"
+    regroup_file(src, **OPTS).save(path)
+    return path
+
+
+def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
+    src = tmp_path / "model.safetensors"
+    tensors = _tensors()
+    write_safetensors(tensors, src)
+    out = tmp_path / "out.npz"
+
+    def stop_after_layer_0(name, done, total):
+        if name == "layers.0.fc.weight":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
+    assert not out.exists()                         # no partial result file
+    # conv.weight and layers.0 regrouped, dense.weight's skip recorded.
+    assert len(list((tmp_path / "out.npz.parts").glob("*.npz"))) == 3
+    report = regroup_checkpoint(src, out, **OPTS)
+    assert report["total"]["resumed"] == 2 and report["total"]["layers"] == 4
+    fresh = tmp_path / "fresh.npz"
+    regroup_checkpoint(src, fresh, **OPTS)
+    assert out.read_bytes() == fresh.read_bytes()
+    assert not (tmp_path / "out.npz.parts").exists()
+    # A part whose input changed is recomputed (its input hash differs).
+    with pytest.raises(KeyboardInterrupt):
+        regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
+    tensors["layers.0.fc.weight"] = tensors["layers.0.fc.weight"][::-1].copy()
+    write_safetensors(tensors, src)
+    assert regroup_checkpoint(src, out, **OPTS)["total"]["resumed"] == 1
+    # Other options: nothing is reused.
+    with pytest.raises(KeyboardInterrupt):
+        regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
+    assert regroup_checkpoint(src, out, **{**OPTS, "seed": 4})["total"]["resumed"] == 0
+
+
+def test_dask_engine_on_a_local_cluster_equals_serial(tmp_path):
+    pytest.importorskip("distributed")
+    d = _sharded(tmp_path, _tensors())
+    regroup_checkpoint(d, tmp_path / "serial.npz", **OPTS)
+    report = regroup_checkpoint(d, tmp_path / "dask.npz", **OPTS, engine="dask", jobs=2)
+    assert report["total"]["engine"] == "dask"
+    assert (tmp_path / "serial.npz").read_bytes() == (tmp_path / "dask.npz").read_bytes()
+
+
+def test_bad_checkpoints_say_what_is_wrong(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    with pytest.raises(RegroupError, match="without model.safetensors.index.json"):
+        open_source(d)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')
+    with pytest.raises(RegroupError, match="outside the checkpoint directory"):
+        open_source(d)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "gone.safetensors"}}')
+    with pytest.raises(RegroupError, match="shard 'gone.safetensors' is missing"):
+        open_source(d)
+    src = tmp_path / "m.safetensors"
+    write_safetensors(_tensors(), src)
+    with pytest.raises(RegroupError, match="no layer matches 'nope'"):
+        regroup_checkpoint(src, tmp_path / "o.npz", layers="nope", **OPTS)
+    with pytest.raises(ValueError, match="'engine' parameter"):
+        regroup_checkpoint(src, tmp_path / "o.npz", engine="ray", **OPTS)
+    assert not os.path.exists(tmp_path / "o.npz")
+
+
+def test_cli_runs_a_sharded_directory_with_jobs(tmp_path, capsys):
+    from regroup.cli import main
+    d = _sharded(tmp_path, _tensors())
+    args = ["--block", "16", "--method", "metis", "--seed", "3", "-q"]
+    assert main(["run", str(d), "-o", str(tmp_path / "cli.npz"), "--jobs", "2", *args]) == 0
+    regroup_checkpoint(d, tmp_path / "api.npz", **OPTS)
+    assert (tmp_path / "cli.npz").read_bytes() == (tmp_path / "api.npz").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(d), "-o", str(tmp_path / "g.npz"), "--jobs", "2",
+              "--budget-scope", "global", *args])
+    assert exc.value.code == 2 and "drop --jobs" in capsys.readouterr().err
