@@ -111,10 +111,16 @@ def _from_index(index: Path) -> list[Path]:
                           f"tensor -> shard): {type(exc).__name__}: {exc}") from None
     shards = []
     for n in names:
-        p = (index.parent / str(n)).resolve()
-        if index.parent.resolve() not in p.parents:
+        try:
+            p = (index.parent / str(n)).resolve()
+            inside = index.parent.resolve() in p.parents
+            exists = p.is_file()
+        except (ValueError, OSError) as exc:     # e.g. a NUL byte in the name
+            raise FormatError(f"{index}: shard name {n!r} is not a usable path ({exc})") \
+                from None
+        if not inside:
             raise FormatError(f"{index}: shard {n!r} lies outside the checkpoint directory")
-        if not p.exists():
+        if not exists:
             raise FormatError(f"{index}: shard {n!r} is missing")
         shards.append(p)
     return shards
@@ -290,10 +296,15 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
     statuses: list[dict | None] = [None] * len(refs)
     t0 = time.perf_counter()
     tasks = [(source, ref, options, str(part), key) for ref, part in zip(refs, parts)]
-    for i, status in _execute(tasks, jobs, engine, scheduler):
-        statuses[i] = status
-        if progress is not None:
-            progress(refs[i].name, sum(s is not None for s in statuses), len(refs))
+    try:
+        for i, status in _execute(tasks, jobs, engine, scheduler):
+            statuses[i] = status
+            if progress is not None:
+                progress(refs[i].name, sum(s is not None for s in statuses), len(refs))
+    except BaseException:
+        if not any(parts_dir.iterdir()):   # nothing to resume from: leave nothing behind
+            parts_dir.rmdir()
+        raise
     done = [i for i, s in enumerate(statuses) if s["status"] == "done"]
     skipped = [(s["name"], s["reason"]) for s in statuses if s["status"] == "skipped"]
     if not done:

@@ -21,6 +21,7 @@ zeros are the pruned positions, and a boolean tensor is a mask. A nested
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,53 @@ def _load_torch(path: str) -> dict[str, Any]:
     return flat
 
 
+def _check_npy_header(f, available: int, where: str) -> None:
+    """Refuse an .npy stream whose header declares more data than it holds (numpy would
+    allocate the declared size first) or object arrays (pickles)."""
+    start = f.tell()
+    head = f.read(10)
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
+        raise FormatError(f"{where}: not a valid .npy array (bad magic or version)")
+    if head[6] == 1:
+        hlen = struct.unpack("<H", head[8:10])[0]
+    else:
+        hlen = struct.unpack("<I", head[8:10] + f.read(2))[0]
+    # Checked before numpy reads it: a damaged length would size a huge read.
+    if hlen > min(available - f.tell(), 1 << 20):
+        raise FormatError(f"{where}: .npy header length {hlen} exceeds the data")
+    f.seek(start)
+    try:
+        version = np.lib.format.read_magic(f)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = reader(f)
+    except Exception as exc:  # numpy's header parser raises many types on damaged input
+        raise FormatError(f"{where}: not a valid .npy array ({type(exc).__name__}: "
+                          f"{exc})") from None
+    if dtype.hasobject:
+        raise FormatError(f"{where}: holds Python objects (pickled objects are refused)")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = available - f.tell()
+    if need != have:
+        raise FormatError(f"{where}: header declares shape {list(shape)} of {dtype} "
+                          f"({need} bytes) but {have} bytes follow")
+
+
 def _load_npz(path: str) -> dict[str, Any]:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as f:
+                        _check_npy_header(f, info.file_size, f"{path}:{info.filename}")
+    except zipfile.BadZipFile as exc:
+        raise FormatError(f"{path}: not a valid .npz archive ({exc})") from None
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"{path}: not a valid .npz archive ({type(exc).__name__}: "
+                          f"{exc})") from None
     try:
         with np.load(path, allow_pickle=False) as z:
             if "meta.json" in z.files:
@@ -90,6 +137,8 @@ def _load_npz(path: str) -> dict[str, Any]:
 
 
 def _load_npy(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        _check_npy_header(f, os.path.getsize(path), path)
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:
