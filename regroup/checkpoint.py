@@ -74,11 +74,9 @@ class Source:
         if ref.shard is None:
             got = {k: self.tensors[k] for k in keys}
             for k in keys:
-                v = got[k]
-                arr = np.asarray(v.matrix.toarray() if hasattr(v, "matrix") else
-                                 (v.numpy() if hasattr(v, "numpy") else v))
-                h.update(f"{k}|{arr.dtype}|{list(arr.shape)}|".encode())
-                h.update(np.ascontiguousarray(arr).tobytes())
+                dtype, shape, raw = _raw(got[k])
+                h.update(f"{k}|{dtype}|{shape}|".encode())
+                h.update(raw)
         else:
             index = self._index.get(ref.shard)
             if index is None:
@@ -86,6 +84,19 @@ class Source:
             got = read_safetensors(ref.shard, keys, index=index, digest=h)
         return (got.get(ref.weight) if ref.weight else None,
                 got.get(ref.mask) if ref.mask else None, h.hexdigest())
+
+
+def _raw(v: Any) -> tuple[str, list[int], bytes]:
+    """dtype, shape and bytes of an in-memory tensor (numpy, torch incl. bf16, Pattern)."""
+    if hasattr(v, "matrix"):                     # a Pattern (.smtx / .mtx input)
+        m = v.matrix.tocsr()
+        return "csr", list(m.shape), m.indptr.tobytes() + m.indices.tobytes() + m.data.tobytes()
+    if hasattr(v, "detach"):                     # torch: bytes through a uint8 view
+        import torch                             # already loaded: it made the tensor
+        t = v.detach().cpu().contiguous()
+        return str(t.dtype), list(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    a = np.ascontiguousarray(v)
+    return str(a.dtype), list(a.shape), a.tobytes()
 
 
 def _shards(path: Path) -> list[Path]:
@@ -188,9 +199,18 @@ def _part_meta(part: Path) -> dict | None:
 
 
 def regroup_layer(source: Source, ref: LayerRef, options: dict[str, Any], part: str,
-                  key: str) -> dict[str, Any]:
+                  key: str, threads: int | None = None) -> dict[str, Any]:
     """Regroup one layer of ``source`` into the part file ``part`` (skipping it when the
-    part already holds this input and these options). Returns a small status record."""
+    part already holds this input and these options). Returns a small status record.
+    ``threads`` caps the BLAS threads of this call (workers sharing the cores)."""
+    if threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            with threadpool_limits(limits=threads):
+                return regroup_layer(source, ref, options, part, key)
     part = Path(part)
     if ref.problem is not None:
         return {"name": ref.name, "status": "skipped", "reason": ref.problem}
@@ -349,8 +369,9 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
     import concurrent.futures as cf
     import multiprocessing as mp
     # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = {ex.submit(regroup_layer, *t): i for i, t in enumerate(tasks)}
+        futures = {ex.submit(regroup_layer, *t, threads): i for i, t in enumerate(tasks)}
         try:
             for fut in cf.as_completed(futures):
                 yield futures[fut], fut.result()
@@ -368,12 +389,15 @@ def _execute_dask(tasks: list[tuple], jobs: int, scheduler: str | None):
         from ._validation import missing_dependency
         raise missing_dependency("distributed", "engine 'dask'") from None
     cluster = None
+    threads = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=False,
+        # Worker processes (one task at a time each), as a real cluster's would be.
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
                                dashboard_address=None)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     client = Client(scheduler if scheduler is not None else cluster)
     try:
-        futures = [client.submit(regroup_layer, *t, key=f"regroup-{i}-{t[4][:12]}",
+        futures = [client.submit(regroup_layer, *t, threads, key=f"regroup-{i}-{t[4][:12]}",
                                  pure=False) for i, t in enumerate(tasks)]
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in as_completed(futures):

@@ -61,3 +61,12 @@ def test_kernel_bench_quick_checks_its_outputs(tmp_path):
     for r in rows:
         assert float(r["grid_maxerr"]) < 1e-3 and float(r["shuffled_maxerr"]) < 1e-3
         assert r["grid_auto"] in ("bsr", "dense")
+
+
+def test_llm_bench_quick_serial_parallel_and_dask_agree(tmp_path):
+    pytest.importorskip("distributed")
+    assert _bench("llm_bench").main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "llm_bench_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["serial", "jobs 2", "dask, 2 workers"]
+    assert all(r["identical"] == "True" and r["matrices"] == "7" for r in rows)

@@ -232,3 +232,15 @@ def test_fixed_order_errors():
         regroup_pattern(p, block=8, col_perm=np.zeros(32, int))
     with pytest.raises(ValueError, match="applies to the grid format only"):
         regroup_pattern(p, block=8, format="shuffled", col_perm=np.arange(32))
+
+
+def test_auto_continues_past_candidates_that_run_out_of_time():
+    """With a time limit every partitioner runs in a subprocess; those that exceed it are
+    reported by name and auto goes on (identity needs no partitioner)."""
+    pat = from_array(random_mask(np.random.default_rng(6), 64, 64, 0.1), name="fc")
+    with pytest.warns(RuntimeWarning, match="exceeded its time limit"):
+        r = regroup_pattern(pat, block=16, method="auto", time_limit=1e-4)
+    assert r.metrics["chosen"] == "identity"
+    assert set(r.metrics["failed"]) == {"sort", "hierarchical", "hierarchical:linkage=complete",
+                                        "metis", "metis:graph=jaccard"}
+    assert all("exceeded its time limit of 0.0001 s" in m for m in r.metrics["failed"].values())

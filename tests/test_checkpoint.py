@@ -123,11 +123,15 @@ def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
     assert regroup_checkpoint(src, out, **{**OPTS, "seed": 4})["total"]["resumed"] == 0
 
 
-def test_dask_engine_on_a_local_cluster_equals_serial(tmp_path):
-    pytest.importorskip("distributed")
+def test_dask_engine_on_an_in_process_cluster_equals_serial(tmp_path):
+    """--engine dask --scheduler ADDRESS against a local in-process cluster."""
+    distributed = pytest.importorskip("distributed")
     d = _sharded(tmp_path, _tensors())
     regroup_checkpoint(d, tmp_path / "serial.npz", **OPTS)
-    report = regroup_checkpoint(d, tmp_path / "dask.npz", **OPTS, engine="dask", jobs=2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        report = regroup_checkpoint(d, tmp_path / "dask.npz", **OPTS, engine="dask",
+                                    scheduler=cluster.scheduler_address)
     assert report["total"]["engine"] == "dask"
     assert (tmp_path / "serial.npz").read_bytes() == (tmp_path / "dask.npz").read_bytes()
 

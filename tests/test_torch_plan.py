@@ -133,7 +133,7 @@ def test_ao_pruning_masks_are_updated_in_place():
     ref = copy.deepcopy(model)
     plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
     assert set(plan.layers) == {"0.weight", "2.weight"}
-    assert plan.skipped == {"4.weight": "dense (nothing pruned): left as it is"}
+    assert plan.skipped == {"4.weight": "fully dense (no zero): not pruned"}
     for fqn in ("0.weight", "2.weight"):
         mod = model[int(fqn[0])]
         mask = sparsifier.state[fqn]["mask"]
@@ -218,7 +218,8 @@ def test_weights_used_by_a_parent_module_stay_dense_and_are_reported():
     assert any(n.startswith("attn.out_proj: not called as a module") for n in plan.notes)
     expected = model(x)
     done = to_block_sparse(model, plan)
-    assert done["attn.out_proj.weight"].startswith("stays dense-masked")
+    assert done["attn.out_proj.weight"].startswith("stays dense-masked: not called as a module")
+    assert "attn.out_proj.weight" in plan.dense
     assert done["fc.weight"] == "BlockSparseLinear"
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)

@@ -139,13 +139,13 @@ def test_auto_dispatch_measures_once_per_input_class():
         mod(torch.randn(5, 64))
         mod(torch.randn(7, 64))             # same class (batch rounded up to 8)
         mod(torch.randn(100, 64))
-    assert set(mod.dispatch_log) == {("cpu", torch.float32, 8, False),
-                                     ("cpu", torch.float32, 128, False)}
+    assert set(mod.dispatch_log) == {("cpu", torch.float32, 8, (64,), False),
+                                     ("cpu", torch.float32, 128, (64,), False)}
     assert set(mod.dispatch_log.values()) <= {"bsr", "dense"}
     # bf16 on CPU has no BSR kernel: auto runs dense, an explicit "bsr" says why not.
     with torch.no_grad():
         mod.to(torch.bfloat16)(torch.randn(4, 64, dtype=torch.bfloat16))
-    assert mod.dispatch_log[("cpu", torch.bfloat16, 4, False)] == "dense"
+    assert mod.dispatch_log[("cpu", torch.bfloat16, 4, (64,), False)] == "dense"
     mod.core.backend = "bsr"
     with pytest.raises(RegroupError, match="cannot run torch.bfloat16 on cpu"):
         mod(torch.randn(4, 64, dtype=torch.bfloat16))

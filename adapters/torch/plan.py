@@ -35,6 +35,7 @@ from regroup import RegroupError
 from regroup._validation import check_block
 from regroup.blocks import FORMATS
 from regroup.engine import select_layers
+from regroup.io import layer_pattern
 from regroup.result import LayerResult, load_result, save_result
 
 from .graph import DimAnalysis, hidden_dims
@@ -77,6 +78,9 @@ class Plan:
         Layers not regrouped, with the reason.
     notes : list of str
         Model-level findings (not traceable, weights used by parent modules, ...).
+    dense : dict of str to str
+        Layers whose mask is applied but that stay dense modules, with the reason (their
+        weight is used directly by a parent module, e.g. MultiheadAttention.out_proj).
     options : dict
         The arguments of :func:`regroup_model` (block, format, method, budget, seed, mode).
     """
@@ -87,6 +91,7 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, str] = field(default_factory=dict)
 
     # -- coordinates ---------------------------------------------------------------------
     def _maps(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -192,7 +197,7 @@ class Plan:
         """Write the plan as a regroup result file (``regroup inspect`` reads it)."""
         meta = {"regroup_version": regroup.__version__, "plan": {
             "options": self.options, "sides": self.sides, "skipped": self.skipped,
-            "notes": self.notes,
+            "notes": self.notes, "dense": self.dense,
             "folds": [{"perm": f.perm.tolist(), "producers": f.producers,
                        "consumers": [[c, kk] for c, kk in f.consumers], "norms": f.norms}
                       for f in self.folds]}}
@@ -210,7 +215,7 @@ class Plan:
                       [(c, int(kk)) for c, kk in f["consumers"]], list(f["norms"]))
                  for f in doc["folds"]]
         return cls(dict(res), folds, doc["sides"], doc["skipped"], doc["notes"],
-                   doc["options"])
+                   doc["options"], doc["dense"])
 
     def report(self) -> str:
         """A table: layer, shape, method chosen, retained (and identity's), row / column
@@ -428,26 +433,21 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
     found = layer_masks(model)
     selected = list(found)
     if layers is not None:
-        selected = select_layers(
-            [n[: -len(".weight")] for n in found], layers)
-        selected = [n + ".weight" for n in selected]
+        names = [n[: -len(".weight")] for n in found]
+        selected = [n + ".weight" for n in select_layers(names, layers)]
+        if not selected:
+            raise RegroupError(f"{type(model).__name__}: no Linear or Conv2d matches "
+                               f"{layers!r}; they are: {', '.join(names[:12])}")
     patterns: dict[str, regroup.Pattern] = {}
     skipped: dict[str, str] = {}
     for name in selected:
         w, mask, _ = found[name]
-        if bool(mask.all()):
-            skipped[name] = "dense (nothing pruned): left as it is"
-            continue
-        if not bool(mask.any()):
-            skipped[name] = "fully pruned (no weight left): left as it is"
-            continue
-        pattern = regroup.from_array(w.cpu().double().numpy(), name=name,
-                                     mask=mask.cpu().numpy())
-        if pattern.n_rows < block[0] or pattern.n_cols < block[1]:
-            skipped[name] = (f"matrix {pattern.n_rows}x{pattern.n_cols} is smaller than the "
-                             f"{block[0]}x{block[1]} block: left as it is")
-            continue
-        patterns[name] = pattern
+        pattern, why = layer_pattern(name, w.cpu().double().numpy(), mask.cpu().numpy(),
+                                     source=type(model).__name__, block=block)
+        if pattern is None:
+            skipped[name] = why
+        else:
+            patterns[name] = pattern
     if not patterns:
         raise RegroupError(f"{type(model).__name__} has no pruned Linear or Conv2d layer "
                            f"to regroup (skipped: {skipped or 'none found'})")
@@ -511,9 +511,12 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
             if side[s] == "runtime":
                 side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), mod)
         sides[name] = side
+    dense = {} if analysis is None else {
+        f"{m}.weight": why for m, why in analysis.uncalled.items() if f"{m}.weight" in results}
     plan = Plan(results, folds, sides, skipped, notes,
                 {"block": list(block), "format": format, "method": method,
-                 "budget": str(budget), "seed": seed, "mode": mode, "objective": objective})
+                 "budget": str(budget), "seed": seed, "mode": mode, "objective": objective},
+                dense)
     plan.apply(model, rewind=rewind, permute=permute)
     return plan
 
@@ -547,13 +550,12 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
         raise RegroupError("to_block_sparse: the plan folds permutations into the model, but "
                            "this model was not permuted; call plan.fold(model) first")
     modules = dict(model.named_modules())
-    uncalled = {n.split(":")[0] for n in plan.notes if ": not called as a module" in n}
     out = {}
     for name in plan.layers:
         mod_name, _, _ = name.rpartition(".")
         module = modules[mod_name]
-        if mod_name in uncalled:
-            out[name] = "stays dense-masked: its weight is used directly by its parent"
+        if name in plan.dense:
+            out[name] = f"stays dense-masked: {plan.dense[name]}"
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(
                 module.padding, str) or module.padding_mode != "zeros"):

@@ -234,8 +234,10 @@ class _BlockCore(nn.Module):
                     f"{x.dtype} on {x.device.type} with {self.block[0]}x{self.block[1]} "
                     f"blocks (available: {paths}); use backend='auto' or 'dense'")
             return self.backend
+        # Batch sizes share a power-of-two class; the other dims (a conv's image size)
+        # change the cost, so they are part of the key.
         key = (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
-               torch.is_grad_enabled())
+               tuple(x.shape[1:]), torch.is_grad_enabled())
         choice = self.dispatch_log.get(key)
         if choice is None:
             times = _time(run, paths, x.device)
@@ -285,7 +287,8 @@ class _BlockModule(nn.Module):
 
     @property
     def dispatch_log(self) -> dict:
-        """``{(device, dtype, batch class, grad mode): path}`` chosen by backend auto."""
+        """``{(device, dtype, batch class, other dims, grad mode): path}`` chosen by
+        backend auto."""
         return self.core.dispatch_log
 
 
