@@ -24,6 +24,8 @@ from regroup import FormatError, RegroupError, read_patterns
 from regroup.checkpoint import open_source
 from regroup.io import write_safetensors, write_smtx
 
+# torch warns about the protocol of every hand-made pickle; the refusal is what matters.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 N = int(os.environ.get("REGROUP_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=N, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
