@@ -237,3 +237,25 @@ def test_layers_glob_and_nothing_to_do():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="'mode' parameter of regroup_model"):
             regroup_model(model, mode="sideways")
+
+
+def test_a_cli_result_file_becomes_a_runtime_plan(tmp_path):
+    """regroup run on a saved pruned checkpoint, then the layouts applied to the live model
+    and run block-sparse."""
+    from regroup.cli import main
+    model, x = pruned("cnn")
+    torch.save(model.state_dict(), tmp_path / "cnn.pt")
+    out = tmp_path / "cnn.regroup.npz"
+    assert main(["run", str(tmp_path / "cnn.pt"), "-o", str(out), "--block", "16",
+                 "--method", "metis", "-q"]) == 0
+    plan = Plan.from_result(out)
+    assert plan.folds == [] and set(plan.layers) >= {"block.conv1.weight", "fc.weight"}
+    assert all(s["rows"] == "runtime" for s in plan.sides.values())
+    plan.apply(model)
+    ref, _ = _masked_reference("cnn", plan)
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+    to_block_sparse(model, plan, backend="bsr")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)

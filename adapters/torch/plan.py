@@ -217,6 +217,26 @@ class Plan:
         return cls(dict(res), folds, doc["sides"], doc["skipped"], doc["notes"],
                    doc["options"], doc["dense"])
 
+    @classmethod
+    def from_result(cls, result: str | os.PathLike | Mapping[str, LayerResult]) -> "Plan":
+        """A runtime plan from a ``regroup run`` result file (or its loaded mapping): every
+        layer keeps its own orders, applied by :func:`to_block_sparse` at run time.
+
+        >>> plan = Plan.from_result("model.regroup.npz")
+        >>> plan.apply(model)                  # refilled masks, through torch.nn.utils.prune
+        >>> to_block_sparse(model, plan)
+        """
+        res = load_result(result) if isinstance(result, (str, os.PathLike)) else result
+        meta = getattr(res, "meta", {})
+        why = "orders from a result file (layers regrouped independently)"
+        sides = {name: {"rows": "runtime", "why_rows": why,
+                        **({"cols": "runtime", "why_cols": why} if r.format == "grid"
+                           else {"cols": "tiles"})}
+                 for name, r in res.items()}
+        skipped = {s["name"]: s["reason"] for s in meta.get("skipped", [])}
+        options = {**meta.get("options", {}), "mode": "runtime"}
+        return cls(dict(res), [], sides, skipped, [], options)
+
     def report(self) -> str:
         """A table: layer, shape, method chosen, retained (and identity's), row / column
         handling; then skipped layers and notes."""
