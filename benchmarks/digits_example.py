@@ -86,10 +86,10 @@ def channel_refill(event: str, info: dict) -> None:
 
 
 def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int,
-        rewind_epochs: int):
+        rewind_epochs: int, hidden: int = 512):
     Xtr, ytr, Xte, yte = data
     torch.manual_seed(seed)
-    model = MLP()
+    model = MLP(hidden)
 
     def train(m, r, n_epochs=epochs):
         g = torch.Generator().manual_seed(seed * 1000 + r)
@@ -132,7 +132,7 @@ def best_of(fn, reps: int = 20) -> float:
 
 def inference(model: nn.Module, plan, X: torch.Tensor) -> dict:
     """Dense vs block-sparse time of a final model (``plan`` None: dense only)."""
-    dense = MLP()
+    dense = MLP(model.fc1.out_features)
     dense.load_state_dict({k.replace("_orig", ""): v for k, v in model.state_dict().items()
                            if not k.endswith("_mask")})
     t_dense = best_of(lambda: dense(X))
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: one seed, 90 %% only, 2 rounds, 3 epochs")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=512, help="width of the two hidden layers")
     ap.add_argument("--rewind-epochs", type=int, default=1,
                     help="epochs of warm-up whose weights every round rewinds to (0: init)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
             timing = None
             for seed in seeds:
                 model, hist = run(variant, sp, seed, data, epochs, rounds,
-                                  args.rewind_epochs)
+                                  args.rewind_epochs, args.hidden)
                 rec = hist[-1]
                 if variant == "IMP":
                     dense_acc.append(hist[0]["score"])     # round 0: the dense model
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
             lines.append(f"| {r['sparsity']:.2f} | {r['variant']} | {r['dense_ms']:.2f} | "
                          f"{r['block_ms']:.2f} | {r['dense_ms'] / r['block_ms']:.2f}x | "
                          f"{r['backends']} |")
-    write_outputs(args.out, "digits" + ("_quick" if args.quick else ""), rows, lines)
+    stem = "digits" + ("" if args.hidden == 512 else f"_h{args.hidden}")
+    write_outputs(args.out, stem + ("_quick" if args.quick else ""), rows, lines)
     print("\n".join(lines))
     for sp in sparsities:
         imp = by[sp, "IMP"]["acc_mean"]
