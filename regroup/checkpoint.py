@@ -55,6 +55,7 @@ class LayerRef:
     mask: str | None
     shard: str | None            # safetensors file holding them (None: in-memory source)
     problem: str | None = None   # known from the header alone: not a layer
+    size: int = 0                # elements of its weight: the scheduling cost estimate
 
 
 @dataclass
@@ -97,6 +98,11 @@ def _raw(v: Any) -> tuple[str, list[int], bytes]:
         return str(t.dtype), list(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
     a = np.ascontiguousarray(v)
     return str(a.dtype), list(a.shape), a.tobytes()
+
+
+def _elements(v: Any) -> int:
+    shape = getattr(v, "shape", ())
+    return int(np.prod(tuple(shape), dtype=object)) if shape is not None else 0
 
 
 def _shards(path: Path) -> list[Path]:
@@ -149,7 +155,8 @@ def open_source(path: str | os.PathLike) -> Source:
         shards = [path]
     elif path.suffix.lower() in SUFFIXES:
         tensors = read_tensors(path)
-        refs = [LayerRef(n, w, m, None) for n, w, m in group_tensors(tensors)]
+        refs = [LayerRef(n, w, m, None, size=_elements(tensors[m or w]))
+                for n, w, m in group_tensors(tensors)]
         return Source(str(path), refs, _sha256(path), tensors)
     else:
         raise RegroupError(f"{path}: unknown file type {path.suffix!r}; supported: "
@@ -171,7 +178,8 @@ def open_source(path: str | os.PathLike) -> Source:
             raise FormatError(f"{path}: layer {name!r} has its weight and mask in different "
                               "shards; regroup needs them together")
         shape = where[m or w][1]
-        refs.append(LayerRef(name, w, m, shards_of.pop(), shape_problem(shape)))
+        refs.append(LayerRef(name, w, m, shards_of.pop(), shape_problem(shape),
+                             int(np.prod(shape, dtype=object))))
     if len(shards) == 1 and not path.is_dir() and not path.name.endswith(".index.json"):
         digest = _sha256(path)
     else:  # a checkpoint directory: the hash of its shards' hashes, in index order
@@ -357,6 +365,13 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
     return {**run.meta(), "layers": rows, "total": total}
 
 
+def _largest_first(tasks: list[tuple]) -> list[int]:
+    """Task indices by decreasing layer size (ties: file order). Handing the longest
+    layers out first keeps one worker from finishing alone with a big layer at the end;
+    the result does not depend on the order."""
+    return sorted(range(len(tasks)), key=lambda i: (-tasks[i][1].size, i))
+
+
 def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
     """Yield ``(task index, status)`` as layers finish."""
     if engine == "dask":
@@ -371,7 +386,7 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
     # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = {ex.submit(regroup_layer, *t, threads): i for i, t in enumerate(tasks)}
+        futures = {ex.submit(regroup_layer, *tasks[i], threads): i for i in _largest_first(tasks)}
         try:
             for fut in cf.as_completed(futures):
                 yield futures[fut], fut.result()
@@ -397,9 +412,12 @@ def _execute_dask(tasks: list[tuple], jobs: int, scheduler: str | None):
         threads = max(1, (os.cpu_count() or 1) // jobs)
     client = Client(scheduler if scheduler is not None else cluster)
     try:
-        futures = [client.submit(regroup_layer, *t, threads, key=f"regroup-{i}-{t[4][:12]}",
-                                 pure=False) for i, t in enumerate(tasks)]
-        index = {f.key: i for i, f in enumerate(futures)}
+        order = _largest_first(tasks)
+        futures = [client.submit(regroup_layer, *tasks[i], threads,
+                                 key=f"regroup-{i}-{tasks[i][4][:12]}", pure=False,
+                                 priority=len(order) - rank)
+                   for rank, i in enumerate(order)]
+        index = {f.key: i for f, i in zip(futures, order)}
         for fut in as_completed(futures):
             yield index[fut.key], fut.result()
     finally:
