@@ -34,7 +34,8 @@ import numpy as np
 from ._atomic import atomic_write
 from ._validation import FormatError, RegroupError, check_block, check_choice, check_int
 from .blocks import Budget
-from .engine import Run, _sha256, regroup_pattern, select_layers, tool_versions
+from .engine import (Run, _sha256, regroup_pattern, report_row, report_total, run_options,
+                     select_layers, tool_versions)
 from .io import SUFFIXES, group_tensors, layer_pattern, read_tensors, shape_problem
 from .io.safetensors import read_safetensors, safetensors_index
 from .partitioners import format_method, parse_method
@@ -308,15 +309,11 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
     source = open_source(path)
     refs = source.refs
     if layers is not None:
-        keep = set(select_layers([r.name for r in refs], layers))
-        if not keep:
-            shown = ", ".join(r.name for r in refs[:12]) + (" ..." if len(refs) > 12 else "")
-            raise RegroupError(f"{path}: no layer matches {layers!r}; layers are: {shown}")
+        keep = set(select_layers([r.name for r in refs], layers, where=os.fspath(path)))
         refs = [r for r in refs if r.name in keep]
-    options = {"block": list(block), "format": format, "method": format_method(name, opts),
-               "budget": str(budget), "seed": seed, "objective": objective, "edge": edge,
-               "layers": layers, "time_limit": time_limit, "refine": refine,
-               "budget_scope": "layer", "layer_min": 0.0}
+    options = run_options(block=block, format=format, method=format_method(name, opts),
+                          budget=budget, seed=seed, objective=objective, edge=edge,
+                          layers=layers, time_limit=time_limit, refine=refine)
     key = _options_key({**options, "version": tool_versions()["regroup"]})
     parts_dir = Path(os.fspath(out) + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -347,21 +344,9 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
               layers=[], skipped=skipped, options=options)
     layer_docs = _assemble(os.fspath(out), [parts[i] for i in done], run.meta())
     shutil.rmtree(parts_dir, ignore_errors=True)
-    rows = []
-    for i, lm in zip(done, layer_docs):
-        shape = lm["shape"]
-        rows.append({"name": lm["name"], "shape": shape,
-                     "matrix_shape": [shape[0], int(np.prod(shape[1:]))],
-                     "block": lm["block_shape"], "format": lm["format"],
-                     "method": lm["method"], "params": lm["params"], "seed": lm["seed"],
-                     **lm["metrics"], "seconds": statuses[i].get("seconds")})
-    nnz = sum(r["nnz"] for r in rows)
-    total = {"layers": len(rows), "nnz": nnz,
-             "retained": sum(r["retained"] * r["nnz"] for r in rows) / nnz,
-             "retained_identity": sum(r["retained_identity"] * r["nnz"] for r in rows) / nnz,
-             "seconds": sum(r["seconds"] or 0.0 for r in rows),
-             "wall_seconds": time.perf_counter() - t0, "jobs": jobs, "engine": engine,
-             "resumed": sum(bool(statuses[i].get("cached")) for i in done)}
+    rows = [report_row(lm, statuses[i].get("seconds")) for i, lm in zip(done, layer_docs)]
+    total = {**report_total(rows), "wall_seconds": time.perf_counter() - t0, "jobs": jobs,
+             "engine": engine, "resumed": sum(bool(statuses[i].get("cached")) for i in done)}
     return {**run.meta(), "layers": rows, "total": total}
 
 

@@ -25,9 +25,10 @@ from .partitioners import format_method, get_partitioner, parse_method
 from .partitioners._isolate import run_isolated
 from .partitioners._panels import check_perm
 from .pattern import Pattern
-from .result import LayerResult, save_result
+from .result import LayerResult, _layer_meta, save_result
 
-__all__ = ["regroup_pattern", "regroup_file", "Run", "tool_versions", "OBJECTIVES", "EDGES"]
+__all__ = ["regroup_pattern", "regroup_file", "Run", "tool_versions", "select_layers",
+           "run_options", "report_row", "report_total", "OBJECTIVES", "EDGES"]
 
 OBJECTIVES = ("auto", "count", "magnitude")
 EDGES = ("partial", "error")
@@ -325,23 +326,8 @@ class Run:
 
     def report(self) -> dict[str, Any]:
         """The JSON report: per layer metrics including seconds, plus a summary."""
-        rows = []
-        for r in self.layers:
-            rows.append({"name": r.name, "shape": list(r.shape),
-                         "matrix_shape": [r.shape[0], int(np.prod(r.shape[1:]))],
-                         "block": list(r.block_shape), "format": r.format, "method": r.method,
-                         "params": r.params, "seed": r.seed, **r.metrics,
-                         "seconds": r.seconds})
-        nnz = sum(r.metrics["nnz"] for r in self.layers)
-        total = {
-            "layers": len(self.layers), "nnz": nnz,
-            "retained": (sum(r.metrics["retained"] * r.metrics["nnz"] for r in self.layers)
-                         / nnz if nnz else None),
-            "retained_identity": (sum(r.metrics["retained_identity"] * r.metrics["nnz"]
-                                      for r in self.layers) / nnz if nnz else None),
-            "seconds": sum(r.seconds or 0.0 for r in self.layers),
-        }
-        return {**self.meta(), "layers": rows, "total": total}
+        rows = [report_row(_layer_meta(r, ""), r.seconds) for r in self.layers]
+        return {**self.meta(), "layers": rows, "total": report_total(rows)}
 
 
 def _sha256(path) -> str:
@@ -352,12 +338,50 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def select_layers(names: list[str], patterns: str | list[str] | None) -> list[str]:
-    """Names matching any of the glob ``patterns`` (all when None), in input order."""
+def select_layers(names: list[str], patterns: str | list[str] | None,
+                  where: str | None = None) -> list[str]:
+    """Names matching any of the glob ``patterns`` (all when None), in input order.
+
+    With ``where`` (the file or model the names come from), a selection that matches
+    nothing is a :class:`RegroupError` listing the names."""
     if patterns is None:
         return list(names)
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    out = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    if not out and where is not None:
+        shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+        raise RegroupError(f"{where}: no layer matches {patterns!r}; layers are: {shown}")
+    return out
+
+
+def run_options(*, block: tuple[int, int], format: str, method: str, budget: Budget,
+                seed: int, objective: str, edge: str, layers, time_limit, refine,
+                budget_scope: str = "layer", layer_min: float = 0.0) -> dict[str, Any]:
+    """The run options as recorded in result files and reports."""
+    return {"block": list(block), "format": format, "method": method, "budget": str(budget),
+            "seed": seed, "objective": objective, "edge": edge, "layers": layers,
+            "time_limit": time_limit, "refine": refine, "budget_scope": budget_scope,
+            "layer_min": layer_min}
+
+
+def report_row(layer: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """One layer of the JSON report, from its result-file metadata (:func:`_layer_meta`)."""
+    shape = list(layer["shape"])
+    return {"name": layer["name"], "shape": shape,
+            "matrix_shape": [shape[0], int(np.prod(shape[1:]))],
+            "block": list(layer["block_shape"]), "format": layer["format"],
+            "method": layer["method"], "params": layer["params"], "seed": layer["seed"],
+            **layer["metrics"], "seconds": seconds}
+
+
+def report_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's summary: nnz-weighted retained (and identity's), summed seconds."""
+    nnz = sum(r["nnz"] for r in rows)
+    return {"layers": len(rows), "nnz": nnz,
+            "retained": sum(r["retained"] * r["nnz"] for r in rows) / nnz if nnz else None,
+            "retained_identity": (sum(r["retained_identity"] * r["nnz"] for r in rows) / nnz
+                                  if nnz else None),
+            "seconds": sum(r["seconds"] or 0.0 for r in rows)}
 
 
 def regroup_file(path, *, layers: str | list[str] | None = None, block: Any = 32,
@@ -407,8 +431,8 @@ def regroup_file(path, *, layers: str | list[str] | None = None, block: Any = 32
                                   refine=do_refine)
         share = (time.perf_counter() - t0) / max(len(results), 1)
         results = [replace(r, seconds=(r.seconds or 0.0) + share) for r in results]
-    options = {"block": list(block), "format": format, "method": format_method(name, opts),
-               "budget": str(budget), "seed": seed, "objective": objective, "edge": edge,
-               "layers": layers, "time_limit": time_limit, "refine": refine,
-               "budget_scope": budget_scope, "layer_min": layer_min}
+    options = run_options(block=block, format=format, method=format_method(name, opts),
+                          budget=budget, seed=seed, objective=objective, edge=edge,
+                          layers=layers, time_limit=time_limit, refine=refine,
+                          budget_scope=budget_scope, layer_min=layer_min)
     return Run(source=source, layers=results, skipped=skipped, options=options)

@@ -128,3 +128,13 @@ def test_imp_without_regroup_is_plain_imp():
     assert not hasattr(model[2], "weight_mask")
     with pytest.raises(ValueError, match="'scope' parameter of imp_regroup"):
         imp_regroup(model, lambda m, r: None, rounds=1, sparsity=0.5, scope="model")
+
+
+def test_imp_rewind_state_must_belong_to_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 3))
+    bad = {"encoder.0.weight": torch.zeros(64, 32)}
+    with pytest.raises(RegroupError, match="rewind state has tensors the model lacks: "
+                                           "encoder.0.weight"):
+        imp_regroup(model, lambda m, r: None, rounds=1, sparsity=0.5, method=None,
+                    rewind=bad, final_train=False)

@@ -165,14 +165,24 @@ def _load_rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load ``state`` (a state dict of the unpruned model) into ``model``, whose pruned
     weights live in ``weight_orig``; masks stay."""
     own = model.state_dict()
+    pairs, unknown = [], []
+    for key, value in state.items():
+        if key.endswith("_mask"):
+            continue                           # masks are this round's, not the rewind's
+        target = own.get(key)
+        if target is None and key.endswith(".weight"):
+            target = own.get(key + "_orig")
+        if target is None:
+            unknown.append(key)
+        else:
+            pairs.append((target, value))
+    if unknown:  # checked before anything is copied: the model stays as it was
+        raise RegroupError(f"imp_regroup: the rewind state has tensors the model lacks: "
+                           f"{', '.join(unknown[:8])}; pass a state dict of this model")
     with torch.no_grad():
-        for key, value in state.items():
-            target = own.get(key)
-            if target is None and key.endswith(".weight"):
-                target = own.get(key + "_orig")
-            if target is None or key.endswith("_mask"):
-                continue
+        for target, value in pairs:
             target.copy_(value)
+    with torch.no_grad():
         for _, m in _prunable(model):
             if hasattr(m, "weight_orig"):
                 m.weight = m.weight_orig * m.weight_mask

@@ -454,10 +454,8 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
     selected = list(found)
     if layers is not None:
         names = [n[: -len(".weight")] for n in found]
-        selected = [n + ".weight" for n in select_layers(names, layers)]
-        if not selected:
-            raise RegroupError(f"{type(model).__name__}: no Linear or Conv2d matches "
-                               f"{layers!r}; they are: {', '.join(names[:12])}")
+        selected = [n + ".weight" for n in select_layers(names, layers,
+                                                        where=type(model).__name__)]
     patterns: dict[str, regroup.Pattern] = {}
     skipped: dict[str, str] = {}
     for name in selected:

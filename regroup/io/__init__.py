@@ -306,10 +306,7 @@ def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = N
     patterns, skipped = patterns_from_tensors(tensors, source=path, block=block)
     if layers is not None:
         all_names = [p.name for p in patterns] + [n for n, _ in skipped]
-        keep = set(select_layers(all_names, layers))
-        if not keep:
-            shown = ", ".join(all_names[:12]) + (" ..." if len(all_names) > 12 else "")
-            raise RegroupError(f"{path}: no layer matches {layers!r}; layers are: {shown}")
+        keep = set(select_layers(all_names, layers, where=path))
         patterns = [p for p in patterns if p.name in keep]
         skipped = [s for s in skipped if s[0] in keep]
     if not patterns:
