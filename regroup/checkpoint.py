@@ -211,7 +211,8 @@ def regroup_layer(source: Source, ref: LayerRef, options: dict[str, Any], part: 
                   key: str, threads: int | None = None) -> dict[str, Any]:
     """Regroup one layer of ``source`` into the part file ``part`` (skipping it when the
     part already holds this input and these options). Returns a small status record.
-    ``threads`` caps the BLAS threads of this call (workers sharing the cores)."""
+    ``threads`` caps the BLAS threads of this call (workers sharing the cores) through
+    threadpoolctl; without it installed the cap is not applied, which costs speed only."""
     if threads is not None:
         try:
             from threadpoolctl import threadpool_limits
