@@ -6,20 +6,24 @@ Per decoder layer the shapes of a 7B LLaMA-style model: q/k/v/o 4096x4096, gate/
 tensor), magnitude-pruned to the sparsity, stored as fp16 safetensors, one shard per
 decoder layer plus a model.safetensors.index.json, in a temporary directory.
 
-Each configuration runs ``regroup_checkpoint`` (auto, b=32, grid) in a fresh process:
-serial, ``--jobs 2`` worker processes, and a local dask.distributed cluster of 2 workers.
+Each configuration runs ``regroup_checkpoint`` (``--method``, default auto; b=32, grid) in a
+fresh process: serial, ``--jobs 2`` worker processes, and a local dask.distributed cluster of
+2 workers.
 Reported: wall time, mean per-layer time, peak resident memory of the largest process
 (a worker or the parent), and the speed-up over the serial run; the result files of all
 configurations are checked byte-identical.
 
-    python benchmarks/llm_bench.py [--layers 1] [--sparsities 0.9,0.5] [--quick]
+    python benchmarks/llm_bench.py [--layers 1] [--sparsities 0.9,0.5] [--method auto] [--quick]
 
-``--layers 32`` is the full 7B model (224 matrices; about 2 hours per sparsity serially on
-2 cores). ``--quick`` (CI) uses one layer scaled down 8x.
+``--layers 32`` is the full 7B model (224 matrices, 13 GB of fp16 shards; with auto about
+1.5 hours per sparsity serially on 2 cores, so the full-model run uses ``--method metis``).
+``--quick`` (CI) uses one layer scaled down 8x. Tables go to ``results/llm_bench[_<L>layers]
+[_<method>].md``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -41,9 +45,9 @@ PROJECTIONS = (("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 4096
 RUN = r'''
 import json, resource, sys, time
 from regroup.checkpoint import regroup_checkpoint
-ckpt, out, jobs, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ckpt, out, jobs, engine, method = sys.argv[1:3] + [int(sys.argv[3])] + sys.argv[4:6]
 t = time.perf_counter()
-rep = regroup_checkpoint(ckpt, out, block=32, method="auto", jobs=jobs, engine=engine)
+rep = regroup_checkpoint(ckpt, out, block=32, method=method, jobs=jobs, engine=engine)
 wall = time.perf_counter() - t
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
@@ -52,6 +56,14 @@ print(json.dumps({"wall_s": wall, "layer_s": sum(secs) / len(secs), "peak_gb": p
                   "matrices": len(secs), "retained": rep["total"]["retained"],
                   "retained_identity": rep["total"]["retained_identity"]}))
 '''
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def make_checkpoint(root: str, layers: int, sparsity: float, scale: int) -> str:
@@ -84,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=1, help="decoder layers (full model: 32)")
     ap.add_argument("--sparsities", default="0.9,0.5")
     ap.add_argument("--quick", action="store_true", help="CI smoke: 1 layer scaled 8x down")
+    ap.add_argument("--method", default="auto",
+                    help="partitioner (default auto; e.g. metis for a quick full-model run)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     scale = 8 if args.quick else 1
@@ -101,16 +115,18 @@ def main(argv=None) -> int:
             outputs = []
             for label, jobs, engine in configs:
                 out = os.path.join(root, f"out-{sp}-{jobs}-{engine}.npz")
-                proc = subprocess.run([sys.executable, "-c", RUN, ckpt, out, str(jobs), engine],
+                proc = subprocess.run([sys.executable, "-c", RUN, ckpt, out, str(jobs), engine,
+                                       args.method],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     return 1
                 rec = json.loads(proc.stdout.strip().splitlines()[-1])
                 rec.update({"sparsity": sp, "config": label, "layers": args.layers,
-                            "scale": scale})
+                            "scale": scale, "method": args.method})
                 rows.append(rec)
-                outputs.append(open(out, "rb").read())
+                outputs.append(_sha256(out))
+                os.remove(out)
                 serial = rows[-len(outputs)]["wall_s"]
                 rec["speedup"] = serial / rec["wall_s"]
                 print(f"  {label:16s} {rec['wall_s']:7.1f} s wall, {rec['layer_s']:5.1f} s "
@@ -122,14 +138,17 @@ def main(argv=None) -> int:
             print(f"  result files identical across configurations: {same}")
             if not same:
                 return 1
-    lines = ["| sparsity | configuration | matrices | wall s | s per matrix | peak GB | "
-             "speed-up | retained | identity | identical |", "|---" * 10 + "|"]
+    lines = ["| sparsity | method | configuration | matrices | wall s | s per matrix | peak GB | "
+             "speed-up | retained | identity | identical |", "|---" * 11 + "|"]
     for r in rows:
-        lines.append(f"| {r['sparsity']} | {r['config']} | {r['matrices']} | {r['wall_s']:.1f} "
+        lines.append(f"| {r['sparsity']} | {r['method']} | {r['config']} | {r['matrices']} | "
+                     f"{r['wall_s']:.1f} "
                      f"| {r['layer_s']:.1f} | {r['peak_gb']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['retained']:.4f} | {r['retained_identity']:.4f} | "
                      f"{'yes' if r['identical'] else 'NO'} |")
-    write_outputs(args.out, "llm_bench" + ("_quick" if args.quick else ""), rows, lines)
+    stem = "llm_bench" + (f"_{args.layers}layers" if args.layers != 1 else "")
+    stem += f"_{args.method}" if args.method != "auto" else ""
+    write_outputs(args.out, stem + ("_quick" if args.quick else ""), rows, lines)
     print("\n".join(lines))
     return 0
 

@@ -39,7 +39,7 @@ from .engine import (Run, _sha256, regroup_pattern, report_row, report_total, ru
 from .io import SUFFIXES, group_tensors, layer_pattern, read_tensors, shape_problem
 from .io.safetensors import read_safetensors, safetensors_index
 from .partitioners import format_method, parse_method
-from .result import FORMAT_VERSION, _add, save_result
+from .result import FORMAT_VERSION, _add, _copy_entry, save_result
 
 __all__ = ["regroup_checkpoint", "open_source", "Source", "LayerRef", "ENGINES"]
 
@@ -268,7 +268,7 @@ def _assemble(out: str, parts: list[Path], meta: dict[str, Any]) -> list[dict]:
             with zipfile.ZipFile(p) as src:
                 for entry in src.namelist():
                     if entry.startswith("layers/0/"):
-                        _add(zf, f"layers/{i}/" + entry[len("layers/0/"):], src.read(entry))
+                        _copy_entry(zf, f"layers/{i}/" + entry[len("layers/0/"):], src, entry)
     return layer_docs
 
 

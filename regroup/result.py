@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,37 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16
     zf.writestr(info, data, compresslevel=6)
+
+
+def _copy_entry(zf: zipfile.ZipFile, name: str, src: zipfile.ZipFile, src_name: str) -> None:
+    """Append ``src``'s entry to ``zf`` as ``name`` without recompressing it.
+
+    The written bytes equal ``_add(zf, name, src.read(src_name))`` when the entry was
+    written by :func:`_add` (same deflate stream, same header fields); compressing a large
+    mask costs 10x its decompression, and this keeps it out of the serial assembly of a
+    checkpoint's result. Uses zipfile's writer state as ``ZipFile.writestr`` leaves it.
+    """
+    info = src.getinfo(src_name)
+    src.read(src_name)                  # verifies the stored CRC before the bytes are reused
+    src.fp.seek(info.header_offset)
+    local = src.fp.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise FormatError(f"{src.filename}: entry {src_name!r} has no local header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    src.fp.seek(info.header_offset + 30 + name_len + extra_len)
+    raw = src.fp.read(info.compress_size)
+    new = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    new.compress_type = info.compress_type
+    new.external_attr = info.external_attr
+    new.file_size, new.compress_size, new.CRC = info.file_size, info.compress_size, info.CRC
+    zip64 = new.file_size * 1.05 > zipfile.ZIP64_LIMIT   # writestr's rule
+    zf.fp.seek(zf.start_dir)
+    new.header_offset = zf.fp.tell()
+    zf.fp.write(new.FileHeader(zip64))
+    zf.fp.write(raw)
+    zf.start_dir = zf.fp.tell()
+    zf.filelist.append(new)
+    zf.NameToInfo[name] = new
 
 
 def _layer_meta(r: LayerResult, prefix: str) -> dict:

@@ -70,3 +70,20 @@ def test_llm_bench_quick_serial_parallel_and_dask_agree(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["config"] for r in rows] == ["serial", "jobs 2", "dask, 2 workers"]
     assert all(r["identical"] == "True" and r["matrices"] == "7" for r in rows)
+
+
+def test_ceiling_bench_quick_anneals_from_both_starts(tmp_path, dlmc_dir):
+    bench = _bench("ceiling_bench")
+    assert bench.main(["--quick", "--data", str(dlmc_dir), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "ceiling_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for r in rows:
+        auto, dsb = float(r["auto"]), float(r["dsb"])
+        assert 0 < float(r["identity"]) <= auto <= 1 and 0 < dsb <= 1
+        # Annealing started from auto's own panels never reports less than that start.
+        assert float(r["anneal_from_auto"]) >= auto - 1e-12
+        assert 0 < float(r["anneal_from_identity"]) <= 1
+        assert float(r["best"]) == max(auto, float(r["anneal_from_auto"]),
+                                       float(r["anneal_from_identity"]))
+    assert "auto / DSB" in (tmp_path / "ceiling_quick.md").read_text()
