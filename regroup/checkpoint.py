@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,10 +266,16 @@ def _assemble(out: str, parts: list[Path], meta: dict[str, Any]) -> list[dict]:
     with atomic_write(out, "wb") as f, zipfile.ZipFile(f, "w") as zf:
         _add(zf, "meta.json", json.dumps(doc, indent=1, sort_keys=True).encode())
         for i, p in enumerate(parts):
-            with zipfile.ZipFile(p) as src:
-                for entry in src.namelist():
-                    if entry.startswith("layers/0/"):
-                        _copy_entry(zf, f"layers/{i}/" + entry[len("layers/0/"):], src, entry)
+            try:
+                with zipfile.ZipFile(p) as src:
+                    for entry in src.namelist():
+                        if entry.startswith("layers/0/"):
+                            _copy_entry(zf, f"layers/{i}/" + entry[len("layers/0/"):], src,
+                                        entry)
+            except (OSError, zipfile.BadZipFile, zlib.error, FormatError) as exc:
+                raise RegroupError(f"{p}: the finished part of layer {layer_docs[i]['name']!r} "
+                                   f"is damaged ({exc}); delete it and run again to recompute "
+                                   "that layer") from None
     return layer_docs
 
 

@@ -167,3 +167,29 @@ def test_cli_runs_a_sharded_directory_with_jobs(tmp_path, capsys):
         main(["run", str(d), "-o", str(tmp_path / "g.npz"), "--jobs", "2",
               "--budget-scope", "global", *args])
     assert exc.value.code == 2 and "drop --jobs" in capsys.readouterr().err
+
+
+def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
+    import zipfile
+
+    from regroup import from_array, regroup_pattern, save_result
+    from regroup.checkpoint import _assemble
+
+    w = np.random.default_rng(0).standard_normal((64, 96)) * (
+        np.random.default_rng(1).random((64, 96)) < 0.2)
+    part = tmp_path / "0.npz"
+    save_result(part, [regroup_pattern(from_array(w, name="fc.weight"), block=16,
+                                       method="sort")], {"status": "done"})
+    out = tmp_path / "out.npz"
+    _assemble(str(out), [part], {})                    # intact: assembles
+    assert out.exists()
+    out.unlink()
+    with zipfile.ZipFile(part) as zf:
+        info = zf.getinfo("layers/0/mask.npy")
+    raw = bytearray(part.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0xFF      # flip bits inside the deflate stream
+    part.write_bytes(bytes(raw))
+    with pytest.raises(RegroupError, match=r"layer 'fc.weight' is damaged.*run again"):
+        _assemble(str(out), [part], {})
+    assert not out.exists()
