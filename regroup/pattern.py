@@ -88,9 +88,9 @@ def _to_numpy(x: Any, what: str, name: str) -> np.ndarray:
             x = x.float()
         x = x.numpy()
     arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
-                                   or arr.dtype == np.bool_):
-        raise TypeError(f"{what} of layer {name!r} must be a numeric or boolean array. "
+    if arr.dtype == object or np.issubdtype(arr.dtype, np.complexfloating) or not (
+            np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise TypeError(f"{what} of layer {name!r} must be a real numeric or boolean array. "
                         f"Got dtype {arr.dtype} instead.")
     return arr
 

@@ -67,3 +67,21 @@ def test_from_sparse_binary_and_weighted():
     assert from_sparse(m, has_weights=True).matrix.data.tolist() == [2.0, 1.0]
     with pytest.raises(TypeError, match="scipy sparse"):
         from_sparse(np.eye(2))
+
+
+def test_complex_weights_are_refused_not_truncated():
+    w = np.array([[1 + 2j, 0], [0, 3j]])
+    with pytest.raises(TypeError, match="real numeric or boolean"):
+        from_array(w, name="fc")
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 2**16),
+       st.sampled_from(["float16", "float32", "int8", "int64"]))
+@settings(max_examples=40, deadline=None)
+def test_from_array_matches_a_dense_reference(n, m, density, seed, dtype):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, m)) * 50 * (rng.random((n, m)) < density)).astype(dtype)
+    p = from_array(w)
+    ref = np.abs(w.astype(np.float64))
+    assert p.matrix.has_sorted_indices and p.nnz == np.count_nonzero(w)
+    np.testing.assert_array_equal(p.matrix.toarray(), ref)
