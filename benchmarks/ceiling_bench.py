@@ -11,8 +11,8 @@ count, cut into b-wide tiles, the top ``nnz // b^2`` tiles of all panels kept), 
 by the Metropolis rule, with the temperature falling geometrically from 3 to 0.05 nonzeros.
 The best state (and, for a last partial panel the annealer does not score, its start) is
 re-scored by regroup's own ``build_layout`` at the iso budget, so every column is the same
-objective. This is an estimate of the reachable ceiling, not a bound:
-it bounds nothing, but it is a search that spends 100-1000x auto's time.
+objective. This is an estimate of the reachable ceiling, not a bound: a search that spends
+about 15-300x auto's time at 30 s per start.
 
 The question it answers: is auto's shuffled retained (1.19x DSB's on all DLMC matrices, the
 target was 1.3x) limited by the search, or by how much block structure the masks hold?

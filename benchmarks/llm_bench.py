@@ -23,7 +23,6 @@ configurations are checked byte-identical.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tables import write_outputs  # noqa: E402
+
+from regroup.engine import _sha256  # noqa: E402  (the project's streaming file hash)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECTIONS = (("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 4096),
@@ -56,14 +57,6 @@ print(json.dumps({"wall_s": wall, "layer_s": sum(secs) / len(secs), "peak_gb": p
                   "matrices": len(secs), "retained": rep["total"]["retained"],
                   "retained_identity": rep["total"]["retained_identity"]}))
 '''
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_checkpoint(root: str, layers: int, sparsity: float, scale: int) -> str:

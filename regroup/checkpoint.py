@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,12 +252,20 @@ def regroup_layer(source: Source, ref: LayerRef, options: dict[str, Any], part: 
 
 
 # -- the whole checkpoint -------------------------------------------------------------------
-def _assemble(out: str, parts: list[Path], meta: dict[str, Any]) -> list[dict]:
-    """Write the result file from the parts, one array at a time; the bytes equal
-    :func:`regroup.save_result` of the same layers."""
+def _damaged_part(part: Path, layer: str, why: Exception | str) -> RegroupError:
+    return RegroupError(f"{part}: the finished part of layer {layer!r} is damaged ({why}); "
+                        "delete it and run again to recompute that layer")
+
+
+def _assemble(out: str, parts: list[Path], names: list[str], meta: dict[str, Any]
+              ) -> list[dict]:
+    """Write the result file from the parts (of the layers ``names``), one array at a
+    time; the bytes equal :func:`regroup.save_result` of the same layers."""
     layer_docs = []
     for i, p in enumerate(parts):
         doc = _part_meta(p)
+        if doc is None or not doc.get("layers"):
+            raise _damaged_part(p, names[i], "no readable layer record")
         lm = dict(doc["layers"][0])
         lm["entry"] = f"layers/{i}/"
         layer_docs.append(lm)
@@ -266,16 +273,20 @@ def _assemble(out: str, parts: list[Path], meta: dict[str, Any]) -> list[dict]:
     with atomic_write(out, "wb") as f, zipfile.ZipFile(f, "w") as zf:
         _add(zf, "meta.json", json.dumps(doc, indent=1, sort_keys=True).encode())
         for i, p in enumerate(parts):
+            # Only reading the part is guarded: an error writing ``out`` (a full disk) is
+            # not the part's fault and propagates as it is.
             try:
-                with zipfile.ZipFile(p) as src:
-                    for entry in src.namelist():
-                        if entry.startswith("layers/0/"):
+                src = zipfile.ZipFile(p)
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise _damaged_part(p, names[i], exc) from None
+            with src:
+                for entry in src.namelist():
+                    if entry.startswith("layers/0/"):
+                        try:
                             _copy_entry(zf, f"layers/{i}/" + entry[len("layers/0/"):], src,
                                         entry)
-            except (OSError, zipfile.BadZipFile, zlib.error, FormatError) as exc:
-                raise RegroupError(f"{p}: the finished part of layer {layer_docs[i]['name']!r} "
-                                   f"is damaged ({exc}); delete it and run again to recompute "
-                                   "that layer") from None
+                        except FormatError as exc:
+                            raise _damaged_part(p, names[i], exc) from None
     return layer_docs
 
 
@@ -350,7 +361,8 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
         where = where.parent          # the checkpoint, however it was named
     run = Run(source={"name": where.resolve().name, "sha256": source.digest},
               layers=[], skipped=skipped, options=options)
-    layer_docs = _assemble(os.fspath(out), [parts[i] for i in done], run.meta())
+    layer_docs = _assemble(os.fspath(out), [parts[i] for i in done],
+                           [refs[i].name for i in done], run.meta())
     shutil.rmtree(parts_dir, ignore_errors=True)
     rows = [report_row(lm, statuses[i].get("seconds")) for i, lm in zip(done, layer_docs)]
     total = {**report_total(rows), "wall_seconds": time.perf_counter() - t0, "jobs": jobs,

@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,15 +114,18 @@ def _copy_entry(zf: zipfile.ZipFile, name: str, src: zipfile.ZipFile, src_name: 
     mask costs 10x its decompression, and this keeps it out of the serial assembly of a
     checkpoint's result. Uses zipfile's writer state as ``ZipFile.writestr`` leaves it.
     """
-    info = src.getinfo(src_name)
-    src.read(src_name)                  # verifies the stored CRC before the bytes are reused
-    src.fp.seek(info.header_offset)
-    local = src.fp.read(30)
-    if local[:4] != b"PK\x03\x04":
-        raise FormatError(f"{src.filename}: entry {src_name!r} has no local header")
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    src.fp.seek(info.header_offset + 30 + name_len + extra_len)
-    raw = src.fp.read(info.compress_size)
+    try:
+        info = src.getinfo(src_name)
+        src.read(src_name)              # verifies the stored CRC before the bytes are reused
+        src.fp.seek(info.header_offset)
+        local = src.fp.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise FormatError("no local header")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        src.fp.seek(info.header_offset + 30 + name_len + extra_len)
+        raw = src.fp.read(info.compress_size)
+    except (OSError, KeyError, zipfile.BadZipFile, zlib.error, FormatError) as exc:
+        raise FormatError(f"{src.filename}: entry {src_name!r} is unreadable ({exc})") from None
     new = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
     new.compress_type = info.compress_type
     new.external_attr = info.external_attr

@@ -181,7 +181,7 @@ def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     save_result(part, [regroup_pattern(from_array(w, name="fc.weight"), block=16,
                                        method="sort")], {"status": "done"})
     out = tmp_path / "out.npz"
-    _assemble(str(out), [part], {})                    # intact: assembles
+    _assemble(str(out), [part], ["fc.weight"], {})      # intact: assembles
     assert out.exists()
     out.unlink()
     with zipfile.ZipFile(part) as zf:
@@ -191,5 +191,10 @@ def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     raw[start + info.compress_size // 2] ^= 0xFF      # flip bits inside the deflate stream
     part.write_bytes(bytes(raw))
     with pytest.raises(RegroupError, match=r"layer 'fc.weight' is damaged.*run again"):
-        _assemble(str(out), [part], {})
+        _assemble(str(out), [part], ["fc.weight"], {})
+    assert not out.exists()
+    meta_ok = part.read_bytes()
+    part.write_bytes(meta_ok[: len(meta_ok) // 2])       # truncated: no central directory
+    with pytest.raises(RegroupError, match=r"0\.npz: .*layer 'fc.weight' is damaged"):
+        _assemble(str(out), [part], ["fc.weight"], {})
     assert not out.exists()
