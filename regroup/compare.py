@@ -26,7 +26,8 @@ SUMMARY_COLUMNS = ("method", "layers", "mean_retained", "mean_ratio_identity",
 def compare(paths: Sequence[str], methods: Sequence[str], *, block: Any = 32,
             format: str = "grid", budget: Budget | str = "iso", seed: int = 0,
             layers: str | None = None, time_limit: float | None = None,
-            refine: bool | None = None, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+            refine: bool | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
     """Run every method on every usable layer of every file; one dict per run.
 
     ``progress(label, index, total)`` is called before each run (total counts the runs of

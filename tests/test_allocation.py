@@ -29,7 +29,7 @@ def test_global_iso_respects_the_total_area_and_beats_per_layer():
     # Equal-area blocks: the global greedy choice is optimal for the fixed permutations, and
     # the per-layer choice is one feasible choice of the same total area.
     assert _kept_nnz(pairs, out) >= _kept_nnz(pairs, [r for _, r in pairs])
-    for (p, r0), r in zip(pairs, out):
+    for (_, r0), r in zip(pairs, out):
         check_layout(r.mask2d, r.format, r.block_shape, r.row_perm, r.col_perm, r.panel_cols)
         np.testing.assert_array_equal(r.row_perm, r0.row_perm)
         assert r.metrics["budget_scope"] == "global"

@@ -126,7 +126,8 @@ def test_block_larger_than_every_layer_fails(tmp_path, capsys):
 
 
 def test_partitioner_time_limit_fails_cleanly(tmp_path, capsys, dlmc_dir):
-    src = dlmc_dir / "transformer/magnitude_pruning/0.8/body_encoder_layer_0_ffn_conv1_fully_connected.smtx"
+    src = (dlmc_dir / "transformer/magnitude_pruning/0.8"
+           / "body_encoder_layer_0_ffn_conv1_fully_connected.smtx")
     out = tmp_path / "x.npz"
     assert main(["run", str(src), "--method", "hierarchical", "--time-limit", "0.01",
                  "-o", str(out)]) == 1
