@@ -4,8 +4,10 @@
 style sharded directory (``model.safetensors.index.json``), or a directory of
 ``.safetensors`` shards - holding one layer in memory per worker:
 
-- safetensors shards are indexed from their headers; each worker reads only its layer's
-  bytes. Other formats are read whole (they are single files) and then handed out.
+- safetensors shards and .npz archives are indexed from their headers, PyTorch zip
+  checkpoints through memory-mapped storages; each worker reads only its layer's bytes.
+  Single-tensor formats and pre-1.6 PyTorch pickles are read whole, and each worker is
+  sent only its layer's tensors.
 - Each finished layer is written at once to ``OUT.parts/<i>.npz`` with the SHA-256 of its
   input tensors and the options. A rerun skips layers whose part matches (resume after an
   interruption); anything else is recomputed. The result file is assembled at the end,
@@ -18,6 +20,7 @@ style sharded directory (``model.safetensors.index.json``), or a directory of
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +28,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ from ._validation import FormatError, RegroupError, check_block, check_choice, c
 from .blocks import Budget
 from .engine import (Run, _sha256, regroup_pattern, report_row, report_total, run_options,
                      select_layers, tool_versions)
-from .io import SUFFIXES, group_tensors, layer_pattern, read_tensors, shape_problem
+from .io import (SUFFIXES, group_tensors, layer_pattern, read_tensors, shape_problem,
+                 tensor_shapes)
 from .io.safetensors import read_safetensors, safetensors_index
 from .partitioners import format_method, parse_method
 from .result import FORMAT_VERSION, _add, _copy_entry, save_result
@@ -54,9 +58,9 @@ class LayerRef:
     name: str
     weight: str | None
     mask: str | None
-    shard: str | None            # safetensors file holding them (None: in-memory source)
-    problem: str | None = None   # known from the header alone: not a layer
-    size: int = 0                # elements of its weight: the scheduling cost estimate
+    shards: tuple[str, ...] = ()  # safetensors files holding them (): the source's file
+    problem: str | None = None    # known from the header alone: not a layer
+    size: int = 0                 # elements of its weight: the scheduling cost estimate
 
 
 @dataclass
@@ -66,24 +70,37 @@ class Source:
     path: str
     refs: list[LayerRef]
     digest: str                             # identifies the checkpoint (source sha256)
-    tensors: dict[str, Any] | None = None   # in-memory sources only
+    tensors: dict[str, Any] | None = None   # a file that can only be read whole
     _index: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def for_layer(self, ref: LayerRef) -> Source:
+        """What a worker needs to load ``ref``: pickled with every task, so it carries
+        that layer's tensors and shard headers, never the whole checkpoint's."""
+        keys = [k for k in (ref.weight, ref.mask) if k]
+        return replace(self, refs=[ref],
+                       tensors=None if self.tensors is None else
+                       {k: self.tensors[k] for k in keys},
+                       _index={s: self._index[s] for s in ref.shards if s in self._index})
 
     def load(self, ref: LayerRef) -> tuple[Any, Any, str]:
         """The layer's (weight, mask) arrays and the SHA-256 of its input tensors."""
         h = hashlib.sha256()
         keys = [k for k in (ref.weight, ref.mask) if k]
-        if ref.shard is None:
-            got = {k: self.tensors[k] for k in keys}
+        got: dict[str, Any] = {}
+        if ref.shards:
+            for shard in ref.shards:
+                index = self._index.get(shard)
+                if index is None:
+                    index = self._index[shard] = safetensors_index(shard)[0]
+                got.update(read_safetensors(shard, [k for k in keys if k in index],
+                                            index=index, digest=h))
+        else:
+            got = ({k: self.tensors[k] for k in keys} if self.tensors is not None
+                   else read_tensors(self.path, keys))
             for k in keys:
                 dtype, shape, raw = _raw(got[k])
                 h.update(f"{k}|{dtype}|{shape}|".encode())
                 h.update(raw)
-        else:
-            index = self._index.get(ref.shard)
-            if index is None:
-                index = self._index[ref.shard] = safetensors_index(ref.shard)[0]
-            got = read_safetensors(ref.shard, keys, index=index, digest=h)
         return (got.get(ref.weight) if ref.weight else None,
                 got.get(ref.mask) if ref.mask else None, h.hexdigest())
 
@@ -155,10 +172,16 @@ def open_source(path: str | os.PathLike) -> Source:
     elif path.suffix.lower() == ".safetensors":
         shards = [path]
     elif path.suffix.lower() in SUFFIXES:
-        tensors = read_tensors(path)
-        refs = [LayerRef(n, w, m, None, size=_elements(tensors[m or w]))
-                for n, w, m in group_tensors(tensors)]
-        return Source(str(path), refs, _sha256(path), tensors)
+        shapes = tensor_shapes(path)
+        if shapes is None:           # read whole; layer problems are found when loaded
+            tensors = read_tensors(path)
+            refs = [LayerRef(n, w, m, size=_elements(tensors[m or w]))
+                    for n, w, m in group_tensors(tensors)]
+            return Source(str(path), refs, _sha256(path), tensors)
+        refs = [LayerRef(n, w, m, (), shape_problem(shapes[m or w]),
+                         int(np.prod(shapes[m or w], dtype=object)))
+                for n, w, m in group_tensors(shapes)]
+        return Source(str(path), refs, _sha256(path))
     else:
         raise RegroupError(f"{path}: unknown file type {path.suffix!r}; supported: "
                            f"{', '.join(SUFFIXES)}, a sharded directory or *.index.json")
@@ -174,13 +197,9 @@ def open_source(path: str | os.PathLike) -> Source:
             where[k] = (str(shard), shape)
     refs = []
     for name, w, m in group_tensors(where):
-        shards_of = {where[k][0] for k in (w, m) if k}
-        if len(shards_of) > 1:
-            raise FormatError(f"{path}: layer {name!r} has its weight and mask in different "
-                              "shards; regroup needs them together")
         shape = where[m or w][1]
-        refs.append(LayerRef(name, w, m, shards_of.pop(), shape_problem(shape),
-                             int(np.prod(shape, dtype=object))))
+        refs.append(LayerRef(name, w, m, tuple(dict.fromkeys(where[k][0] for k in (w, m) if k)),
+                             shape_problem(shape), int(np.prod(shape, dtype=object))))
     if len(shards) == 1 and not path.is_dir() and not path.name.endswith(".index.json"):
         digest = _sha256(path)
     else:  # a checkpoint directory: the hash of its shards' hashes, in index order
@@ -339,14 +358,17 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
     parts = [parts_dir / f"{i}.npz" for i in range(len(refs))]
     statuses: list[dict | None] = [None] * len(refs)
     t0 = time.perf_counter()
-    tasks = [(source, ref, options, str(part), key) for ref, part in zip(refs, parts)]
+    tasks = [(source.for_layer(ref), ref, options, str(part), key)
+             for ref, part in zip(refs, parts)]
     try:
         for i, status in _execute(tasks, jobs, engine, scheduler):
             statuses[i] = status
             if progress is not None:
                 progress(refs[i].name, sum(s is not None for s in statuses), len(refs))
     except BaseException:
-        if not any(parts_dir.iterdir()):   # nothing to resume from: leave nothing behind
+        # Nothing to resume from: leave nothing behind. The cleanup must not mask the
+        # error being raised, so a directory already gone (or not empty) is left as is.
+        with contextlib.suppress(OSError):
             parts_dir.rmdir()
         raise
     done = [i for i, s in enumerate(statuses) if s["status"] == "done"]
@@ -390,11 +412,21 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
     import multiprocessing as mp
     # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    order = _largest_first(tasks)
+    finished: set[int] = set()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = {ex.submit(regroup_layer, *tasks[i], threads): i for i in _largest_first(tasks)}
+        futures = {ex.submit(regroup_layer, *tasks[i], threads): i for i in order}
         try:
             for fut in cf.as_completed(futures):
-                yield futures[fut], fut.result()
+                try:
+                    status = fut.result()
+                except cf.process.BrokenProcessPool:
+                    # Which worker died is not reported; the pool hands tasks out in
+                    # ``order``, at most jobs + 1 at a time, so it ran one of these.
+                    suspects = [tasks[i][1].name for i in order if i not in finished]
+                    raise _worker_died(tasks[0][0].path, suspects[:jobs + 1]) from None
+                finished.add(futures[fut])
+                yield futures[fut], status
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -402,18 +434,33 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
             raise
 
 
+def _worker_died(path: str, layers: list[str]) -> RegroupError:
+    named = ", ".join(map(repr, layers[:6])) + (f" (and {len(layers) - 6} more)"
+                                                 if len(layers) > 6 else "")
+    return RegroupError(
+        f"{path}: a worker process died while regrouping "
+        f"{'layer' if len(layers) == 1 else 'one of the layers'} {named} "
+        "(killed for memory, or a crash in native code); "
+        "finished layers are kept: rerun to resume, with fewer --jobs if memory ran out or "
+        "--time-limit to run each partitioner in its own process")
+
+
 def _execute_dask(tasks: list[tuple], jobs: int, scheduler: str | None):
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, KilledWorker, LocalCluster, as_completed
     except ImportError:
         from ._validation import missing_dependency
         raise missing_dependency("distributed", "engine 'dask'") from None
     cluster = None
     threads = None
     if scheduler is None:
-        # Worker processes (one task at a time each), as a real cluster's would be.
-        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        import dask
+        # Worker processes (one task at a time each), as a real cluster's would be. With
+        # no dashboard to show them, the workers' statistical profiles (a stack sample
+        # every 10 ms) would only take time from the layers.
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
         threads = max(1, (os.cpu_count() or 1) // jobs)
     client = Client(scheduler if scheduler is not None else cluster)
     try:
@@ -424,7 +471,15 @@ def _execute_dask(tasks: list[tuple], jobs: int, scheduler: str | None):
                    for rank, i in enumerate(order)]
         index = {f.key: i for f, i in zip(futures, order)}
         for fut in as_completed(futures):
-            yield index[fut.key], fut.result()
+            try:
+                status = fut.result()
+            except KilledWorker:
+                # The scheduler retried it on other workers first; tasks queued on a dying
+                # worker are suspected with the one it ran, so all known ones are named.
+                killed = [tasks[index[f.key]][1].name for f in futures
+                          if f.status == "error" and isinstance(f.exception(), KilledWorker)]
+                raise _worker_died(tasks[0][0].path, killed) from None
+            yield index[fut.key], status
     finally:
         client.close()
         if cluster is not None:

@@ -1,12 +1,13 @@
 """Whole checkpoints: sharded safetensors, streaming, resume, parallel and dask engines."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
 
 from regroup import RegroupError, regroup_file
-from regroup.checkpoint import open_source, regroup_checkpoint
+from regroup.checkpoint import Source, open_source, regroup_checkpoint
 from regroup.io import write_safetensors
 
 OPTS = dict(block=16, method="metis", seed=3)
@@ -62,11 +63,58 @@ def test_other_formats_go_through_the_same_path(tmp_path):
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["npz", "pt", "pt-legacy"])
+def test_single_files_stream_one_layer_per_task(tmp_path, fmt):
+    """.npz and PyTorch zip checkpoints are indexed without reading data; every task is
+    sent only its own layer (a file read whole - a pre-1.6 pickle - sends that layer's
+    tensors, never the checkpoint)."""
+    tensors = _tensors()
+    tensors["big.weight"] = np.zeros((512, 512), np.float32)   # 1 MB of dead weight
+    tensors["big.weight"][::3, ::5] = 1.0
+    if fmt == "npz":
+        src = tmp_path / "model.npz"
+        np.savez(src, **tensors)
+    else:
+        torch = pytest.importorskip("torch")
+        src = tmp_path / "model.pt"
+        torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, src,
+                   _use_new_zipfile_serialization=fmt == "pt")
+    source = open_source(src)
+    assert (source.tensors is None) == (fmt != "pt-legacy")
+    layer = next(r for r in source.refs if r.name == "layers.0.fc.weight")
+    assert len(pickle.dumps(source.for_layer(layer))) < 64 * 48 * 4 + 4096
+    if source.tensors is None:   # skipped from the index alone, never read
+        assert "1-D" in next(r for r in source.refs if r.name == "layers.0.fc.bias").problem
+    regroup_file(src, **OPTS).save(tmp_path / "a.npz")
+    regroup_checkpoint(src, tmp_path / "b.npz", **OPTS, jobs=2)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_weight_and_mask_in_different_shards(tmp_path):
+    """A prune pair split by the sharding (X.weight_orig in one shard, X.weight_mask in the
+    next) is read from both."""
+    tensors = _tensors()
+    d = tmp_path / "split"
+    d.mkdir()
+    first = {k: v for k, v in tensors.items() if k != "conv.weight_mask"}
+    write_safetensors(first, d / "a.safetensors")
+    write_safetensors({"conv.weight_mask": tensors["conv.weight_mask"]}, d / "b.safetensors")
+    ref = next(r for r in open_source(d).refs if r.name == "conv.weight")
+    assert ref.shards == (str(d / "a.safetensors"), str(d / "b.safetensors"))
+    one = tmp_path / "one.safetensors"
+    write_safetensors(tensors, one)
+    from regroup import load_result
+    regroup_checkpoint(d, tmp_path / "split.npz", **OPTS, jobs=2)
+    a, b = load_result(tmp_path / "split.npz"), load_result(_save(tmp_path, one))
+    assert np.array_equal(a["conv.weight"].mask, b["conv.weight"].mask)
+    assert a["conv.weight"].metrics == b["conv.weight"].metrics
+
+
 def test_sharded_directory_and_index_parallel_equal_serial(tmp_path):
     tensors = _tensors()
     d = _sharded(tmp_path, tensors)
     src = open_source(d)
-    assert {r.shard for r in src.refs if r.shard} == {
+    assert {s for r in src.refs for s in r.shards} == {
         str(d / "model-00001-of-00002.safetensors"), str(d / "model-00002-of-00002.safetensors")}
     regroup_checkpoint(d, tmp_path / "serial.npz", **OPTS)
     regroup_checkpoint(d / "model.safetensors.index.json", tmp_path / "index.npz", **OPTS)
@@ -198,3 +246,52 @@ def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     with pytest.raises(RegroupError, match=r"0\.npz: .*layer 'fc.weight' is damaged"):
         _assemble(str(out), [part], ["fc.weight"], {})
     assert not out.exists()
+
+
+class _DyingSource(Source):
+    """Kills the worker process that loads layer ``conv.weight`` (as the OOM killer or a
+    crash in native code would)."""
+
+    def load(self, ref):
+        if ref.name == "conv.weight":
+            os._exit(3)
+        return super().load(ref)
+
+
+def test_a_dying_worker_names_its_layer_and_keeps_finished_ones(tmp_path, monkeypatch):
+    import regroup.checkpoint as ck
+    src = tmp_path / "m.safetensors"
+    write_safetensors(_tensors(), src)
+    real = open_source(src)
+    monkeypatch.setattr(ck, "open_source", lambda path: _DyingSource(
+        real.path, real.refs, real.digest, None, real._index))
+    out = tmp_path / "out.npz"
+    with pytest.raises(RegroupError, match=r"m\.safetensors: a worker process died while "
+                       r"regrouping .*'conv\.weight'.*rerun to resume"):
+        regroup_checkpoint(src, out, **OPTS, jobs=2)
+    assert not out.exists()
+    monkeypatch.undo()                   # the crash is gone: the rerun resumes
+    report = regroup_checkpoint(src, out, **OPTS, jobs=2)
+    assert report["total"]["layers"] == 4 and out.exists()
+    # conv (4th by size) started only after two of the three fc layers had finished.
+    assert report["total"]["resumed"] >= 2
+
+
+def test_a_dying_dask_worker_names_its_layer(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    import regroup.checkpoint as ck
+    src = tmp_path / "m.safetensors"
+    # The conv layer alone: a dying dask worker takes the tasks queued on it down too.
+    write_safetensors({k: v for k, v in _tensors().items() if k.startswith("conv")}, src)
+    real = open_source(src)
+    monkeypatch.setattr(ck, "open_source", lambda path: _DyingSource(
+        real.path, real.refs, real.digest, None, real._index))
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     dashboard_address=None) as cluster:
+        with pytest.raises(RegroupError, match=r"died while regrouping layer 'conv\.weight'"):
+            regroup_checkpoint(src, tmp_path / "out.npz", **OPTS, engine="dask",
+                               scheduler=cluster.scheduler_address)
+    assert not (tmp_path / "out.npz").exists()

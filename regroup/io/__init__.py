@@ -33,8 +33,8 @@ from .mtx import parse_mtx, read_mtx
 from .safetensors import read_safetensors, write_safetensors
 from .smtx import parse_smtx, read_smtx, write_smtx
 
-__all__ = ["read_patterns", "read_tensors", "patterns_from_tensors", "group_tensors",
-           "layer_pattern", "shape_problem", "SUFFIXES",
+__all__ = ["read_patterns", "read_tensors", "tensor_shapes", "patterns_from_tensors",
+           "group_tensors", "layer_pattern", "shape_problem", "SUFFIXES",
            "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors",
            "read_mtx", "parse_mtx"]
 
@@ -45,13 +45,18 @@ MAX_ELEMENTS = 1 << 31
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
 
 
-def _load_torch(path: str) -> dict[str, Any]:
+def _load_torch(path: str, lazy: bool = False) -> dict[str, Any]:
+    """The tensors of a PyTorch checkpoint, flattened to dotted names. ``lazy``: storages
+    of a zip-format file (every ``torch.save`` since 1.6) are memory-mapped, so only the
+    tensors used are ever read; the older pickle-only format is always read whole."""
     try:
         import torch
     except ImportError:
         raise missing_dependency("torch", f"reading {path}") from None
+    import zipfile
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=lazy and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for bad or hostile files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint with "
@@ -74,9 +79,9 @@ def _load_torch(path: str) -> dict[str, Any]:
     return flat
 
 
-def _check_npy_header(f, available: int, where: str) -> None:
+def _check_npy_header(f, available: int, where: str) -> tuple[int, ...]:
     """Refuse an .npy stream whose header declares more data than it holds (numpy would
-    allocate the declared size first) or object arrays (pickles)."""
+    allocate the declared size first) or object arrays (pickles); returns its shape."""
     start = f.tell()
     head = f.read(10)
     if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
@@ -104,31 +109,42 @@ def _check_npy_header(f, available: int, where: str) -> None:
     if need != have:
         raise FormatError(f"{where}: header declares shape {list(shape)} of {dtype} "
                           f"({need} bytes) but {have} bytes follow")
+    return tuple(int(n) for n in shape)
 
 
-def _load_npz(path: str) -> dict[str, Any]:
+def _npz_shapes(path: str, names=None) -> dict[str, tuple[int, ...]]:
+    """Validate the .npy headers of an .npz archive (all members, or those of ``names``)
+    and return ``{name: shape}`` without reading any array."""
     import zipfile
+    wanted = None if names is None else {f"{n}.npy" for n in names}
+    shapes = {}
     try:
         with zipfile.ZipFile(path) as zf:
+            if "meta.json" in zf.namelist():
+                raise RegroupError(f"{path}: is a regroup result file; pass the original "
+                                   "mask or checkpoint (use `regroup inspect` to read it)")
             for info in zf.infolist():
-                if info.filename.endswith(".npy"):
+                if info.filename.endswith(".npy") and (wanted is None
+                                                       or info.filename in wanted):
                     with zf.open(info) as f:
-                        _check_npy_header(f, info.file_size, f"{path}:{info.filename}")
+                        shapes[info.filename[:-4]] = _check_npy_header(
+                            f, info.file_size, f"{path}:{info.filename}")
     except zipfile.BadZipFile as exc:
         raise FormatError(f"{path}: not a valid .npz archive ({exc})") from None
-    except FormatError:
+    except (FormatError, RegroupError):
         raise
     except Exception as exc:
         raise FormatError(f"{path}: not a valid .npz archive ({type(exc).__name__}: "
                           f"{exc})") from None
+    return shapes
+
+
+def _load_npz(path: str, names=None) -> dict[str, Any]:
+    _npz_shapes(path, names)
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "meta.json" in z.files:
-                raise RegroupError(f"{path}: is a regroup result file; pass the original "
-                                   "mask or checkpoint (use `regroup inspect` to read it)")
-            return {k: z[k] for k in z.files}
-    except RegroupError:
-        raise
+            keys = z.files if names is None else [k for k in z.files if k in set(names)]
+            return {k: z[k] for k in keys}
     except ValueError as exc:
         raise FormatError(f"{path}: {exc} (pickled objects are refused)") from None
     except Exception as exc:
@@ -155,29 +171,54 @@ def _load_mtx(path: str) -> dict[str, Any]:
     return {name: from_sparse(matrix, name=name, has_weights=has_values)}
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a file into a mapping of tensor name to array (numpy, torch) or Pattern."""
+def read_tensors(path: str | os.PathLike, names=None) -> dict[str, Any]:
+    """Read a file into a mapping of tensor name to array (numpy, torch) or Pattern.
+
+    ``names``: read only these tensors (file order kept). Multi-tensor formats then read
+    only their bytes: safetensors and .npz members directly, PyTorch zip checkpoints
+    through memory-mapped storages."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise RegroupError(f"{path}: is a directory; pass a mask or checkpoint file")
     suffix = Path(path).suffix.lower()
-    if suffix == ".smtx":
-        name = Path(path).stem
-        return {name: from_sparse(read_smtx(path, max_elements=MAX_ELEMENTS), name=name)}
-    if suffix == ".mtx":
-        return _load_mtx(path)
-    if suffix == ".npy":
-        return _load_npy(path)
     if suffix == ".npz":
-        return _load_npz(path)
+        return _load_npz(path, names)
     if suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, names)
     if suffix in TORCH_SUFFIXES:
-        return _load_torch(path)
-    raise RegroupError(f"{path}: unknown file type {suffix!r}; supported: "
-                       f"{', '.join(SUFFIXES)}")
+        out = _load_torch(path, lazy=names is not None)
+    elif suffix == ".smtx":
+        name = Path(path).stem
+        out = {name: from_sparse(read_smtx(path, max_elements=MAX_ELEMENTS), name=name)}
+    elif suffix == ".mtx":
+        out = _load_mtx(path)
+    elif suffix == ".npy":
+        out = _load_npy(path)
+    else:
+        raise RegroupError(f"{path}: unknown file type {suffix!r}; supported: "
+                           f"{', '.join(SUFFIXES)}")
+    return out if names is None else {k: v for k, v in out.items() if k in set(names)}
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """``{name: shape}`` of a multi-tensor file read without its data (safetensors and
+    .npz headers, a memory-mapped PyTorch zip checkpoint), or None for a file that can
+    only be read whole (single-tensor formats, pre-1.6 PyTorch pickles)."""
+    path = os.fspath(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
+        return _npz_shapes(path)
+    if suffix == ".safetensors":
+        from .safetensors import safetensors_index
+        return {k: v[1] for k, v in safetensors_index(path)[0].items()}
+    if suffix in TORCH_SUFFIXES:
+        import zipfile
+        if not zipfile.is_zipfile(path):
+            return None
+        return {k: tuple(v.shape) for k, v in _load_torch(path, lazy=True).items()}
+    return None
 
 
 def _canonical(name: str) -> str:
