@@ -7,10 +7,12 @@ tensor), magnitude-pruned to the sparsity, stored as fp16 safetensors, one shard
 decoder layer plus a model.safetensors.index.json, in a temporary directory.
 
 Each configuration runs ``regroup_checkpoint`` (``--method``, default auto; b=32, grid) in a
-fresh process: serial, ``--jobs 2`` worker processes, and a local dask.distributed cluster of
+fresh process: serial (BLAS on every core), serial with one BLAS thread (one core: the
+unit a worker gets), ``--jobs 2`` worker processes, and a local dask.distributed cluster of
 2 workers.
 Reported: wall time, mean per-layer time, peak resident memory of the largest process
-(a worker or the parent), and the speed-up over the serial run; the result files of all
+(a worker or the parent), the speed-up over the serial run and over the one-core run
+(the scaling with workers: 2.0x is linear for 2 workers); the result files of all
 configurations are checked byte-identical.
 
     python benchmarks/llm_bench.py [--layers 1] [--sparsities 0.9,0.5] [--method auto] [--quick]
@@ -97,7 +99,9 @@ def main(argv=None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if args.quick:
         sparsities = sparsities[:1]
-    configs = (("serial", 1, "local"), ("jobs 2", 2, "local"), ("dask, 2 workers", 2, "dask"))
+    one_core = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    configs = (("serial", 1, "local", {}), ("serial, 1 core", 1, "local", one_core),
+               ("jobs 2", 2, "local", {}), ("dask, 2 workers", 2, "dask", {}))
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for sp in sparsities:
@@ -106,11 +110,11 @@ def main(argv=None) -> int:
             print(f"sparsity {sp}: {args.layers} layer(s) written in "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
             outputs = []
-            for label, jobs, engine in configs:
-                out = os.path.join(root, f"out-{sp}-{jobs}-{engine}.npz")
+            for label, jobs, engine, env in configs:
+                out = os.path.join(root, f"out-{sp}-{len(outputs)}.npz")
                 proc = subprocess.run([sys.executable, "-c", RUN, ckpt, out, str(jobs), engine,
                                        args.method],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, env={**os.environ, **env})
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     return 1
@@ -120,23 +124,24 @@ def main(argv=None) -> int:
                 rows.append(rec)
                 outputs.append(_sha256(out))
                 os.remove(out)
-                serial = rows[-len(outputs)]["wall_s"]
-                rec["speedup"] = serial / rec["wall_s"]
+                rec["speedup"] = rows[-len(outputs)]["wall_s"] / rec["wall_s"]
                 print(f"  {label:16s} {rec['wall_s']:7.1f} s wall, {rec['layer_s']:5.1f} s "
                       f"per matrix, peak {rec['peak_gb']:.2f} GB, speed-up "
                       f"{rec['speedup']:.2f}x", flush=True)
             same = all(o == outputs[0] for o in outputs)
             for r in rows[-len(outputs):]:
                 r["identical"] = same
+                r["scaling"] = rows[-len(outputs) + 1]["wall_s"] / r["wall_s"]
             print(f"  result files identical across configurations: {same}")
             if not same:
                 return 1
     lines = ["| sparsity | method | configuration | matrices | wall s | s per matrix | peak GB | "
-             "speed-up | retained | identity | identical |", "|---" * 11 + "|"]
+             "speed-up | vs 1 core | retained | identity | identical |", "|---" * 12 + "|"]
     for r in rows:
         lines.append(f"| {r['sparsity']} | {r['method']} | {r['config']} | {r['matrices']} | "
                      f"{r['wall_s']:.1f} "
                      f"| {r['layer_s']:.1f} | {r['peak_gb']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['scaling']:.2f}x | "
                      f"{r['retained']:.4f} | {r['retained_identity']:.4f} | "
                      f"{'yes' if r['identical'] else 'NO'} |")
     stem = "llm_bench" + (f"_{args.layers}layers" if args.layers != 1 else "")

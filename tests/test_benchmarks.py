@@ -68,7 +68,7 @@ def test_llm_bench_quick_serial_parallel_and_dask_agree(tmp_path):
     assert _bench("llm_bench").main(["--quick", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "llm_bench_quick.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["config"] for r in rows] == ["serial", "jobs 2", "dask, 2 workers"]
+    assert [r["config"] for r in rows] == ["serial", "serial, 1 core", "jobs 2", "dask, 2 workers"]
     assert all(r["identical"] == "True" and r["matrices"] == "7" for r in rows)
 
 
