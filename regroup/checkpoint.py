@@ -413,7 +413,6 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
     # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     order = _largest_first(tasks)
-    finished: set[int] = set()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
         futures = {ex.submit(regroup_layer, *tasks[i], threads): i for i in order}
         try:
@@ -423,9 +422,10 @@ def _execute(tasks: list[tuple], jobs: int, engine: str, scheduler: str | None):
                 except cf.process.BrokenProcessPool:
                     # Which worker died is not reported; the pool hands tasks out in
                     # ``order``, at most jobs + 1 at a time, so it ran one of these.
-                    suspects = [tasks[i][1].name for i in order if i not in finished]
+                    ok = {i for f, i in futures.items()
+                          if f.done() and not f.cancelled() and f.exception() is None}
+                    suspects = [tasks[i][1].name for i in order if i not in ok]
                     raise _worker_died(tasks[0][0].path, suspects[:jobs + 1]) from None
-                finished.add(futures[fut])
                 yield futures[fut], status
         except BaseException:
             for fut in futures:
