@@ -97,6 +97,10 @@ class Source:
         else:
             got = ({k: self.tensors[k] for k in keys} if self.tensors is not None
                    else read_tensors(self.path, keys))
+            if len(got) < len(keys):
+                raise FormatError(f"{self.path}: layer {ref.name!r}: tensor(s) "
+                                  f"{sorted(set(keys) - set(got))} are gone; the file "
+                                  "changed since it was indexed - run again")
             for k in keys:
                 dtype, shape, raw = _raw(got[k])
                 h.update(f"{k}|{dtype}|{shape}|".encode())

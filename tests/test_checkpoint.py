@@ -295,3 +295,16 @@ def test_a_dying_dask_worker_names_its_layer(tmp_path, monkeypatch):
             regroup_checkpoint(src, tmp_path / "out.npz", **OPTS, engine="dask",
                                scheduler=cluster.scheduler_address)
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_file_changed_after_indexing_is_named(tmp_path):
+    from regroup import FormatError
+    src = tmp_path / "model.npz"
+    tensors = _tensors()
+    np.savez(src, **tensors)
+    source = open_source(src)
+    ref = next(r for r in source.refs if r.name == "conv.weight")
+    np.savez(src, **{k: v for k, v in tensors.items() if k != "conv.weight_mask"})
+    with pytest.raises(FormatError, match=r"model\.npz: layer 'conv\.weight'.*"
+                       r"'conv\.weight_mask'.*changed since it was indexed"):
+        source.for_layer(ref).load(ref)

@@ -30,7 +30,7 @@ import numpy as np
 from .._validation import FormatError, RegroupError, missing_dependency
 from ..pattern import Pattern, from_array, from_sparse
 from .mtx import parse_mtx, read_mtx
-from .safetensors import read_safetensors, write_safetensors
+from .safetensors import read_safetensors, safetensors_index, write_safetensors
 from .smtx import parse_smtx, read_smtx, write_smtx
 
 __all__ = ["read_patterns", "read_tensors", "tensor_shapes", "patterns_from_tensors",
@@ -143,8 +143,8 @@ def _load_npz(path: str, names=None) -> dict[str, Any]:
     _npz_shapes(path, names)
     try:
         with np.load(path, allow_pickle=False) as z:
-            keys = z.files if names is None else [k for k in z.files if k in set(names)]
-            return {k: z[k] for k in keys}
+            wanted = set(z.files if names is None else names)
+            return {k: z[k] for k in z.files if k in wanted}
     except ValueError as exc:
         raise FormatError(f"{path}: {exc} (pickled objects are refused)") from None
     except Exception as exc:
@@ -199,7 +199,8 @@ def read_tensors(path: str | os.PathLike, names=None) -> dict[str, Any]:
     else:
         raise RegroupError(f"{path}: unknown file type {suffix!r}; supported: "
                            f"{', '.join(SUFFIXES)}")
-    return out if names is None else {k: v for k, v in out.items() if k in set(names)}
+    wanted = set(out if names is None else names)
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
@@ -211,7 +212,6 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     if suffix == ".npz":
         return _npz_shapes(path)
     if suffix == ".safetensors":
-        from .safetensors import safetensors_index
         return {k: v[1] for k, v in safetensors_index(path)[0].items()}
     if suffix in TORCH_SUFFIXES:
         import zipfile
