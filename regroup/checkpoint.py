@@ -86,8 +86,8 @@ class Source:
         """The layer's (weight, mask) arrays and the SHA-256 of its input tensors."""
         h = hashlib.sha256()
         keys = [k for k in (ref.weight, ref.mask) if k]
-        got: dict[str, Any] = {}
         if ref.shards:
+            got: dict[str, Any] = {}
             for shard in ref.shards:
                 index = self._index.get(shard)
                 if index is None:

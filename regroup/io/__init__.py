@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,6 @@ def _load_torch(path: str, lazy: bool = False) -> dict[str, Any]:
         import torch
     except ImportError:
         raise missing_dependency("torch", f"reading {path}") from None
-    import zipfile
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True,
                          mmap=lazy and zipfile.is_zipfile(path))
@@ -115,7 +115,6 @@ def _check_npy_header(f, available: int, where: str) -> tuple[int, ...]:
 def _npz_shapes(path: str, names=None) -> dict[str, tuple[int, ...]]:
     """Validate the .npy headers of an .npz archive (all members, or those of ``names``)
     and return ``{name: shape}`` without reading any array."""
-    import zipfile
     wanted = None if names is None else {f"{n}.npy" for n in names}
     shapes = {}
     try:
@@ -214,7 +213,6 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     if suffix == ".safetensors":
         return {k: v[1] for k, v in safetensors_index(path)[0].items()}
     if suffix in TORCH_SUFFIXES:
-        import zipfile
         if not zipfile.is_zipfile(path):
             return None
         return {k: tuple(v.shape) for k, v in _load_torch(path, lazy=True).items()}
