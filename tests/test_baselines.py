@@ -1,10 +1,14 @@
-"""The published methods re-implemented as baselines: documented behaviour on small masks."""
+"""The published methods re-implemented as baselines: documented behaviour on small masks,
+and DSB against its own scikit-learn call on real DLMC masks."""
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from regroup import from_array, regroup_pattern
-from regroup.partitioners.dsb import dsb
+from regroup.io import read_smtx
+from regroup.partitioners.dsb import DSBDegenerateWarning, cosine_distance, dsb, dsb_clusters
 from regroup.structure_lth import UBFACTOR_EPSILON, _part_block, structure_lth
 
 
@@ -18,6 +22,7 @@ def test_dsb_concatenates_clusters_largest_first():
     assert perm.tolist() == groups["A"] + groups["B"] + groups["C"]
 
 
+@pytest.mark.filterwarnings("ignore::regroup.partitioners.dsb.DSBDegenerateWarning")
 def test_dsb_is_a_registered_shuffled_baseline():
     rng = np.random.default_rng(0)
     pat = from_array(rng.random((64, 48)) < 0.1)
@@ -66,3 +71,119 @@ def test_lth_finds_planted_parts():
     assert 0.5 < out.retained < 1.0
     assert out.kernel_blocks == sum(-(-r.size // 32) for r, _ in out.blocks)
     assert out.mask.sum() == out.area == sum(r.size * c.size for r, c in out.blocks)
+
+
+# --- DSB against its own call: sklearn AgglomerativeClustering on the precomputed distance ---
+
+# Small real masks: ties at distance 1.0 at the cut (the 0.95/0.98 ones) and none (0.8/0.9).
+DLMC_SAMPLE = [
+    "rn50/magnitude_pruning/0.8/bottleneck_2_block_group1_1_1.smtx",
+    "rn50/magnitude_pruning/0.9/bottleneck_2_block_group3_5_1.smtx",
+    "rn50/magnitude_pruning/0.98/bottleneck_2_block_group3_5_1.smtx",
+    "rn50/variational_dropout/0.95/bottleneck_2_block_group3_5_1.smtx",
+    "transformer/magnitude_pruning/0.95/"
+    "body_encoder_layer_0_self_attention_multihead_attention_q_fully_connected.smtx",
+]
+
+
+def _dsb_reference_order(labels):
+    """DSB's extract_dense: a dict of clusters keyed in row order, stable-sorted by size."""
+    clusters = {}
+    for i, z in enumerate(labels.tolist()):
+        clusters.setdefault(z, []).append(i)
+    return [x for _, v in sorted(clusters.items(), key=lambda t: len(t[1]), reverse=True)
+            for x in v]
+
+
+def _partition(labels):
+    return {frozenset(np.flatnonzero(labels == z).tolist()) for z in np.unique(labels)}
+
+
+@pytest.mark.parametrize("rel", DLMC_SAMPLE)
+def test_dsb_equals_sklearn_agglomerative_on_dlmc(dlmc_dir, rel):
+    cluster = pytest.importorskip("sklearn.cluster")
+    X = read_smtx(dlmc_dir / rel)
+    n = X.shape[0]
+    D = cosine_distance(X)
+    for size in (16, 32):
+        # DSB's call: n_clusters=max(out_channels // block_size, 1), complete, precomputed.
+        k = max(n // size, 1)
+        ref = cluster.AgglomerativeClustering(n_clusters=k, linkage="complete",
+                                              metric="precomputed").fit(D).labels_
+        labels, diameter = dsb_clusters(X, size)
+        assert len(np.unique(labels)) == k == len(diameter)
+        assert _partition(labels) == _partition(ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DSBDegenerateWarning)
+            perm = dsb(X, size)
+        assert perm.tolist() == _dsb_reference_order(ref)
+
+
+def test_dsb_distance_is_one_minus_cosine_of_binary_rows():
+    pairwise = pytest.importorskip("sklearn.metrics.pairwise")
+    rng = np.random.default_rng(3)
+    X = sp.random(40, 30, density=0.15, random_state=3, format="csr")
+    X.data[:] = rng.random(X.nnz) + 0.5          # values must not matter
+    X = sp.vstack([X, sp.csr_matrix((2, 30))]).tocsr()   # empty rows: distance 1 to all
+    D = cosine_distance(X)
+    ref = pairwise.cosine_distances((X != 0).astype(float))
+    np.fill_diagonal(ref, 0.0)
+    np.testing.assert_allclose(D, ref, atol=1e-12)
+    assert (D[-1, :-1] == 1.0).all() and (D == D.T).all()
+
+
+def test_dsb_asks_for_floor_n_over_b_clusters_like_dsb():
+    X = sp.random(70, 40, density=0.3, random_state=0, format="csr")
+    assert len(np.unique(dsb_clusters(X, 16)[0])) == 70 // 16
+    assert len(np.unique(dsb_clusters(X, 100)[0])) == 1
+
+
+def test_dsb_equal_sized_clusters_keep_the_order_of_their_first_row():
+    # Clusters {1, 3} and {0, 2} have the same size: the one holding row 0 comes first.
+    X = np.zeros((4, 4))
+    X[[1, 3], 0:2] = 1
+    X[[0, 2], 2:4] = 1
+    assert dsb(sp.csr_matrix(X), 2).tolist() == [0, 2, 1, 3]
+
+
+def test_dsb_warns_when_rows_sharing_no_column_are_clustered():
+    # 8 rows on 8 different columns: every distance is 1.0, the 4 clusters are tie order.
+    X = sp.identity(8, format="csr")
+    with pytest.warns(DSBDegenerateWarning, match=r"8x8 matrix.*distance 1\.0.*8 clusters "
+                                                  r"left for the 4 asked.*tied merges"
+                      ) as rec:
+        perm = dsb(X, 2)
+    assert sorted(perm.tolist()) == list(range(8))
+    w = rec[0].message
+    assert isinstance(w, RuntimeWarning)
+    assert (w.shape, w.n_clusters, w.similar_clusters) == ((8, 8), 4, 8)
+    labels, diameter = dsb_clusters(X, 2)
+    assert w.unrelated_rows == np.bincount(labels)[diameter == 1.0].sum() > 0
+
+
+def test_dsb_warns_when_it_returns_the_identity_order():
+    # 6 rows in panels of 4: DSB asks for max(6 // 4, 1) = 1 cluster, nothing moves.
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.random((6, 10)) < 0.5)
+    with pytest.warns(DSBDegenerateWarning, match=r"6x10 matrix.*identity.*one cluster") \
+            as rec:
+        perm = dsb(X, 4)
+    assert perm.tolist() == list(range(6))
+    assert rec[0].message.identity and rec[0].message.n_clusters == 1
+
+
+def test_dsb_does_not_warn_on_a_clustered_matrix():
+    # Planted groups on their own columns, each with one column all its rows use: groups
+    # share nothing (distance 1.0), but the cut falls between them (diameters < 1).
+    rng = np.random.default_rng(0)
+    X = np.zeros((48, 36))
+    for g in range(3):
+        X[g * 16:(g + 1) * 16, g * 12:(g + 1) * 12] = rng.random((16, 12)) < 0.7
+        X[g * 16:(g + 1) * 16, g * 12] = 1
+    hidden = rng.permutation(48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        perm = dsb(sp.csr_matrix(X[hidden]), 16)
+        dsb(sp.csr_matrix(X[:10]), 16)                  # a single panel: nothing to warn
+    truth = {frozenset(np.flatnonzero(hidden // 16 == g).tolist()) for g in range(3)}
+    assert {frozenset(perm[i:i + 16].tolist()) for i in range(0, 48, 16)} == truth
