@@ -1,12 +1,13 @@
 # Quick start:   make demo   (sets up .venv, regroups the bundled example, prints the report)
-#                make test   (sets up .venv with test extras, runs the whole suite)
+#                make test   (sets up .venv with test extras, runs the default suite)
+#                make test-slow (the slow sweeps: all DLMC files, benchmark smoke runs)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; override for CUDA, e.g. `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test test-slow bench bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,7 +33,12 @@ demo: $(VENV)/.core
 	'retained_identity', 'kept_blocks', 'fill', 'km1')})) for l in r['layers']]"
 
 test: $(VENV)/.test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The full DLMC sweeps and the benchmark smoke runs (not in CI's default suite).
+test-slow: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/dlmc_bench.py

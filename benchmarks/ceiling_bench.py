@@ -5,14 +5,15 @@
 For one matrix per (model, pruning method) of ``../shared/data/dlmc`` - the one with the
 most rows (>= 256, so that there are >= 8 panels) at the sparsity nearest 0.9 - simulated
 annealing over the row panels runs for ``--seconds`` twice: started from auto's layout and
-from the identity order. Its moves swap two rows between panels (panel sizes stay exact);
-a move is scored exactly as the shuffled format scores it (each panel's columns ranked by
-count, cut into b-wide tiles, the top ``nnz // b^2`` tiles of all panels kept), accepted
-by the Metropolis rule, with the temperature falling geometrically from 3 to 0.05 nonzeros.
-The best state (and, for a last partial panel the annealer does not score, its start) is
-re-scored by regroup's own ``build_layout`` at the iso budget, so every column is the same
-objective. This is an estimate of the reachable ceiling, not a bound: a search that spends
-about 15-300x auto's time at 30 s per start.
+from the identity order, with regroup's annealer (:mod:`regroup.anneal`, the ``--anneal``
+polish): its moves swap two rows between panels (panel sizes stay exact), are scored as
+the shuffled format scores a layout (each panel's columns ranked by count, cut into b-wide
+tiles, the best tiles of all panels kept), accepted by the Metropolis rule with the
+temperature falling geometrically from 3 to 0.05 nonzeros, and the best state is re-scored
+at the iso budget by ``build_layout``, so every column is the same objective. ``--seconds``
+is converted to a number of moves by the annealer's cost model (deterministic for a seed).
+This is an estimate of the reachable ceiling, not a bound: a search that spends about
+15-300x auto's time at 30 s per start.
 
 The question it answers: is auto's shuffled retained (1.19x DSB's on all DLMC matrices, the
 target was 1.3x) limited by the search, or by how much block structure the masks hold?
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tables import write_outputs  # noqa: E402
 
 from regroup import Budget, from_sparse, regroup_pattern  # noqa: E402
+from regroup.anneal import anneal  # noqa: E402
 from regroup.blocks import build_layout  # noqa: E402
 from regroup.io.smtx import read_smtx  # noqa: E402
 
@@ -52,57 +54,6 @@ def pick_files(root: str, every_sparsity: bool = False) -> list[str]:
             continue
         groups.setdefault(key, []).append((abs(1 - nnz / (n * m) - 0.9), -n, rel))
     return [min(v)[2] for _, v in sorted(groups.items())]
-
-
-def _tiles(counts: np.ndarray) -> np.ndarray:
-    s = np.sort(counts)[::-1]
-    s = s[: s.size - s.size % B]
-    return s.reshape(-1, B).sum(axis=1)
-
-
-def _top(tiles: np.ndarray, k: int) -> int:
-    flat = tiles.ravel()
-    return int(np.partition(flat, flat.size - k)[flat.size - k:].sum())
-
-
-def anneal(D: np.ndarray, perm: np.ndarray, k: int, seconds: float, seed: int) -> np.ndarray:
-    """Simulated annealing on the panels of ``perm`` (``D`` dense 0/1); returns the best
-    order found (the rows past the last full panel stay where they are)."""
-    rng = np.random.default_rng(seed)
-    n = D.shape[0]
-    n_panels = n // B
-    panel = np.full(n, -1)
-    panel[perm[: n_panels * B]] = np.repeat(np.arange(n_panels), B)
-    counts = np.stack([D[panel == p].sum(axis=0) for p in range(n_panels)])
-    tiles = np.stack([_tiles(c) for c in counts])
-    cur = best = _top(tiles, k)
-    best_panel = panel.copy()
-    movable = np.flatnonzero(panel >= 0)
-    t0 = time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        temp = 3.0 * (0.05 / 3.0) ** (elapsed / seconds)
-        pairs = rng.choice(movable, size=(256, 2))
-        accept_u = rng.random(256)
-        for (r1, r2), u in zip(pairs, accept_u):
-            a, b = panel[r1], panel[r2]
-            if a == b:
-                continue
-            d = D[r2] - D[r1]
-            ca, cb = counts[a] + d, counts[b] - d
-            old_a, old_b = tiles[a].copy(), tiles[b].copy()
-            tiles[a], tiles[b] = _tiles(ca), _tiles(cb)
-            new = _top(tiles, k)
-            if new >= cur or u < np.exp((new - cur) / temp):
-                counts[a], counts[b] = ca, cb
-                panel[r1], panel[r2] = b, a
-                cur = new
-                if cur > best:
-                    best, best_panel = cur, panel.copy()
-            else:
-                tiles[a], tiles[b] = old_a, old_b
-    rest = perm[n_panels * B:]
-    body = np.argsort(np.where(best_panel >= 0, best_panel, n_panels), kind="stable")
-    return np.concatenate([body[: n_panels * B], rest]).astype(np.intp)
 
 
 def main(argv=None) -> int:
@@ -145,15 +96,12 @@ def main(argv=None) -> int:
             rec[method] = r.metrics["retained"]
             rec[f"{method}_s"] = time.perf_counter() - t0
             perms.setdefault(method, r.row_perm)
-        D = M.toarray().astype(np.int32)
-        k = M.nnz // (B * B)
         for start in starts:
-            # The annealer's score leaves out a last partial panel, so its best state is
-            # re-scored together with its start and the better one counts.
-            rec[f"anneal_from_{start}"] = max(
-                build_layout(M, order, None, (B, B), "shuffled", budget, M.nnz).kept_mass
-                for order in (perms[start], anneal(D, perms[start], k, args.seconds,
-                                                   args.seed))) / M.nnz
+            # regroup's annealer (the --anneal polish), started from this order; it
+            # returns its start when it finds nothing better.
+            lay = build_layout(M, perms[start], None, (B, B), "shuffled", budget, M.nnz)
+            rec[f"anneal_from_{start}"] = anneal(M, lay, budget, M.nnz, seconds=args.seconds,
+                                                 seed=args.seed).kept_mass / M.nnz
         rec["best"] = max([rec["auto"]] + [rec[f"anneal_from_{s}"] for s in starts])
         rows.append(rec)
         print(f"{path:75s} dsb {rec['dsb']:.4f} auto {rec['auto']:.4f} ({rec['auto_s']:.1f} s)"

@@ -39,11 +39,11 @@ from _tables import write_outputs  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {
-    "IMP": dict(method=None),
+    "IMP": dict(regroup=False),
     "IMP-Regroup grid": dict(method="auto", format="grid"),
     "IMP-Regroup shuffled": dict(method="auto", format="shuffled"),
     "naive blocks": dict(method="identity", format="grid"),
-    "IMP-Refill": dict(method=None, refill=True),
+    "IMP-Refill": dict(regroup=False, refill=True),
 }
 BLOCK = 16
 
@@ -113,7 +113,8 @@ def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int
     rewind = copy.deepcopy(model.state_dict())
     hist = imp_regroup(model, train, rounds=rounds, sparsity=sparsity, block=BLOCK,
                        rewind=rewind,
-                       seed=seed, evaluate=accuracy, layers=["fc1", "fc2"], mode="fold",
+                       seed=seed, evaluate=accuracy, layers=["fc1.weight", "fc2.weight"],
+                       mode="fold",
                        example_inputs=(Xte[:2],),
                        callbacks=[channel_refill] if refill else (), **opts)
     return model, hist

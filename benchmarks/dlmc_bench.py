@@ -30,7 +30,7 @@ import numpy as np
 
 import regroup
 from regroup import Budget, RegroupError, read_patterns, regroup_pattern
-from regroup.engine import tool_versions
+from regroup.provenance import tool_versions
 from regroup.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,9 +197,7 @@ def summarize(out: Path, args) -> str:
 
 
 def plot(out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: no global backend switch
     rows = [r for r in _read(out / "dlmc_runs.csv")
             if int(r["block"]) == 32 and r["budget"] == "iso"]
     for fmt in ("grid", "shuffled"):
@@ -208,7 +206,8 @@ def plot(out: Path) -> None:
             continue
         methods = list(dict.fromkeys(r["method"] for r in rs))
         prunings = sorted({f"{r['model']}/{r['pruning']}" for r in rs})
-        fig, ax = plt.subplots(figsize=(13, 5))
+        fig = Figure(figsize=(13, 5))
+        ax = fig.subplots()
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             vals = [np.mean([r["retained"] for r in rs if r["method"] == method
@@ -222,8 +221,8 @@ def plot(out: Path) -> None:
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
         fig.savefig(out / f"retained_by_pruning_{fmt}.png", dpi=110)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig = Figure(figsize=(7, 5))
+        ax = fig.subplots()
         for method in methods:
             mr = [r for r in rs if r["method"] == method]
             ax.scatter(sum(r["seconds"] for r in mr), np.mean([r["retained"] for r in mr]))
@@ -235,7 +234,6 @@ def plot(out: Path) -> None:
         ax.set_title(f"DLMC, {fmt}: retained vs time")
         fig.tight_layout()
         fig.savefig(out / f"retained_vs_time_{fmt}.png", dpi=110)
-        plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tables import write_outputs  # noqa: E402
 
-from regroup.engine import _sha256  # noqa: E402  (the project's streaming file hash)
+from regroup.provenance import file_sha256  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECTIONS = (("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 4096),
@@ -47,10 +47,10 @@ PROJECTIONS = (("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 4096
 
 RUN = r'''
 import json, resource, sys, time
-from regroup.checkpoint import regroup_checkpoint
+from regroup.pipeline import regroup_checkpoint
 ckpt, out, jobs, engine, method = sys.argv[1:3] + [int(sys.argv[3])] + sys.argv[4:6]
 t = time.perf_counter()
-rep = regroup_checkpoint(ckpt, out, block=32, method=method, jobs=jobs, engine=engine)
+rep = regroup_checkpoint(ckpt, out, block=32, method=method, jobs=jobs, engine=engine).report()
 wall = time.perf_counter() - t
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 rec.update({"sparsity": sp, "config": label, "layers": args.layers,
                             "scale": scale, "method": args.method})
                 rows.append(rec)
-                outputs.append(_sha256(out))
+                outputs.append(file_sha256(out))
                 os.remove(out)
                 rec["speedup"] = rows[-len(outputs)]["wall_s"] / rec["wall_s"]
                 print(f"  {label:16s} {rec['wall_s']:7.1f} s wall, {rec['layer_s']:5.1f} s "

@@ -6,8 +6,10 @@ dropped. ``import regroup`` never imports torch.
 
 Index
 -----
+RegroupOptions    -- every option of a run, validated once (block, method, budget, ...)
 regroup_pattern   -- regroup one layer (a Pattern) into a scored block layout
-regroup_file      -- regroup every layer of a mask or checkpoint file
+regroup_file      -- regroup every layer of a mask or checkpoint, results in memory
+regroup_checkpoint -- the same, streamed to a result file (resumable, --jobs, dask)
 from_array        -- Pattern from a dense weight and/or mask (2-D or 4-D)
 from_sparse       -- Pattern from a scipy sparse matrix
 read_patterns     -- the usable layers of a file, and the skipped ones with reasons
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 from ._validation import FormatError, PartitionerError, RegroupError
 from .blocks import Budget, check_layout
-from .engine import Run, regroup_file, regroup_pattern
+from .engine import regroup_pattern
 from .hypergraph import column_net, cut, km1, write_hgr
 from .io import read_patterns
+from .options import RegroupOptions
 from .partitioners import available_partitioners, list_partitioners
 from .pattern import Pattern, from_array, from_sparse
+from .pipeline import Run, regroup_checkpoint, regroup_file
 from .result import LayerResult, load_result, save_result
 
 __version__ = "0.1.0"
@@ -38,6 +42,7 @@ __all__ = [
     "PartitionerError",
     "Pattern",
     "RegroupError",
+    "RegroupOptions",
     "Run",
     "available_partitioners",
     "check_layout",
@@ -49,6 +54,7 @@ __all__ = [
     "list_partitioners",
     "load_result",
     "read_patterns",
+    "regroup_checkpoint",
     "regroup_file",
     "regroup_pattern",
     "save_result",

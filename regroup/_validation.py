@@ -23,8 +23,10 @@ __all__ = [
 ]
 
 
-class RegroupError(Exception):
-    """Base class of regroup's own errors (everything the CLI reports as one line)."""
+class RegroupError(ValueError):
+    """Base class of regroup's own errors about data, files and tools (everything the CLI
+    reports as one line with exit code 1). A ValueError, so that code catching bad
+    values catches bad data too; option errors are plain ValueError / TypeError."""
 
 
 class FormatError(RegroupError, ValueError):

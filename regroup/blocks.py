@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from ._validation import RegroupError, check_choice
 
 __all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
-           "check_layout", "group_indicator", "layout_mask", "select"]
+           "check_layout", "group_indicator", "layout_mask", "select", "select_blocks"]
 
 FORMATS = ("grid", "shuffled")
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
@@ -136,7 +136,7 @@ def _budget_limits(budget: Budget, nnz: int, n: int, m: int):
     return None, None
 
 
-def _select(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, n: int,
+def select_blocks(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, n: int,
             m: int) -> np.ndarray:
     """Greedy choice of candidate blocks by decreasing mass within the budget."""
     flat_mass, flat_area = mass.ravel(), area.ravel()
@@ -247,7 +247,7 @@ def assemble(c: Candidates, kept: np.ndarray) -> Layout:
 
 def select(c: Candidates, budget: Budget, nnz: int) -> np.ndarray:
     """The kept-block choice of :func:`build_layout` for these candidates."""
-    return _select(c.mass, c.area, budget, nnz, *c.shape)
+    return select_blocks(c.mass, c.area, budget, nnz, *c.shape)
 
 
 def build_layout(M: sp.spmatrix, row_perm, col_perm, block: tuple[int, int], fmt: str,

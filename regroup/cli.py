@@ -1,7 +1,9 @@
 """The ``regroup`` command line: run, inspect, compare, show.
 
-Every subcommand is a thin wrapper over a library call. Errors end as one line on stderr
-and exit code 1; usage errors exit with 2 (argparse).
+Every subcommand is a thin wrapper over a library call and builds exactly one
+:class:`regroup.RegroupOptions`. Exit codes: 0 success; 1 a documented failure (bad file,
+data or tool), one line on stderr; 2 usage (argparse, or an invalid option value);
+70 an internal error (a bug in regroup), one line unless ``--traceback``; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_identity",
                "kept_blocks", "fill", "seconds")
 
@@ -31,6 +33,9 @@ def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> N
                    help="only layers whose name matches GLOB (repeatable)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="seconds per partitioner call; runs partitioners in a subprocess")
+    p.add_argument("--anneal", type=float, default=None, metavar="S",
+                   help="seconds of simulated annealing after refinement (deterministic "
+                   "for a seed: moves are counted, not timed)")
     p.add_argument("--refine", default="auto", choices=("auto", "on", "off"),
                    help="retained-mass local search after partitioning (auto: only for "
                    "--method auto)")
@@ -39,6 +44,8 @@ def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> N
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="regroup", description=__doc__.splitlines()[0])
     ap.add_argument("-V", "--version", action="version", version=f"regroup {__version__}")
+    ap.add_argument("--traceback", action="store_true",
+                    help="on an internal error, print the whole traceback")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="regroup a mask or checkpoint file",
@@ -113,14 +120,25 @@ class _Progress:
             self.bar = None
 
 
-def _refine(args) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.refine]
+def _options(args, **extra):
+    """The one RegroupOptions of a command, from its arguments."""
+    from .options import resolve_options
+
+    fields = dict(block=args.block, format=args.format, budget=args.budget, seed=args.seed,
+                  layers=args.layers, time_limit=args.time_limit, anneal=args.anneal,
+                  refine={"auto": None, "on": True, "off": False}[args.refine])
+    if getattr(args, "method", None) is not None:
+        fields["method"] = args.method
+    for name in ("objective", "edge", "budget_scope", "layer_min"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    fields.update(extra)
+    return resolve_options(None, f"regroup {args.command}", **fields)
 
 
 def cmd_run(args) -> int:
-    from .checkpoint import regroup_checkpoint
-    from .engine import regroup_file
     from .partitioners import available_partitioners, get_partitioner, list_partitioners
+    from .pipeline import regroup_checkpoint
     from .report import format_table, write_json
 
     if args.list_methods:
@@ -133,37 +151,27 @@ def cmd_run(args) -> int:
         return EXIT_OK
     if not args.input:
         raise _Usage("the following arguments are required: input")
+    options = _options(args)
     out = args.output or f"{Path(args.input).name.split('.')[0]}.regroup.npz"
     progress = _Progress(not args.quiet and sys.stderr.isatty(), "layer")
-    common = dict(layers=args.layers, block=args.block, format=args.format,
-                  method=args.method, budget=args.budget, seed=args.seed,
-                  objective=args.objective, edge=args.edge, time_limit=args.time_limit,
-                  refine=_refine(args), progress=progress)
     try:
-        if args.budget_scope == "global":
-            if args.jobs != 1 or args.engine != "local":
-                raise _Usage("--budget-scope global regroups all layers in one process; "
-                             "drop --jobs / --engine")
-            run = regroup_file(args.input, budget_scope="global", layer_min=args.layer_min,
-                               **common)
-            run.save(out)
-            report = run.report()
-        else:
-            # Streamed: one layer in memory per worker, finished layers kept in OUT.parts
-            # so that an interrupted run resumes; the same bytes as regroup_file.
-            report = regroup_checkpoint(args.input, out, jobs=args.jobs, engine=args.engine,
-                                        scheduler=args.scheduler, **common)
+        # Streamed: one layer in memory per worker, finished layers kept in OUT.parts so
+        # that an interrupted run resumes; the same bytes as regroup_file.
+        run = regroup_checkpoint(args.input, out, options=options, jobs=args.jobs,
+                                 engine=args.engine, scheduler=args.scheduler,
+                                 progress=progress)
     finally:
         progress.close()
+    report = run.report()
     if args.report:
         write_json(report, args.report)
     if not args.quiet:
         print(format_table(report["layers"], RUN_COLUMNS))
         t = report["total"]
+        scope = "model" if options.budget_scope == "global" else "layer"
         print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
-              f"identity {t['retained_identity']:.4f} ({args.format} {args.block}, budget "
-              f"{report['options']['budget']} per "
-              f"{args.budget_scope.replace('global', 'model')}, seed {args.seed}); "
+              f"identity {t['retained_identity']:.4f} ({options.format} {args.block}, budget "
+              f"{options.budget} per {scope}, seed {options.seed}); "
               f"{len(report['skipped'])} tensors skipped; {t['seconds']:.1f} s"
               + (f"; {t['resumed']} layers resumed" if t.get("resumed") else ""))
         print(f"result: {out}" + (f"   report: {args.report}" if args.report else ""))
@@ -220,11 +228,10 @@ def cmd_compare(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
                if m.strip()]
+    options = _options(args)
     progress = _Progress(sys.stderr.isatty(), "run")
     try:
-        rows = compare(args.inputs, methods, block=args.block, format=args.format,
-                       budget=args.budget, seed=args.seed, layers=args.layers,
-                       time_limit=args.time_limit, refine=_refine(args), progress=progress)
+        rows = compare(args.inputs, methods, options=options, progress=progress)
     finally:
         progress.close()
     summary = summarize(rows)
@@ -243,7 +250,8 @@ def cmd_show(args) -> int:
     from .io import read_patterns
     from .plot import plot_layer
 
-    pats, _ = read_patterns(args.input, layers=[args.layer] if args.layer else None)
+    options = _options(args, layers=[args.layer] if args.layer else None)
+    pats, _ = read_patterns(args.input, layers=options.layers)
     pat = pats[0]
     if args.result:
         from .result import load_result
@@ -254,9 +262,7 @@ def cmd_show(args) -> int:
                                f"{', '.join(list(res)[:8])})")
         result = res[pat.name]
     else:
-        result = regroup_pattern(pat, block=args.block, format=args.format, method=args.method,
-                                 budget=args.budget, seed=args.seed,
-                                 time_limit=args.time_limit, refine=_refine(args))
+        result = regroup_pattern(pat, options=options.per_layer())
     plot_layer(pat, result, args.output)
     print(f"{args.output}: {pat.name}, retained {result.metrics['retained']:.4f} (identity "
           f"{result.metrics['retained_identity']:.4f})")
@@ -270,33 +276,40 @@ class _Usage(Exception):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``regroup`` console script; returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:          # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     from ._validation import RegroupError
 
     handler = {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare,
                "show": cmd_show}[args.command]
+    prefix = f"regroup {args.command}: "
     try:
         return handler(args)
     except _Usage as exc:
-        parser.error(str(exc))
+        parser.print_usage(sys.stderr)
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (RegroupError, ValueError, TypeError, ImportError, OSError) as exc:
         msg = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
             msg = f"{exc.filename}: {msg}"
-        print(f"regroup {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prefix}error: {msg}", file=sys.stderr)
         # Bad option values are usage errors; bad files, data and tools are failures.
         usage = isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, RegroupError)
         return EXIT_USAGE if usage else EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"regroup {args.command}: interrupted; no result file was written (finished "
-              "layers are kept in OUTPUT.parts: rerun the same command to resume)",
-              file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug, not bad input: still one line, still no partial file
-        print(f"regroup {args.command}: internal error: {type(exc).__name__}: {exc} (please "
-              "report this with the command line)", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        print(f"{prefix}interrupted; no result file was written (finished layers are kept "
+              "in OUTPUT.parts: rerun the same command to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not bad input: one line, no partial file
+        if args.traceback:
+            import traceback
+            traceback.print_exc()
+        print(f"{prefix}internal error: {type(exc).__name__}: {exc} (rerun with --traceback "
+              "and please report it with the command line)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .blocks import Budget
 from .engine import regroup_pattern
 from .io import read_patterns
-from .partitioners import format_method, parse_method
+from .options import RegroupOptions, resolve_options
 
 __all__ = ["compare", "summarize", "COLUMNS", "SUMMARY_COLUMNS"]
 
@@ -23,34 +22,37 @@ SUMMARY_COLUMNS = ("method", "layers", "mean_retained", "mean_ratio_identity",
                    "wins_vs_identity", "total_seconds")
 
 
-def compare(paths: Sequence[str], methods: Sequence[str], *, block: Any = 32,
-            format: str = "grid", budget: Budget | str = "iso", seed: int = 0,
-            layers: str | None = None, time_limit: float | None = None,
-            refine: bool | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+def compare(paths: Sequence[str], methods: Sequence[str], *,
+            options: RegroupOptions | None = None,
+            progress: Callable[[str, int, int], None] | None = None,
+            **kwargs: Any) -> list[dict]:
     """Run every method on every usable layer of every file; one dict per run.
 
-    ``progress(label, index, total)`` is called before each run (total counts the runs of
-    the current file)."""
-    specs = [format_method(*parse_method(m)) for m in methods]
+    ``options`` (and keyword arguments naming its fields) set everything but the method,
+    which each entry of ``methods`` replaces. ``progress(label, index, total)`` is called
+    before each run (total counts the runs of the current file)."""
+    opts = resolve_options(options, "compare", **kwargs)
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"The 'methods' parameter of compare must be a non-empty list of "
+                         f"method specs. Got {methods!r} instead.")
+    runs = [opts.replace("compare", method=m).per_layer() for m in methods]
     rows = []
     for path in paths:
-        patterns, _ = read_patterns(path, layers=layers)
-        total = len(patterns) * len(specs)
+        patterns, _ = read_patterns(path, layers=opts.layers, block=opts.block)
+        total = len(patterns) * len(runs)
         for i, pat in enumerate(patterns):
-            for j, spec in enumerate(specs):
+            for j, run in enumerate(runs):
                 if progress is not None:
-                    progress(f"{os.path.basename(path)}:{pat.name}:{spec}",
-                             i * len(specs) + j, total)
+                    progress(f"{os.path.basename(path)}:{pat.name}:{run.method}",
+                             i * len(runs) + j, total)
                 t0 = time.perf_counter()
-                r = regroup_pattern(pat, block=block, format=format, method=spec,
-                                    budget=budget, seed=seed, time_limit=time_limit,
-                                    refine=refine)
+                r = regroup_pattern(pat, options=run)
                 m = r.metrics
                 rows.append({
                     "file": str(path), "layer": pat.name, "rows": pat.n_rows,
-                    "cols": pat.n_cols, "nnz": pat.nnz, "method": spec, "format": format,
-                    "block": "x".join(map(str, r.block_shape)), "seed": seed,
+                    "cols": pat.n_cols, "nnz": pat.nnz, "method": run.method,
+                    "format": run.format, "block": "x".join(map(str, r.block_shape)),
+                    "seed": run.seed,
                     "retained": m["retained"], "retained_identity": m["retained_identity"],
                     "ratio_identity": (m["retained"] / m["retained_identity"]
                                        if m["retained_identity"] else None),

@@ -16,13 +16,16 @@ km1
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import group_indicator
+from .blocks import Layout, group_indicator, layout_mask
 from .hypergraph import column_net, km1
+from .pattern import Pattern
 
-__all__ = ["retained", "fill", "panel_km1"]
+__all__ = ["retained", "fill", "panel_km1", "layer_metrics"]
 
 
 def retained(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
@@ -47,3 +50,23 @@ def panel_km1(matrix: sp.csr_matrix, row_perm: np.ndarray, br: int) -> int:
     """km1 of the partition of rows into consecutive panels of ``row_perm``."""
     labels = group_indicator(row_perm, br).indices   # one entry per row: its panel
     return km1(column_net(matrix), labels)
+
+
+def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:
+    """The metrics above for the layout ``lay`` of ``pattern`` (and the ``identity``
+    layout of the same format and budget)."""
+    B = pattern.binary()
+    mask2d = layout_mask(lay)
+    br = lay.block_shape[0]
+    return {
+        "nnz": pattern.nnz,
+        "density": pattern.density,
+        "retained": retained(B, mask2d),
+        "retained_magnitude": retained(pattern.matrix, mask2d) if pattern.has_weights else None,
+        "retained_identity": retained(B, layout_mask(identity)),
+        "kept_blocks": lay.kept_blocks,
+        "kept_area": lay.kept_area,
+        "fill": fill(B, mask2d),
+        "km1": panel_km1(B, lay.row_perm, br),
+        "km1_identity": panel_km1(B, identity.row_perm, br),
+    }

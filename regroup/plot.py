@@ -42,16 +42,17 @@ def plot_layer(pattern: Pattern, result: LayerResult, path: str | os.PathLike, *
     without black is refilled.
     """
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure (no pyplot): no global backend switch, no figure registry; its
+        # savefig renders through Agg.
+        from matplotlib.figure import Figure
     except ImportError:
         raise missing_dependency("matplotlib", "regroup show") from None
     before = pattern.matrix.toarray() != 0
     after, kept = _regrouped_view(pattern, result)
     n, m = before.shape
     aspect = n / m
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.0, min(12.0, 6 * aspect)) + 0.8))
+    fig = Figure(figsize=(12, max(3.0, min(12.0, 6 * aspect)) + 0.8))
+    axes = fig.subplots(1, 2)
     m_ = result.metrics
     titles = [f"input: {pattern.name} {n}x{m}, nnz {pattern.nnz}",
               f"{result.format} {result.block_shape[0]}x{result.block_shape[1]}, "
@@ -69,4 +70,3 @@ def plot_layer(pattern: Pattern, result: LayerResult, path: str | os.PathLike, *
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
-    plt.close(fig)

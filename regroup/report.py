@@ -8,9 +8,33 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ._atomic import atomic_write
 
-__all__ = ["format_table", "markdown_table", "write_json", "write_csv"]
+__all__ = ["format_table", "markdown_table", "write_json", "write_csv", "report_row",
+           "report_total"]
+
+
+def report_row(layer: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """One layer of the JSON report, from its result-file record
+    (:func:`regroup.result.layer_record`) and its wall-clock seconds."""
+    shape = list(layer["shape"])
+    return {"name": layer["name"], "shape": shape,
+            "matrix_shape": [shape[0], int(np.prod(shape[1:]))],
+            "block": list(layer["block_shape"]), "format": layer["format"],
+            "method": layer["method"], "params": layer["params"], "seed": layer["seed"],
+            **layer["metrics"], "seconds": seconds}
+
+
+def report_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's summary: nnz-weighted retained (and identity's), summed seconds."""
+    nnz = sum(r["nnz"] for r in rows)
+    return {"layers": len(rows), "nnz": nnz,
+            "retained": sum(r["retained"] * r["nnz"] for r in rows) / nnz if nnz else None,
+            "retained_identity": (sum(r["retained_identity"] * r["nnz"] for r in rows) / nnz
+                                  if nnz else None),
+            "seconds": sum(r["seconds"] or 0.0 for r in rows)}
 
 
 def _cell(v: Any) -> str:

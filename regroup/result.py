@@ -20,9 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import zipfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +29,12 @@ import numpy as np
 
 from ._atomic import atomic_write
 from ._validation import FormatError
+from ._zip import ZipWriter, raw_entry
 
-__all__ = ["LayerResult", "save_result", "load_result", "FORMAT_VERSION"]
+__all__ = ["LayerResult", "save_result", "load_result", "layer_record", "assemble_result",
+           "read_meta", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,48 +98,9 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
-    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.external_attr = 0o644 << 16
-    zf.writestr(info, data, compresslevel=6)
-
-
-def _copy_entry(zf: zipfile.ZipFile, name: str, src: zipfile.ZipFile, src_name: str) -> None:
-    """Append ``src``'s entry to ``zf`` as ``name`` without recompressing it.
-
-    The written bytes equal ``_add(zf, name, src.read(src_name))`` when the entry was
-    written by :func:`_add` (same deflate stream, same header fields); compressing a large
-    mask costs 10x its decompression, and this keeps it out of the serial assembly of a
-    checkpoint's result. Uses zipfile's writer state as ``ZipFile.writestr`` leaves it.
-    """
-    try:
-        info = src.getinfo(src_name)
-        src.read(src_name)              # verifies the stored CRC before the bytes are reused
-        src.fp.seek(info.header_offset)
-        local = src.fp.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise FormatError("no local header")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        src.fp.seek(info.header_offset + 30 + name_len + extra_len)
-        raw = src.fp.read(info.compress_size)
-    except (OSError, KeyError, zipfile.BadZipFile, zlib.error, FormatError) as exc:
-        raise FormatError(f"{src.filename}: entry {src_name!r} is unreadable ({exc})") from None
-    new = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    new.compress_type = info.compress_type
-    new.external_attr = info.external_attr
-    new.file_size, new.compress_size, new.CRC = info.file_size, info.compress_size, info.CRC
-    zip64 = new.file_size * 1.05 > zipfile.ZIP64_LIMIT   # writestr's rule
-    zf.fp.seek(zf.start_dir)
-    new.header_offset = zf.fp.tell()
-    zf.fp.write(new.FileHeader(zip64))
-    zf.fp.write(raw)
-    zf.start_dir = zf.fp.tell()
-    zf.filelist.append(new)
-    zf.NameToInfo[name] = new
-
-
-def _layer_meta(r: LayerResult, prefix: str) -> dict:
+def layer_record(r: LayerResult, prefix: str = "") -> dict:
+    """The JSON record of one layer in a result file's meta.json (``prefix``: its array
+    entries' directory)."""
     return {"name": r.name, "shape": list(r.shape), "block_shape": list(r.block_shape),
             "format": r.format, "method": r.method, "params": r.params, "seed": r.seed,
             "metrics": r.metrics, "entry": prefix}
@@ -153,22 +113,80 @@ def save_result(path: str | os.PathLike, layers: list[LayerResult],
     ``meta`` is stored as run information (options, tool versions, skipped layers).
     """
     doc = {**(meta or {}), "format_version": FORMAT_VERSION,
-           "layers": [_layer_meta(r, f"layers/{i}/") for i, r in enumerate(layers)]}
-    with atomic_write(path, "wb") as f:
-        with zipfile.ZipFile(f, "w") as zf:
-            _add(zf, "meta.json", json.dumps(doc, indent=1, sort_keys=True).encode())
-            for i, r in enumerate(layers):
-                pre = f"layers/{i}/"
-                _add(zf, pre + "mask.npy", _npy_bytes(np.asarray(r.mask, dtype=bool)))
-                _add(zf, pre + "row_perm.npy", _npy_bytes(r.row_perm.astype(np.int64)))
-                if r.col_perm is not None:
-                    _add(zf, pre + "col_perm.npy", _npy_bytes(r.col_perm.astype(np.int64)))
-                if r.panel_cols is not None:
-                    ptr = np.concatenate([[0], np.cumsum([c.size for c in r.panel_cols])])
-                    cols = (np.concatenate(r.panel_cols) if r.panel_cols else
-                            np.zeros(0, np.int64))
-                    _add(zf, pre + "panel_ptr.npy", _npy_bytes(ptr.astype(np.int64)))
-                    _add(zf, pre + "panel_cols.npy", _npy_bytes(cols.astype(np.int64)))
+           "layers": [layer_record(r, f"layers/{i}/") for i, r in enumerate(layers)]}
+    with atomic_write(path, "wb") as f, ZipWriter(f) as zw:
+        zw.write("meta.json", json.dumps(doc, indent=1, sort_keys=True).encode())
+        for i, r in enumerate(layers):
+            pre = f"layers/{i}/"
+            zw.write(pre + "mask.npy", _npy_bytes(np.asarray(r.mask, dtype=bool)))
+            zw.write(pre + "row_perm.npy", _npy_bytes(r.row_perm.astype(np.int64)))
+            if r.col_perm is not None:
+                zw.write(pre + "col_perm.npy", _npy_bytes(r.col_perm.astype(np.int64)))
+            if r.panel_cols is not None:
+                ptr = np.concatenate([[0], np.cumsum([c.size for c in r.panel_cols])])
+                cols = (np.concatenate(r.panel_cols) if r.panel_cols else
+                        np.zeros(0, np.int64))
+                zw.write(pre + "panel_ptr.npy", _npy_bytes(ptr.astype(np.int64)))
+                zw.write(pre + "panel_cols.npy", _npy_bytes(cols.astype(np.int64)))
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The meta.json of a result file, or None when it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            doc = json.loads(zf.read("meta.json"))
+        return doc if isinstance(doc, dict) else None
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None
+
+
+def _damaged_part(part, layer: str, why: Exception | str) -> FormatError:
+    return FormatError(f"{part}: the finished part of layer {layer!r} is damaged ({why}); "
+                       "delete it and run again to recompute that layer")
+
+
+def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
+                    names: list[str], meta: Mapping[str, Any]) -> list[dict]:
+    """Write the result file ``out`` from one-layer result files (``parts``, holding the
+    layers ``names``), one array at a time; the bytes equal :func:`save_result` of the
+    same layers. The parts' arrays are copied as they are compressed, each checked against
+    its CRC on the way; a damaged part raises :class:`FormatError` naming it and its layer.
+    Returns the layers' records."""
+    layer_docs = []
+    for i, p in enumerate(parts):
+        doc = read_meta(p)
+        if doc is None or not doc.get("layers"):
+            raise _damaged_part(p, names[i], "no readable layer record")
+        lm = dict(doc["layers"][0])
+        lm["entry"] = f"layers/{i}/"
+        layer_docs.append(lm)
+    doc = {**meta, "format_version": FORMAT_VERSION, "layers": layer_docs}
+    with atomic_write(out, "wb") as f, ZipWriter(f) as zw:
+        zw.write("meta.json", json.dumps(doc, indent=1, sort_keys=True).encode())
+        for i, p in enumerate(parts):
+            # Only reading the part is guarded: an error writing ``out`` (a full disk) is
+            # not the part's fault and propagates as it is.
+            try:
+                fp = open(p, "rb")
+            except OSError as exc:
+                raise _damaged_part(p, names[i], exc) from None
+            with fp:
+                try:
+                    infos = zipfile.ZipFile(fp).infolist()
+                except (OSError, zipfile.BadZipFile) as exc:
+                    raise _damaged_part(p, names[i], exc) from None
+                for info in infos:
+                    if not info.filename.startswith("layers/0/"):
+                        continue
+                    # The deflate stream is copied, not recompressed: the bytes equal
+                    # save_result's, which compressed the same array the same way.
+                    try:
+                        zw.write_raw(f"layers/{i}/" + info.filename[len("layers/0/"):],
+                                     info.CRC, info.file_size, info.compress_size,
+                                     raw_entry(fp, info))
+                    except FormatError as exc:
+                        raise _damaged_part(p, names[i], exc) from None
+    return layer_docs
 
 
 class ResultFile(dict):

@@ -96,7 +96,7 @@ def structure_lth(pattern: Pattern, *, parts: int = 8, epsilon: float = UBFACTOR
     time_limit : float, optional
         Seconds allowed for the partitioner (it always runs in a subprocess).
     """
-    from .partitioners._isolate import call_isolated
+    from .partitioners import call_isolated
 
     B = pattern.binary()
     n, m = B.shape

@@ -70,13 +70,13 @@ def test_other_budget_kinds(budget):
 
 
 def test_bad_layer_min():
-    with pytest.raises(ValueError, match="'layer_min' parameter of allocate_global"):
+    with pytest.raises(ValueError, match="'layer_min' parameter of allot"):
         allocate_global(_layers(), Budget(), layer_min=2)
 
 
 def test_regroup_file_and_cli_global_scope(tmp_path):
     run = regroup_file(EXAMPLE, block=16, budget_scope="global")
-    assert run.options["budget_scope"] == "global"
+    assert run.options.budget_scope == "global"
     assert sum(r.metrics["kept_area"] for r in run.layers) <= sum(
         r.metrics["nnz"] for r in run.layers)
     assert main(["run", str(EXAMPLE), "--block", "16", "--budget-scope", "global",

@@ -1,10 +1,14 @@
-"""Smoke test of the DLMC benchmark harness (the --quick subset), including resuming."""
+"""Smoke runs of the benchmark scripts (their --quick modes): slow, so they run under the
+``slow`` marker (``make test-slow``), not in the default suite."""
 import csv
 import importlib.util
+import json
 
 import pytest
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def _bench(name="dlmc_bench"):
@@ -44,7 +48,7 @@ def test_digits_example_quick_runs_every_variant(tmp_path):
     assert [r["variant"] for r in rows] == ["IMP", "IMP-Regroup grid", "IMP-Regroup shuffled",
                                             "naive blocks", "IMP-Refill"]
     for r in rows:
-        assert 0.1 < float(r["acc_mean"]) <= 1                 # better than chance
+        assert 0.8 < float(r["acc_mean"]) <= 1     # digits: chance is 0.1, dense MLPs ~0.97
         assert float(r["achieved_sparsity"]) >= 0.89
     # The example asserts internally that the folded and block-sparse models compute the
     # trained masked model; block variants report a timing.
@@ -87,3 +91,12 @@ def test_ceiling_bench_quick_anneals_from_both_starts(tmp_path, dlmc_dir):
         assert float(r["best"]) == max(auto, float(r["anneal_from_auto"]),
                                        float(r["anneal_from_identity"]))
     assert "auto / DSB" in (tmp_path / "ceiling_quick.md").read_text()
+
+
+def test_portfolio_bench_quick_finds_auto_best(tmp_path, dlmc_dir):
+    assert _bench("portfolio_bench").main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "portfolio_quick.json").read_text())
+    assert {r["format"] for r in rows} == {"grid", "shuffled"} and len(rows) == 8
+    for r in rows:
+        assert r["auto"] >= r["best_refined_member"] - 1e-12
+        assert r["auto"] >= r["previous_auto"] - 1e-12

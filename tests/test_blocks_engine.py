@@ -134,11 +134,21 @@ def test_auto_equals_its_chosen_method_before_refinement():
     np.testing.assert_array_equal(auto.mask, direct.mask)
     assert set(auto.metrics["candidates"]) >= {"identity", "metis"}
     assert auto.metrics["retained"] == max(auto.metrics["candidates"].values())
+    assert not direct.metrics["refined"]
+
+
+def test_auto_keeps_the_best_refined_candidate_and_equals_its_refined_run():
+    pat = from_array(random_mask(np.random.default_rng(2), 96, 64, 0.1))
     refined = regroup_pattern(pat, block=16, method="auto")
-    assert refined.metrics["refined"] and not direct.metrics["refined"]
-    assert refined.metrics["retained"] == pytest.approx(
-        auto.metrics["retained"] + refined.metrics["refine_gain"])
-    assert refined.metrics["refine_gain"] >= 0
+    m = refined.metrics
+    assert m["refined"] and set(m["candidates_refined"]) == set(m["candidates"])
+    again = regroup_pattern(pat, block=16, method=m["chosen"], refine=True)
+    np.testing.assert_array_equal(refined.mask, again.mask)
+    for cand in m["candidates"]:
+        direct = regroup_pattern(pat, block=16, method=cand, refine=True)
+        assert m["candidates_refined"][cand] == pytest.approx(direct.metrics["retained"])
+        assert m["retained"] >= direct.metrics["retained"]
+    assert m["retained"] == pytest.approx(m["candidates"][m["chosen"]] + m["refine_gain"])
 
 
 def test_layout_mask_round_trips_through_check_layout():

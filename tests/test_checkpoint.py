@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from regroup import RegroupError, regroup_file
-from regroup.checkpoint import Source, open_source, regroup_checkpoint
+from regroup import RegroupError, regroup_checkpoint, regroup_file
+from regroup.source import Source, open_source
 from regroup.io import write_safetensors
 
 OPTS = dict(block=16, method="metis", seed=3)
@@ -47,7 +47,7 @@ def test_single_file_equals_regroup_file_byte_for_byte(tmp_path):
     src = tmp_path / "model.safetensors"
     write_safetensors(_tensors(), src)
     regroup_file(src, **OPTS).save(tmp_path / "serial.npz")
-    report = regroup_checkpoint(src, tmp_path / "stream.npz", **OPTS)
+    report = regroup_checkpoint(src, tmp_path / "stream.npz", **OPTS).report()
     assert (tmp_path / "serial.npz").read_bytes() == (tmp_path / "stream.npz").read_bytes()
     assert report["total"]["layers"] == 4 and report["total"]["resumed"] == 0
     assert {n["name"] for n in report["skipped"]} == {
@@ -153,7 +153,7 @@ def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
     assert not out.exists()                         # no partial result file
     # conv.weight and layers.0 regrouped, dense.weight's skip recorded.
     assert len(list((tmp_path / "out.npz.parts").glob("*.npz"))) == 3
-    report = regroup_checkpoint(src, out, **OPTS)
+    report = regroup_checkpoint(src, out, **OPTS).report()
     assert report["total"]["resumed"] == 2 and report["total"]["layers"] == 4
     fresh = tmp_path / "fresh.npz"
     regroup_checkpoint(src, fresh, **OPTS)
@@ -164,11 +164,11 @@ def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
         regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
     tensors["layers.0.fc.weight"] = tensors["layers.0.fc.weight"][::-1].copy()
     write_safetensors(tensors, src)
-    assert regroup_checkpoint(src, out, **OPTS)["total"]["resumed"] == 1
+    assert regroup_checkpoint(src, out, **OPTS).stats["resumed"] == 1
     # Other options: nothing is reused.
     with pytest.raises(KeyboardInterrupt):
         regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
-    assert regroup_checkpoint(src, out, **{**OPTS, "seed": 4})["total"]["resumed"] == 0
+    assert regroup_checkpoint(src, out, **{**OPTS, "seed": 4}).stats["resumed"] == 0
 
 
 def test_dask_engine_on_an_in_process_cluster_equals_serial(tmp_path):
@@ -179,7 +179,7 @@ def test_dask_engine_on_an_in_process_cluster_equals_serial(tmp_path):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster:
         report = regroup_checkpoint(d, tmp_path / "dask.npz", **OPTS, engine="dask",
-                                    scheduler=cluster.scheduler_address)
+                                    scheduler=cluster.scheduler_address).report()
     assert report["total"]["engine"] == "dask"
     assert (tmp_path / "serial.npz").read_bytes() == (tmp_path / "dask.npz").read_bytes()
 
@@ -211,17 +211,69 @@ def test_cli_runs_a_sharded_directory_with_jobs(tmp_path, capsys):
     assert main(["run", str(d), "-o", str(tmp_path / "cli.npz"), "--jobs", "2", *args]) == 0
     regroup_checkpoint(d, tmp_path / "api.npz", **OPTS)
     assert (tmp_path / "cli.npz").read_bytes() == (tmp_path / "api.npz").read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        main(["run", str(d), "-o", str(tmp_path / "g.npz"), "--jobs", "2",
-              "--budget-scope", "global", *args])
-    assert exc.value.code == 2 and "drop --jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_a_global_budget_streams_in_parallel_with_identical_bytes(tmp_path, fmt):
+    """The model-wide budget goes through the same pipeline: memory, parts, --jobs 2
+    and dask give the same bytes, and a rerun resumes both passes."""
+    from regroup import load_result
+    from regroup.cli import main
+    d = _sharded(tmp_path, _tensors())
+    opts = {**OPTS, "method": "auto", "format": fmt, "budget_scope": "global",
+            "layer_min": 0.25}
+    regroup_file(d, **opts).save(tmp_path / "memory.npz")
+    regroup_checkpoint(d, tmp_path / "serial.npz", **opts)
+    cli = ["--block", "16", "--method", "auto", "--seed", "3", "--format", fmt, "-q",
+           "--budget-scope", "global", "--layer-min", "0.25"]
+    assert main(["run", str(d), "-o", str(tmp_path / "jobs.npz"), "--jobs", "2", *cli]) == 0
+    memory = (tmp_path / "memory.npz").read_bytes()
+    assert (tmp_path / "serial.npz").read_bytes() == memory
+    assert (tmp_path / "jobs.npz").read_bytes() == memory
+    res = load_result(tmp_path / "serial.npz")
+    assert res.meta["options"]["budget_scope"] == "global"
+    area = sum(r.metrics["kept_area"] for r in res.values())
+    assert area <= sum(r.metrics["nnz"] for r in res.values())
+    assert {r.metrics["budget_scope"] for r in res.values()} == {"global"}
+    # The layers compete: the allotted areas differ from the per-layer iso areas.
+    per_layer = regroup_file(d, **{**opts, "budget_scope": "layer"})
+    assert [r.metrics["kept_area"] for r in res.values()] != [
+        r.metrics["kept_area"] for r in per_layer.layers]
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        regroup_checkpoint(d, tmp_path / "dask.npz", **opts, engine="dask",
+                           scheduler=cluster.scheduler_address)
+    assert (tmp_path / "dask.npz").read_bytes() == memory
+
+
+def test_a_global_run_resumes_both_passes(tmp_path):
+    src = tmp_path / "m.safetensors"
+    write_safetensors(_tensors(), src)
+    opts = {**OPTS, "budget_scope": "global"}
+    out = tmp_path / "g.npz"
+    calls = []
+
+    def stop_in_the_second_pass(name, done, total):
+        calls.append(name)
+        if name.endswith("(global budget)") and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        regroup_checkpoint(src, out, **opts, progress=stop_in_the_second_pass)
+    assert not out.exists() and len(list((tmp_path / "g.npz.parts").glob("*.npz"))) >= 6
+    run = regroup_checkpoint(src, out, **opts)
+    assert run.stats["resumed"] == 4
+    fresh = tmp_path / "fresh.npz"
+    regroup_checkpoint(src, fresh, **opts)
+    assert out.read_bytes() == fresh.read_bytes()
 
 
 def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     import zipfile
 
     from regroup import from_array, regroup_pattern, save_result
-    from regroup.checkpoint import _assemble
+    from regroup.result import assemble_result
 
     w = np.random.default_rng(0).standard_normal((64, 96)) * (
         np.random.default_rng(1).random((64, 96)) < 0.2)
@@ -229,7 +281,7 @@ def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     save_result(part, [regroup_pattern(from_array(w, name="fc.weight"), block=16,
                                        method="sort")], {"status": "done"})
     out = tmp_path / "out.npz"
-    _assemble(str(out), [part], ["fc.weight"], {})      # intact: assembles
+    assemble_result(str(out), [part], ["fc.weight"], {})      # intact: assembles
     assert out.exists()
     out.unlink()
     with zipfile.ZipFile(part) as zf:
@@ -239,12 +291,12 @@ def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     raw[start + info.compress_size // 2] ^= 0xFF      # flip bits inside the deflate stream
     part.write_bytes(bytes(raw))
     with pytest.raises(RegroupError, match=r"layer 'fc.weight' is damaged.*run again"):
-        _assemble(str(out), [part], ["fc.weight"], {})
+        assemble_result(str(out), [part], ["fc.weight"], {})
     assert not out.exists()
     meta_ok = part.read_bytes()
     part.write_bytes(meta_ok[: len(meta_ok) // 2])       # truncated: no central directory
     with pytest.raises(RegroupError, match=r"0\.npz: .*layer 'fc.weight' is damaged"):
-        _assemble(str(out), [part], ["fc.weight"], {})
+        assemble_result(str(out), [part], ["fc.weight"], {})
     assert not out.exists()
 
 
@@ -259,7 +311,7 @@ class _DyingSource(Source):
 
 
 def test_a_dying_worker_names_its_layer_and_keeps_finished_ones(tmp_path, monkeypatch):
-    import regroup.checkpoint as ck
+    import regroup.pipeline as ck
     src = tmp_path / "m.safetensors"
     write_safetensors(_tensors(), src)
     real = open_source(src)
@@ -271,7 +323,7 @@ def test_a_dying_worker_names_its_layer_and_keeps_finished_ones(tmp_path, monkey
         regroup_checkpoint(src, out, **OPTS, jobs=2)
     assert not out.exists()
     monkeypatch.undo()                   # the crash is gone: the rerun resumes
-    report = regroup_checkpoint(src, out, **OPTS, jobs=2)
+    report = regroup_checkpoint(src, out, **OPTS, jobs=2).report()
     assert report["total"]["layers"] == 4 and out.exists()
     # conv (4th by size) started only after two of the three fc layers had finished.
     assert report["total"]["resumed"] >= 2
@@ -281,7 +333,7 @@ def test_a_dying_dask_worker_names_its_layer(tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
     import dask
 
-    import regroup.checkpoint as ck
+    import regroup.pipeline as ck
     src = tmp_path / "m.safetensors"
     # The conv layer alone: a dying dask worker takes the tasks queued on it down too.
     write_safetensors({k: v for k, v in _tensors().items() if k.startswith("conv")}, src)

@@ -114,10 +114,31 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "'block' parameter" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), "--method", "hmetis", "-o", str(tmp_path / "x.npz")]) == 2
     assert "'auto', 'dsb', 'hierarchical'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--format", "bsr", str(EXAMPLE)])
-    assert exc.value.code == 2
+    assert main(["run", "--format", "bsr", str(EXAMPLE)]) == 2
+    assert "invalid choice: 'bsr'" in capsys.readouterr().err
+    assert main(["run", str(EXAMPLE), "--time-limit", "inf"]) == 2
+    assert "'time_limit' parameter of regroup run" in capsys.readouterr().err
+    assert main(["run", str(EXAMPLE), "--budget-scope", "global", "--layer-min", "2"]) == 2
+    assert "'layer_min' parameter of regroup run" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_bug_is_exit_70_with_one_line_and_traceback_on_request(tmp_path, capsys,
+                                                                monkeypatch):
+    import regroup.cli as cli
+
+    def buggy(args):
+        raise KeyError("no such thing")     # not a documented failure: a bug in regroup
+
+    monkeypatch.setattr(cli, "cmd_inspect", buggy)
+    assert main(["inspect", str(EXAMPLE)]) == 70
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("regroup inspect: internal error: KeyError") and "--traceback" in err
+    assert main(["--traceback", "inspect", str(EXAMPLE)]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in buggy" in err
+    assert main(["--version"]) == 0 and main(["run", "--help"]) == 0
 
 
 def test_block_larger_than_every_layer_fails(tmp_path, capsys):

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regroup import FormatError, RegroupError, read_patterns
-from regroup.checkpoint import open_source
+from regroup.source import open_source
 from regroup.io import write_safetensors, write_smtx
 
 # torch warns about the protocol of every hand-made pickle; the refusal is what matters.

@@ -6,13 +6,16 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regroup import PartitionerError, from_array, regroup_pattern
+from regroup import PartitionerError, RegroupError, from_array, regroup_pattern
 from regroup.partitioners import (available_partitioners, get_partitioner, list_partitioners,
-                                  parse_method)
+                                  parse_method, run_partitioner)
 from regroup.partitioners._panels import labels_to_perm
 from regroup.synthetic import planted_weights
 
 DIRECT = [n for n in list_partitioners() if get_partitioner(n).func is not None]
+# Random matrices are where DSB degenerates; test_baselines checks that it says so.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::regroup.partitioners.dsb.DSBDegenerateWarning")
 
 
 def _require(name):
@@ -21,10 +24,9 @@ def _require(name):
 
 
 def _run(name, X, size, seed):
-    from regroup.engine import _run_partitioner
     cname, params = parse_method(name)
-    return _run_partitioner(cname, params, sp.csr_matrix(X), size,
-                            np.random.default_rng(seed), None)
+    return run_partitioner(cname, params, sp.csr_matrix(X), size,
+                           np.random.default_rng(seed), None)
 
 
 def _panels(perm, size):
@@ -47,14 +49,34 @@ def test_contract_same_seed_same_result(name):
     np.testing.assert_array_equal(_run(name, X, 16, 3), _run(name, X, 16, 3))
 
 
-@pytest.mark.parametrize("name", list_partitioners())
-def test_contract_rejects_bad_patterns(name):
+@pytest.mark.parametrize("name", DIRECT)
+@pytest.mark.parametrize("bad,why", [(np.nan, "NaN"), (np.inf, "infinite"),
+                                     (-1.0, "negative")])
+def test_contract_partitioners_refuse_values_they_cannot_score(name, bad, why):
     _require(name)
-    with pytest.raises(Exception, match="empty"):
+    X = sp.random(40, 30, density=0.2, random_state=1, format="csr")
+    X.data[3] = bad
+    with pytest.raises(ValueError, match=f"partitioner {name!r}.*{why}"):
+        _run(name, X, 8, seed=0)
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_contract_partitioners_order_empty_and_dense_matrices(name):
+    # Degenerate but valid inputs: every row looks alike, any ordering is a valid answer.
+    _require(name)
+    for X in (sp.csr_matrix((24, 16)), sp.csr_matrix(np.ones((24, 16)))):
+        perm = _run(name, X, 8, seed=0)
+        assert perm.dtype == np.intp and sorted(perm.tolist()) == list(range(24))
+
+
+@pytest.mark.parametrize("name", list_partitioners())
+def test_regroup_pattern_refuses_bad_patterns_before_partitioning(name):
+    _require(name)
+    with pytest.raises(RegroupError, match="empty"):
         regroup_pattern(from_array(np.zeros((32, 32))), method=name, block=8)
-    with pytest.raises(Exception, match="fully dense"):
+    with pytest.raises(RegroupError, match="fully dense"):
         regroup_pattern(from_array(np.ones((32, 32))), method=name, block=8)
-    with pytest.raises(Exception, match="NaN"):
+    with pytest.raises(RegroupError, match="NaN"):
         regroup_pattern(from_array(np.full((32, 32), np.nan)), method=name, block=8)
 
 
@@ -67,10 +89,28 @@ def test_unknown_method_lists_the_valid_ones():
         parse_method("hierarchical:linkage=ward2")
 
 
-def test_available_is_a_subset_without_importing():
+def test_available_is_a_subset_without_importing(monkeypatch):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from regroup.partitioners import registry
+
     assert set(available_partitioners()) <= set(list_partitioners())
     assert {"identity", "random", "sort", "hierarchical", "metis", "auto"} <= set(
         available_partitioners())
+    # Availability is probed with find_spec: no backend library is imported to list them.
+    code = ("import sys; from regroup.partitioners import available_partitioners; "
+            "available_partitioners(); print(sorted(m for m in ('pymetis', 'kahypar', "
+            "'mtkahypar', 'fastcluster', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+    # A partitioner whose library is missing is registered but not available.
+    spec = get_partitioner("sort")
+    monkeypatch.setitem(registry._REGISTRY, "sort",
+                        dataclasses.replace(spec, requires=("no_such_module_regroup",)))
+    assert "sort" in list_partitioners() and "sort" not in available_partitioners()
 
 
 @pytest.mark.parametrize("name", ["hierarchical", "hierarchical:linkage=complete", "metis",
@@ -138,3 +178,30 @@ def test_planted_weights_grid_close_to_the_planted_layout():
         pat.matrix, pl.row_perm, pl.col_perm, (32, 32), "grid", Budget(), pat.nnz)))
     assert r.metrics["retained"] >= oracle - 0.05
     assert r.metrics["retained"] > 2 * r.metrics["retained_identity"]
+
+
+@pytest.mark.filterwarnings("ignore:auto. candidate 'metis.graph=jaccard' failed")
+def test_auto_survives_documented_failures_but_a_bug_surfaces(monkeypatch):
+    import dataclasses
+
+    from regroup.partitioners import registry
+
+    def raising(exc):
+        def func(X, size, *, rng, **params):
+            raise exc
+        return func
+
+    pat = from_array(np.random.default_rng(0).random((48, 40)) < 0.2)
+    spec = get_partitioner("metis")
+    monkeypatch.setitem(registry._REGISTRY, "metis",
+                        dataclasses.replace(spec, func=raising(RuntimeError("METIS ERROR"))))
+    with pytest.warns(RuntimeWarning, match="candidate 'metis' failed.*METIS ERROR"):
+        r = regroup_pattern(pat, block=8, method="auto")
+    assert "metis" in r.metrics["failed"] and "metis" not in r.metrics["candidates"]
+    with pytest.raises(PartitionerError, match="partitioner 'metis' failed: RuntimeError"):
+        regroup_pattern(pat, block=8, method="metis")
+    # An exception the library does not document is a bug in regroup: never swallowed.
+    monkeypatch.setitem(registry._REGISTRY, "metis",
+                        dataclasses.replace(spec, func=raising(IndexError("off by one"))))
+    with pytest.raises(IndexError, match="off by one"):
+        regroup_pattern(pat, block=8, method="auto")

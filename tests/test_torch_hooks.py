@@ -8,9 +8,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
-from regroup import RegroupError, check_layout  # noqa: E402
-from regroup.adapters.torch import (RegroupSparsifier, block_layout,  # noqa: E402
-                                    imp_regroup, magnitude_mask, regroup_unstructured)
+from regroup import RegroupError, RegroupOptions, check_layout  # noqa: E402
+from regroup.adapters.torch import (RegroupBlocks, RegroupSparsifier,  # noqa: E402
+                                    block_layout, imp_regroup, magnitude_mask,
+                                    regroup_unstructured)
 
 
 def _layer(seed=0):
@@ -120,7 +121,7 @@ def test_imp_regroup_loop_prunes_regroups_rewinds_and_reports():
 def test_imp_without_regroup_is_plain_imp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 3))
-    hist = imp_regroup(model, lambda m, r: None, rounds=2, sparsity=0.75, method=None,
+    hist = imp_regroup(model, lambda m, r: None, rounds=2, sparsity=0.75, regroup=False,
                        final_train=False)
     assert [h["plan"] for h in hist] == [None, None]
     # Only 0 is pruned (the classifier is left dense), to 1 - 0.75 density after 2 rounds.
@@ -136,5 +137,91 @@ def test_imp_rewind_state_must_belong_to_the_model():
     bad = {"encoder.0.weight": torch.zeros(64, 32)}
     with pytest.raises(RegroupError, match="rewind state has tensors the model lacks: "
                                            "encoder.0.weight"):
-        imp_regroup(model, lambda m, r: None, rounds=1, sparsity=0.5, method=None,
+        imp_regroup(model, lambda m, r: None, rounds=1, sparsity=0.5, regroup=False,
                     rewind=bad, final_train=False)
+
+
+def test_prune_method_takes_options_and_validates_at_the_call():
+    lin = _layer()
+    regroup_unstructured(lin, "weight", amount=0.8,
+                         options=RegroupOptions(block=32, method="metis"), block=16)
+    ref = _layer()
+    regroup_unstructured(ref, "weight", amount=0.8, block=16, method="metis")
+    assert block_layout(lin).block_shape == (16, 16)
+    assert torch.equal(lin.weight_mask, ref.weight_mask)
+    fresh = _layer()
+    for kwargs, kind, match in [
+            ({"block": "4y4"}, ValueError, "'block' parameter of regroup_unstructured"),
+            ({"amount": 1.5}, ValueError, "'amount' parameter of regroup_unstructured"),
+            ({"amount": "half"}, TypeError, "'amount' parameter of regroup_unstructured"),
+            ({"budget_scope": "global"}, ValueError,
+             "'budget_scope' parameter of regroup_unstructured must be 'layer'"),
+            ({"layers": "fc.*"}, ValueError, "'layers' parameter of regroup_unstructured"),
+            ({"blocks": 16}, TypeError, "regroup_unstructured got unexpected keyword")]:
+        with pytest.raises(kind, match=match):
+            regroup_unstructured(fresh, "weight", **kwargs)
+    assert not hasattr(fresh, "weight_mask")
+    with pytest.raises(ValueError, match="'method' parameter of RegroupBlocks"):
+        RegroupBlocks(0.5, method="nope")
+
+
+def test_sparsifier_config_overrides_are_validated_by_prepare():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsifier = RegroupSparsifier(sparsity_level=0.85, block=16, method="metis")
+    with pytest.raises(ValueError, match=r"'format' parameter of RegroupSparsifier.prepare "
+                                         r"\(config of '2.weight'\)"):
+        sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight"},
+                                          {"tensor_fqn": "2.weight", "format": "csr"}])
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'blok'"):
+        sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight", "blok": 8}])
+    with pytest.raises(ValueError, match="'sparsity_level' parameter of RegroupSparsifier"):
+        sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight", "sparsity_level": 1}])
+    with pytest.raises(TypeError, match="overrides fields of RegroupOptions by name"):
+        sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight", "layers": "0.*"}])
+    assert not any(hasattr(m, "parametrizations") for m in model)   # nothing prepared
+    with pytest.raises(ValueError, match="'budget_scope' parameter of RegroupSparsifier"):
+        RegroupSparsifier(budget_scope="global")
+    with pytest.raises(ValueError, match="'sparsity_level' parameter of RegroupSparsifier"):
+        RegroupSparsifier(sparsity_level=-0.1)
+    # layers: globs over weight names, selecting among the configured tensors
+    # (config=None: every Linear).
+    sparsifier = RegroupSparsifier(sparsity_level=0.85, block=16, method="metis",
+                                   layers="2.*")
+    sparsifier.prepare(model, config=None)
+    assert [g["tensor_fqn"] for g in sparsifier.groups] == ["2.weight"]
+    assert sparsifier.groups[0]["options"] == RegroupOptions(block=16, method="metis",
+                                                             layers="2.*")
+    sparsifier.step()
+    assert set(sparsifier.results) == {"2.weight"}
+    assert not hasattr(model[0], "parametrizations")
+
+
+def test_imp_layers_are_weight_globs_and_arguments_are_checked_before_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 3))
+    calls = []
+
+    def train(m, r):
+        calls.append(r)
+
+    hist = imp_regroup(model, train, rounds=1, sparsity=0.8, layers="2.weight", block=16,
+                       method="metis")
+    assert calls == [0, 1]
+    assert set(hist[-1]["plan"].layers) == {"2.weight"}
+    assert hasattr(model[2], "weight_mask")
+    assert not hasattr(model[0], "weight_mask") and not hasattr(model[4], "weight_mask")
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 3))
+    for kwargs, kind, match in [
+            ({"block": 0}, ValueError, "'block' parameter of imp_regroup"),
+            ({"method": None}, TypeError, r"plain IMP without regrouping is regroup=False"),
+            ({"rounds": 0}, ValueError, "'rounds' parameter of imp_regroup"),
+            ({"sparsity": 1.0}, ValueError, "'sparsity' parameter of imp_regroup"),
+            ({"mode": "fold"}, RegroupError, r"imp_regroup\(mode='fold'\) .* example_inputs"),
+            ({"layers": "0"}, RegroupError, r"Sequential: no layer matches .*'0'"),
+            ({"regroup": "no"}, TypeError, "'regroup' parameter of imp_regroup")]:
+        args = {"rounds": 1, "sparsity": 0.5, **kwargs}
+        with pytest.raises(kind, match=match):
+            imp_regroup(fresh, train, **args)
+    assert calls == [0, 1] and not hasattr(fresh[0], "weight_mask")

@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from regroup import RegroupError  # noqa: E402
-from regroup.adapters.torch import (Plan, hidden_dims, layer_masks,  # noqa: E402
-                                    regroup_model, to_block_sparse)
+from regroup import RegroupError, RegroupOptions  # noqa: E402
+from regroup.adapters.torch import (Plan, fold_marker, hidden_dims,  # noqa: E402
+                                    layer_masks, prepare_for_load, regroup_model,
+                                    to_block_sparse)
 from tests.torch_zoo import pruned, zoo  # noqa: E402
 
 ATOL = 1e-5
@@ -227,9 +228,19 @@ def test_weights_used_by_a_parent_module_stay_dense_and_are_reported():
 
 def test_layers_glob_and_nothing_to_do():
     model, x = pruned("mlp")
-    plan = regroup_model(model, block=16, example_inputs=(x,), layers="layers.1",
+    plan = regroup_model(model, block=16, example_inputs=(x,), layers="layers.1.weight",
                          method="metis")
     assert list(plan.layers) == ["layers.1.weight"]
+    assert plan.options.layers == ("layers.1.weight",)
+    # Globs over weight names, as everywhere: a module name matches no weight.
+    model, x = pruned("mlp")
+    plan = regroup_model(model, block=16, example_inputs=(x,), layers=["layers.*", "nope"],
+                         method="metis")
+    assert list(plan.layers) == ["layers.0.weight", "layers.1.weight"]
+    model, x = pruned("mlp")
+    with pytest.raises(RegroupError, match=r"MLP: no layer matches .*'layers\.1'.*"
+                                           r"layers\.0\.weight, layers\.1\.weight, head"):
+        regroup_model(model, block=16, example_inputs=(x,), layers="layers.1")
     dense = nn.Sequential(nn.Linear(32, 32))
     with pytest.raises(RegroupError, match="no pruned Linear or Conv2d"):
         regroup_model(dense, block=16, mode="runtime")
@@ -259,3 +270,132 @@ def test_a_cli_result_file_becomes_a_runtime_plan(tmp_path):
     to_block_sparse(model, plan, backend="bsr")
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+
+
+def test_a_folded_state_dict_carries_the_fold_marker(tmp_path):
+    """The marker is a buffer: a fresh instance prepared for it and loaded with the folded
+    state dict refuses a second fold, and runs block-sparse under the same plan."""
+    model, x = pruned("mlp")
+    plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
+    assert plan.folds and fold_marker(model) != 0
+    plan.save(tmp_path / "mlp.regroup.npz")
+    folded = model.state_dict()
+    assert folded["regroup_folded"].shape == () and int(folded["regroup_folded"]) != 0
+    torch.save(folded, tmp_path / "mlp.pt")
+    with torch.no_grad():
+        expected = model(x)
+
+    fresh, _ = pruned("mlp")
+    assert fold_marker(fresh) == 0
+    with pytest.raises(RuntimeError, match="regroup_folded"):      # strict: not registered
+        fresh.load_state_dict(folded)
+    fresh, _ = pruned("mlp")
+    assert prepare_for_load(fresh) is fresh and fold_marker(fresh) == 0
+    fresh.load_state_dict(torch.load(tmp_path / "mlp.pt", weights_only=True))
+    assert fold_marker(fresh) == fold_marker(model)
+    loaded = Plan.load(tmp_path / "mlp.regroup.npz")
+    snapshot = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for attempt in (lambda: plan.fold(fresh), lambda: plan.apply(fresh),
+                    lambda: loaded.apply(fresh), lambda: loaded.fold(fresh),
+                    lambda: Plan.from_result(tmp_path / "mlp.regroup.npz").apply(fresh),
+                    lambda: regroup_model(fresh, block=16, example_inputs=(x,))):
+        with pytest.raises(RegroupError, match="already permuted by a folding regroup plan"):
+            attempt()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    # to_block_sparse reads the same marker: the plan that folded it (saved and loaded)
+    # runs it; a plan with other folds, or none, is refused.
+    other, _ = pruned("mlp", seed=1)
+    other_plan = regroup_model(other, block=16, example_inputs=(x,), method="metis",
+                               permute=False)
+    with pytest.raises(RegroupError, match="permuted by another folding plan"):
+        to_block_sparse(copy.deepcopy(fresh), other_plan)
+    with pytest.raises(RegroupError, match="this plan keeps the original order"):
+        to_block_sparse(copy.deepcopy(fresh), Plan.from_result(tmp_path / "mlp.regroup.npz"))
+    with pytest.raises(RegroupError, match="call plan.fold"):
+        to_block_sparse(other, other_plan)
+    to_block_sparse(fresh, loaded, backend="bsr")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=ATOL)
+
+
+def test_options_record_and_keywords():
+    """options= and keyword fields are one set; errors name regroup_model and come before
+    the model is touched."""
+    model, x = pruned("mlp")
+    opts = RegroupOptions(block=16, method="metis", seed=3)
+    a = regroup_model(pruned("mlp")[0], options=opts, example_inputs=(x,))
+    b = regroup_model(pruned("mlp")[0], block=16, method="metis", seed=3,
+                      example_inputs=(x,))
+    c = regroup_model(pruned("mlp")[0], options=opts.replace(block=32),
+                      example_inputs=(x,), block=16)          # keywords override options
+    assert a.options == b.options == c.options == opts and a.mode == "fold"
+    for name in a.layers:
+        assert np.array_equal(a.layers[name].mask, b.layers[name].mask)
+        assert np.array_equal(a.layers[name].mask, c.layers[name].mask)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'block' parameter of regroup_model"):
+        regroup_model(model, block=0, example_inputs=(x,))
+    with pytest.raises(ValueError, match="'budget' parameter of regroup_model"):
+        regroup_model(model, options=opts, budget="half", example_inputs=(x,))
+    with pytest.raises(TypeError, match="regroup_model got unexpected keyword argument"):
+        regroup_model(model, blocks=16, example_inputs=(x,))
+    with pytest.raises(TypeError, match="'options' parameter of regroup_model must be a "
+                                        "RegroupOptions"):
+        regroup_model(model, options={"block": 16}, example_inputs=(x,))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_saved_plan_records_its_options_and_is_inspectable(tmp_path, capsys):
+    from regroup.cli import main
+    model, x = pruned("cnn")
+    plan = regroup_model(model, block=16, method="metis", budget="iso=1.5",
+                         example_inputs=(x,))
+    path = tmp_path / "cnn.regroup.npz"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded.options == plan.options and loaded.options.budget == plan.options.budget
+    assert str(loaded.options.budget) == "iso=1.5" and loaded.mode == "fold"
+    assert Plan.from_result(path).options == plan.options
+    assert main(["inspect", str(path)]) == 0
+    assert "block.conv1.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_global_budget_spends_one_budget_and_keeps_the_folds(fmt):
+    model, x = pruned("cnn")
+    nnz = {k: int(m.sum()) for k, (_, m, _) in layer_masks(model).items()}
+    per_layer = regroup_model(pruned("cnn")[0], block=16, format=fmt, method="metis",
+                              example_inputs=(x,))
+    plan = regroup_model(model, block=16, format=fmt, method="metis", budget_scope="global",
+                         example_inputs=(x,))
+    assert plan.options.budget_scope == "global"
+    assert plan.sides == per_layer.sides and len(plan.folds) == len(per_layer.folds) > 0
+    kept = {k: int(r.mask.sum()) for k, r in plan.layers.items()}
+    assert all(r.metrics["budget_scope"] == "global" for r in plan.layers.values())
+    assert sum(kept.values()) <= sum(nnz[k] for k in plan.layers)       # iso, model-wide
+    # The area moved between layers, to where it retains more weight magnitude.
+    assert kept != {k: int(r.mask.sum()) for k, r in per_layer.layers.items()}
+    values = {k: v.abs() for k, (v, _, _) in layer_masks(pruned("cnn")[0]).items()}
+
+    def mass(p):
+        return sum(float((values[k] * torch.from_numpy(r.mask)).sum())
+                   for k, r in p.layers.items())
+    assert mass(plan) > mass(per_layer)
+    for name, side in plan.sides.items():       # folded orders are those of the folds
+        r, p = plan.layers[name], per_layer.layers[name]
+        if side["rows"] == "fold":
+            assert np.array_equal(r.row_perm, p.row_perm)
+        if side["cols"] == "fold":
+            assert np.array_equal(r.col_perm, p.col_perm)
+    ref, _ = _masked_reference("cnn", plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=ATOL)
+    to_block_sparse(model, plan, backend="bsr")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=ATOL)

@@ -1,27 +1,29 @@
 """Apply regroup results to PyTorch modules.
 
 Layer names in a result are the state-dict names of the weights (``"encoder.fc1.weight"``);
-the module is everything before the last dot. Masks go through
-:func:`torch.nn.utils.prune.custom_from_mask`, so the model follows the usual
-``weight_orig`` / ``weight_mask`` convention and ``prune.remove`` bakes them in.
+the module is everything before the last dot. Masks are set by
+:func:`regroup.adapters.torch.masking.write_mask`: a plain weight gets
+torch.nn.utils.prune's ``weight_orig`` / ``weight_mask`` (``prune.remove`` bakes them
+in); a weight already pruned (prune or torch.ao.pruning) has its mask replaced, so the
+refilled positions come back with their unmasked values.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
-from torch.nn.utils import prune
 
 from regroup import RegroupError
 from regroup.result import LayerResult
+
+from .masking import mask_target, write_mask
 
 __all__ = ["apply_result"]
 
 
 def _split(name: str) -> tuple[str, str]:
     for suffix in ("_mask", "_orig"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     module, _, tensor = name.rpartition(".")
     return module, tensor
 
@@ -33,7 +35,10 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
     Parameters
     ----------
     model : torch.nn.Module
-        Modified in place; use ``copy.deepcopy`` to keep the original.
+        Modified in place; use ``copy.deepcopy`` to keep the original. A layer may be
+        plain, pruned by torch.nn.utils.prune or parametrized by torch.ao.pruning: its
+        mask becomes exactly the block mask (refilled positions take the unmasked
+        values, ``weight_orig`` or the parametrization's ``original``).
     result : mapping of layer name to LayerResult
         As returned by :func:`regroup.load_result` or built from ``Run.layers``.
     rewind : mapping of layer name to tensor, optional
@@ -48,27 +53,26 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
     Raises
     ------
     RegroupError
-        A layer is missing from the model or its shape differs; nothing is changed then.
+        A layer is missing from the model or its shape (or its rewind value's) differs;
+        nothing is changed then.
     """
     plan = []
     modules = dict(model.named_modules())
     for name, layer in result.items():
         mod_name, tensor = _split(name)
         module = modules.get(mod_name)
-        if module is None or not hasattr(module, tensor):
+        if module is None or not isinstance(getattr(module, tensor, None), torch.Tensor):
             raise RegroupError(f"result layer {name!r} has no matching tensor in the model "
                                f"(looked for module {mod_name!r}, attribute {tensor!r})")
-        current = getattr(module, tensor)
-        if tuple(current.shape) != tuple(layer.mask.shape):
+        shape = tuple(mask_target(module, tensor).shape)
+        if shape != tuple(layer.mask.shape):
             raise RegroupError(f"result layer {name!r} has shape {tuple(layer.mask.shape)}, "
-                               f"the model's tensor {tuple(current.shape)}")
-        plan.append((name, module, tensor, layer))
-    for name, module, tensor, layer in plan:
-        if rewind is not None and name in rewind:
-            target = getattr(module, tensor + "_orig", None)
-            target = target if target is not None else getattr(module, tensor)
-            with torch.no_grad():
-                target.copy_(rewind[name].to(target.dtype))
-        mask = torch.from_numpy(layer.mask).to(device=getattr(module, tensor).device)
-        prune.custom_from_mask(module, tensor, mask)
+                               f"the model's tensor {shape}")
+        values = None if rewind is None else rewind.get(name)
+        if values is not None and tuple(values.shape) != shape:
+            raise RegroupError(f"rewind value of {name!r} has shape {tuple(values.shape)}, "
+                               f"the model's tensor {shape}")
+        plan.append((name, module, tensor, layer, values))
+    for _, module, tensor, layer, values in plan:
+        write_mask(module, tensor, layer.mask, values)
     return [p[0] for p in plan]

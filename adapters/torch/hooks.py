@@ -10,11 +10,15 @@
 
 In all three the layouts (:class:`regroup.LayerResult`, original coordinates) are kept:
 ``RegroupBlocks.result``, ``RegroupSparsifier.results[fqn]``, and the plans returned by the
-loop.
+loop. Each takes ``options=regroup.RegroupOptions(...)`` and keyword arguments naming its
+fields, validated once when it is called or constructed; masks are written by
+:func:`~regroup.adapters.torch.masking.write_mask`.
 """
 from __future__ import annotations
 
 import copy
+import glob
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,9 +30,11 @@ from torch.nn.utils import prune
 
 import regroup
 from regroup import RegroupError
+from regroup.options import RegroupOptions, resolve_options
 from regroup.result import LayerResult
 
-from .plan import Plan, layer_masks, regroup_model
+from .masking import read_mask, write_mask
+from .plan import Plan, check_mode, layer_masks, regroup_model
 
 __all__ = ["RegroupBlocks", "regroup_unstructured", "block_layout", "RegroupSparsifier",
            "imp_regroup", "magnitude_mask"]
@@ -37,8 +43,7 @@ __all__ = ["RegroupBlocks", "regroup_unstructured", "block_layout", "RegroupSpar
 def magnitude_mask(values: torch.Tensor, mask: torch.Tensor, amount: float) -> torch.Tensor:
     """``mask`` with the ``amount`` fraction of its surviving entries of smallest
     ``|values|`` removed (ties: lower flat index pruned first), as l1_unstructured does."""
-    if not 0.0 <= amount < 1.0:
-        raise ValueError(f"The 'amount' parameter must be in [0, 1). Got {amount!r} instead.")
+    _fraction(amount, "amount", "magnitude_mask")
     keep = mask.bool().reshape(-1)
     alive = torch.nonzero(keep).reshape(-1)
     k = int(round(amount * alive.numel()))
@@ -50,16 +55,47 @@ def magnitude_mask(values: torch.Tensor, mask: torch.Tensor, amount: float) -> t
     return out.reshape(mask.shape)
 
 
-def _layout(values: torch.Tensor, mask: torch.Tensor, name: str, options: Mapping[str, Any]
+def _fraction(v: Any, name: str, caller: str, *, optional: bool = False,
+              low_open: bool = False) -> float | None:
+    """``v`` checked to be a fraction in [0, 1) ((0, 1) with ``low_open``; None allowed
+    when ``optional``)."""
+    if v is None and optional:
+        return None
+    interval = "(0, 1)" if low_open else "[0, 1)"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"The {name!r} parameter of {caller} must be a float in {interval}"
+                        f"{' or None' if optional else ''}. Got {v!r} instead.")
+    if not (0 < v < 1 if low_open else 0 <= v < 1):
+        raise ValueError(f"The {name!r} parameter of {caller} must be a float in {interval}"
+                         f"{' or None' if optional else ''}. Got {v!r} instead.")
+    return float(v)
+
+
+def _per_tensor(opts: RegroupOptions, caller: str, *, layers: bool = False) -> None:
+    """Refuse the model-level options a per-tensor entry point cannot honour."""
+    if opts.budget_scope != "layer":
+        raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': it "
+                         f"regroups one tensor at a time (regroup_model and imp_regroup "
+                         f"spend a model-wide budget). Got {opts.budget_scope!r} instead.")
+    if opts.layers is not None and not layers:
+        raise ValueError(f"The 'layers' parameter of {caller} must be None: it regroups the "
+                         f"tensor it is given. Got {list(opts.layers)!r} instead.")
+
+
+def _layout(values: torch.Tensor, mask: torch.Tensor, name: str, opts: RegroupOptions
             ) -> LayerResult:
     pattern = regroup.from_array(values.detach().cpu().double().numpy(), name=name,
                                  mask=mask.detach().cpu().numpy())
-    return regroup.regroup_pattern(pattern, **options)
+    return regroup.regroup_pattern(pattern, options=opts.per_layer())
 
 
 class RegroupBlocks(prune.BasePruningMethod):
     """torch.nn.utils.prune method: magnitude-prune ``amount`` of the surviving weights
     (skipped when None), then keep the best blocks of a regrouped layout, refilled.
+
+    ``options`` (a :class:`regroup.RegroupOptions`) and keyword arguments naming its
+    fields set how the tensor is regrouped; validated here (``budget_scope`` must be
+    "layer" and ``layers`` None: one tensor is regrouped).
 
     ``PRUNING_TYPE`` is "global" so that, inside a PruningContainer, the new mask may
     re-enable previously pruned positions (the refill); every other pruning method can
@@ -69,10 +105,12 @@ class RegroupBlocks(prune.BasePruningMethod):
     PRUNING_TYPE = "global"
 
     def __init__(self, amount: float | None = None, *, layer: str = "weight",
-                 **options: Any) -> None:
-        self.amount = amount
+                 options: RegroupOptions | None = None, **kwargs: Any) -> None:
+        caller = "RegroupBlocks"
+        self.options = resolve_options(options, caller, **kwargs)
+        _per_tensor(self.options, caller)
+        self.amount = _fraction(amount, "amount", caller, optional=True)
         self.layer = layer
-        self.options = options
         self.result: LayerResult | None = None
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
@@ -84,21 +122,27 @@ class RegroupBlocks(prune.BasePruningMethod):
 
 
 def regroup_unstructured(module: nn.Module, name: str = "weight",
-                         amount: float | None = None, *, block: Any = 32,
-                         method: str = "auto", format: str = "grid", budget: str = "iso",
-                         seed: int = 0, objective: str = "auto",
-                         importance_scores: torch.Tensor | None = None) -> nn.Module:
+                         amount: float | None = None, *,
+                         importance_scores: torch.Tensor | None = None,
+                         options: RegroupOptions | None = None, **kwargs: Any) -> nn.Module:
     """Prune ``module.<name>`` to refilled regrouped blocks, like ``prune.l1_unstructured``.
 
-    Magnitude-prunes ``amount`` (a fraction) of the weights still alive, then regroups the
-    mask (``block``, ``method``, ``format``, ``budget``, ``seed``, ``objective`` as in
-    :func:`regroup.regroup_pattern`) and keeps the chosen blocks. Refilled positions take
-    the unpruned values (``weight_orig``). The layout is at
+    Magnitude-prunes ``amount`` (a fraction in [0, 1)) of the weights still alive, then
+    regroups the mask and keeps the chosen blocks. Refilled positions take the unpruned
+    values (``weight_orig``). The layout is at
     ``regroup.adapters.torch.block_layout(module, name)``.
+
+    ``options`` and ``**kwargs`` (fields of :class:`regroup.RegroupOptions`: block,
+    method, format, budget, seed, objective, ...) say how, as in
+    :func:`regroup.regroup_pattern`; ``budget_scope`` must be "layer" and ``layers``
+    None (one tensor).
     """
+    caller = "regroup_unstructured"
+    opts = resolve_options(options, caller, **kwargs)
+    _per_tensor(opts, caller)
+    _fraction(amount, "amount", caller, optional=True)
     RegroupBlocks.apply(module, name, amount, layer=f"{type(module).__name__}.{name}",
-                        block=block, method=method, format=format, budget=budget, seed=seed,
-                        objective=objective, importance_scores=importance_scores)
+                        options=opts, importance_scores=importance_scores)
     return module
 
 
@@ -119,41 +163,85 @@ class RegroupSparsifier(BaseSparsifier):
     """torch.ao.pruning sparsifier: each ``step()`` magnitude-prunes ``sparsity_level`` of
     each tensor (None: keep its current mask) and regroups the mask into refilled blocks.
 
-    Defaults (overridable per config entry): ``block``, ``method``, ``format``,
-    ``budget``, ``seed``, ``objective``. ``results[fqn]`` holds each tensor's layout.
+    ``options`` and ``**kwargs`` (fields of :class:`regroup.RegroupOptions`) are the
+    defaults of every tensor; a config entry of :meth:`prepare` may override
+    ``sparsity_level`` and any field but ``layers`` by name (``{"tensor_fqn":
+    "fc2.weight", "format": "shuffled"}``), validated by :meth:`prepare`. ``layers``
+    (globs over weight names) selects among the configured tensors. ``budget_scope`` must
+    be "layer". ``results[fqn]`` holds each tensor's layout.
 
     >>> sparsifier = RegroupSparsifier(sparsity_level=0.9, block=16)
     >>> sparsifier.prepare(model, config=[{"tensor_fqn": "fc1.weight"}])
     >>> sparsifier.step()
     """
 
-    _OPTIONS = ("block", "method", "format", "budget", "seed", "objective")
+    # Config keys that are not options: torch.ao.pruning's own, and the sparsity level.
+    _KEYS = frozenset({"tensor_fqn", "module", "module_fqn", "tensor_name", "parametrization",
+                       "mask", "sparsity_level"})
 
-    def __init__(self, sparsity_level: float | None = None, *, block: Any = 32,
-                 method: str = "auto", format: str = "grid", budget: str = "iso",
-                 seed: int = 0, objective: str = "auto") -> None:
-        super().__init__(defaults={"sparsity_level": sparsity_level, "block": block,
-                                   "method": method, "format": format, "budget": budget,
-                                   "seed": seed, "objective": objective})
+    def __init__(self, sparsity_level: float | None = None, *,
+                 options: RegroupOptions | None = None, **kwargs: Any) -> None:
+        caller = "RegroupSparsifier"
+        opts = resolve_options(options, caller, **kwargs)
+        _per_tensor(opts, caller, layers=True)
+        level = _fraction(sparsity_level, "sparsity_level", caller, optional=True)
+        super().__init__(defaults={"sparsity_level": level, "options": opts})
         self.results: dict[str, LayerResult] = {}
+
+    @property
+    def options(self) -> RegroupOptions:
+        """The default options of every tensor."""
+        return self.defaults["options"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "results": self.results}
+
+    def prepare(self, model: nn.Module, config: list[dict[str, Any]] | None) -> None:
+        """As :meth:`BaseSparsifier.prepare`; each config entry's overrides are validated
+        (errors name the entry), and ``layers`` filters the entries, before the model is
+        touched. ``config=None`` configures every Linear weight."""
+        caller = "RegroupSparsifier.prepare"
+        if config is None:
+            self.make_config_from_model(model)
+            config = self.config
+        entries = []
+        for entry in config:
+            fqn = entry.get("tensor_fqn") if isinstance(entry, Mapping) else None
+            if not isinstance(fqn, str):
+                raise TypeError(f"{caller}: every config entry must be a dict with a "
+                                f"'tensor_fqn' (a str), like {{'tensor_fqn': 'fc1.weight'}}. "
+                                f"Got {entry!r} instead.")
+            where = f"{caller} (config of {fqn!r})"
+            overrides = {k: v for k, v in entry.items() if k not in self._KEYS}
+            if "options" in overrides or "layers" in overrides:
+                raise TypeError(f"{where}: a config entry overrides fields of RegroupOptions "
+                                "by name (not 'options'; 'layers' is the sparsifier's)")
+            opts = resolve_options(self.options, where, **overrides)
+            _per_tensor(opts, where, layers=True)
+            if "sparsity_level" in entry:
+                _fraction(entry["sparsity_level"], "sparsity_level", where, optional=True)
+            entries.append({**{k: v for k, v in entry.items() if k in self._KEYS},
+                            "options": opts})
+        if self.options.layers is not None:
+            keep = set(self.options.select([e["tensor_fqn"] for e in entries],
+                                           where=type(model).__name__))
+            entries = [e for e in entries if e["tensor_fqn"] in keep]
+        super().prepare(model, entries)
 
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         fqn = kwargs.get("tensor_fqn", tensor_name)
-        parametrization = getattr(module.parametrizations, tensor_name)
-        mask = parametrization[0].mask
-        values = parametrization.original
+        opts = kwargs.get("options", self.options)
+        values, keep, _ = read_mask(module, tensor_name)
         level = kwargs.get("sparsity_level")
-        keep = mask.bool()
         if level:
             # Relative to the whole tensor, as the ao sparsifiers' sparsity_level is.
             alive = int(keep.sum())
             target_alive = int(round((1 - level) * keep.numel()))
             if target_alive < alive:
                 keep = magnitude_mask(values, keep, 1 - target_alive / alive)
-        options = {k: kwargs[k] for k in self._OPTIONS if k in kwargs}
-        res = _layout(values * keep, keep, fqn, options)
+        res = _layout(values * keep, keep, fqn, opts)
         self.results[fqn] = res
-        mask.data.copy_(torch.from_numpy(res.mask).to(mask.device, mask.dtype))
+        write_mask(module, tensor_name, res.mask)
 
 
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -162,41 +250,51 @@ def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _load_rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load ``state`` (a state dict of the unpruned model) into ``model``, whose pruned
-    weights live in ``weight_orig``; masks stay."""
+    """Load ``state`` (a state dict of the model, pruned or not) into ``model``: a pruned
+    weight gets the values under its mask (:func:`write_mask`, the mask unchanged), every
+    other tensor is copied; masks in ``state`` are ignored (they are the round's)."""
     own = model.state_dict()
-    pairs, unknown = [], []
+    modules = dict(model.named_modules())
+    masked, pairs, unknown, misshapen = [], [], [], []
     for key, value in state.items():
         if key.endswith("_mask"):
             continue                           # masks are this round's, not the rewind's
-        target = own.get(key)
-        if target is None and key.endswith(".weight"):
-            target = own.get(key + "_orig")
+        mod_name, _, attr = key.rpartition(".")
+        attr = attr.removesuffix("_orig")
+        module = modules.get(mod_name)
+        if module is not None and isinstance(getattr(module, attr + "_mask", None),
+                                             torch.Tensor):
+            target = getattr(module, attr + "_orig")
+            masked.append((module, attr, value))
+        else:
+            target = own.get(key)
+            pairs.append((target, value))
         if target is None:
             unknown.append(key)
-        else:
-            pairs.append((target, value))
-    if unknown:  # checked before anything is copied: the model stays as it was
+        elif tuple(target.shape) != tuple(value.shape):
+            misshapen.append(f"{key} {tuple(value.shape)}, the model's {tuple(target.shape)}")
+    # Checked before anything is copied: the model stays as it was.
+    if unknown:
         raise RegroupError(f"imp_regroup: the rewind state has tensors the model lacks: "
                            f"{', '.join(unknown[:8])}; pass a state dict of this model")
+    if misshapen:
+        raise RegroupError(f"imp_regroup: the rewind state has tensors of other shapes: "
+                           f"{'; '.join(misshapen[:8])}; pass a state dict of this model")
     with torch.no_grad():
         for target, value in pairs:
             target.copy_(value)
-    with torch.no_grad():
-        for _, m in _prunable(model):
-            if hasattr(m, "weight_orig"):
-                m.weight = m.weight_orig * m.weight_mask
+    for module, attr, value in masked:
+        write_mask(module, attr, getattr(module, attr + "_mask"), values=value)
 
 
 def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
-                rounds: int, sparsity: float, scope: str = "global",
-                layers: Sequence[str] | None = None, block: Any = 32,
-                method: str | None = "auto", format: str = "grid", budget: str = "iso",
-                seed: int = 0, mode: str = "runtime", example_inputs: Any = None,
+                rounds: int, sparsity: float, scope: str = "global", regroup: bool = True,
+                options: RegroupOptions | None = None, mode: str = "runtime",
+                example_inputs: Any = None,
                 rewind: Mapping[str, torch.Tensor] | str | None = "init",
                 evaluate: Callable[[nn.Module], float] | None = None,
                 callbacks: Sequence[Callable[[str, dict], None]] = (),
-                final_train: bool = True) -> list[dict[str, Any]]:
+                final_train: bool = True, **kwargs: Any) -> list[dict[str, Any]]:
     """IMP-Regroup: ``rounds`` x (train -> magnitude prune -> regroup -> rewind), then
     a final training. ``model`` is modified in place (torch.nn.utils.prune masks).
 
@@ -211,11 +309,15 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
         Target fraction of pruned weights in the selected layers.
     scope : {"global", "layer"}
         Magnitude ranking across all selected layers, or within each.
-    layers : list of str, optional
-        Module names to prune (default: every Linear / Conv2d but the last, the classifier).
-    method : str or None
-        The regroup method ("auto", "metis", ... or "identity" for naive blocks without
-        permutation); None gives plain unstructured IMP.
+    regroup : bool, default=True
+        Regroup the masks after each pruning; False gives plain unstructured IMP (the
+        options then only select the layers).
+    options : RegroupOptions, optional
+        How the masks are regrouped (block, method, format, budget, ...; ``method
+        ="identity"`` gives naive blocks without permutation), as in
+        :func:`regroup_model`. ``layers`` are globs over weight names selecting the
+        layers to prune (``"encoder.*"``, ``"fc1.weight"``); default: every Linear /
+        Conv2d but the last (the classifier).
     mode, example_inputs
         As in :func:`regroup_model`. With "fold" the layouts are planned so that their
         permutations fold, but the parameters stay in the original order during the loop
@@ -228,6 +330,12 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
     callbacks : callables(event, info)
         Called with events "trained", "recorded", "pruned", "regrouped", "rewound" and an
         info dict (model, round, and plan or record).
+    final_train : bool, default=True
+        Train once more after the last round (and record it).
+    **kwargs
+        Fields of :class:`regroup.RegroupOptions`, applied on top of ``options``.
+
+    Every argument is checked before the first training.
 
     Returns
     -------
@@ -236,22 +344,39 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
         layers' masks, score, and the plan the model was trained under (None for the
         dense round and without regrouping).
     """
+    caller = "imp_regroup"
+    if "method" in kwargs and kwargs["method"] is None:
+        raise TypeError(f"The 'method' parameter of {caller} must be a partitioner name "
+                        "(plain IMP without regrouping is regroup=False). Got None instead.")
+    opts = resolve_options(options, caller, **kwargs)
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+        raise ValueError(f"The 'rounds' parameter of {caller} must be an int >= 1. Got "
+                         f"{rounds!r} instead.")
+    _fraction(sparsity, "sparsity", caller, low_open=True)
     if scope not in ("global", "layer"):
-        raise ValueError(f"The 'scope' parameter of imp_regroup must be 'global' or 'layer'. "
+        raise ValueError(f"The 'scope' parameter of {caller} must be 'global' or 'layer'. "
                          f"Got {scope!r} instead.")
-    if not 0 < sparsity < 1:
-        raise ValueError(f"The 'sparsity' parameter of imp_regroup must be in (0, 1). Got "
-                         f"{sparsity!r} instead.")
-    modules = dict(_prunable(model))
-    names = list(layers) if layers is not None else list(modules)[:-1]
-    missing = [n for n in names if n not in modules]
-    if missing or not names:
-        raise RegroupError(f"imp_regroup: no Linear/Conv2d named {missing} in the model "
-                           f"(have {list(modules)})")
-    state0 = copy.deepcopy(model.state_dict()) if isinstance(rewind, str) else rewind
+    if not isinstance(regroup, bool):
+        raise TypeError(f"The 'regroup' parameter of {caller} must be a bool. Got "
+                        f"{regroup!r} instead.")
+    if regroup:
+        check_mode(mode, example_inputs, caller)
     if isinstance(rewind, str) and rewind != "init":
-        raise ValueError(f"The 'rewind' parameter of imp_regroup must be 'init', a state "
+        raise ValueError(f"The 'rewind' parameter of {caller} must be 'init', a state "
                          f"dict or None. Got {rewind!r} instead.")
+    modules = dict(_prunable(model))
+    if opts.layers is None:
+        names = list(modules)[:-1]
+        if not names:
+            raise RegroupError(f"{caller}: {type(model).__name__} has no Linear/Conv2d "
+                               f"besides the last (the classifier, not pruned); have "
+                               f"{list(modules)}")
+    else:
+        weights = opts.select([n + ".weight" for n in modules], where=type(model).__name__)
+        names = [w[: -len(".weight")] for w in weights]
+    # Each round regroups exactly the pruned weights (their names as literal globs).
+    round_opts = opts.replace(caller, layers=[glob.escape(n + ".weight") for n in names])
+    state0 = copy.deepcopy(model.state_dict()) if isinstance(rewind, str) else rewind
     per_round = 1 - (1 - sparsity) ** (1 / rounds)
     history: list[dict[str, Any]] = []
 
@@ -281,9 +406,8 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
             for m, _ in params:
                 prune.l1_unstructured(m, "weight", amount=per_round)
         emit("pruned", round=r)
-        if method is not None:
-            plan = regroup_model(model, block=block, method=method, format=format,
-                                 budget=budget, seed=seed, mode=mode, layers=names,
+        if regroup:
+            plan = regroup_model(model, options=round_opts, mode=mode,
                                  example_inputs=example_inputs, permute=False)
             emit("regrouped", round=r, plan=plan)
         if state0 is not None:

@@ -16,34 +16,47 @@ place. Row and column orders are then made free where possible:
 Either way the masked model computes what the masked model computed before, up to
 floating-point rounding. The returned :class:`Plan` saves to a regroup result file and
 re-applies to a fresh copy of the model without recomputation.
+
+A folded model is marked by a persistent buffer, ``regroup_folded`` (the fingerprint of
+the folds), which travels with its state dict: a plan is never applied or folded twice,
+and :func:`to_block_sparse` checks that the model was folded by its plan. A fresh
+instance that is to receive a folded state dict registers the buffer first
+(:func:`prepare_for_load`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
 
 import regroup
 from regroup import RegroupError
-from regroup._validation import check_block
-from regroup.blocks import FORMATS
-from regroup.engine import select_layers
+from regroup.allocation import allot, apply_allotment, layer_offer
 from regroup.io import layer_pattern
+from regroup.options import RegroupOptions, resolve_options
+from regroup.provenance import tool_versions
 from regroup.result import LayerResult, load_result, save_result
 
 from .graph import DimAnalysis, hidden_dims
+from .masking import mask_target, read_mask, stored_tensors, write_mask
 from .sparse import BlockSparseConv2d, BlockSparseLinear
 
-__all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES"]
+__all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES",
+           "FOLD_MARKER", "prepare_for_load", "fold_marker", "check_mode"]
 
 MODES = ("fold", "runtime")
+
+#: The buffer a folded model carries (persistent: it travels with the state dict).
+FOLD_MARKER = "regroup_folded"
 
 
 @dataclass
@@ -58,6 +71,59 @@ class Fold:
     producers: list[str]
     consumers: list[tuple[str, int]]
     norms: list[str]
+
+
+def _fold_digest(folds: list[Fold]) -> int:
+    """A nonzero 63-bit fingerprint of ``folds`` (0 for none): the fold marker's value."""
+    if not folds:
+        return 0
+    h = hashlib.sha256()
+    for f in folds:
+        h.update(np.asarray(f.perm, np.int64).tobytes())
+        h.update(json.dumps([f.producers, [[c, int(kk)] for c, kk in f.consumers],
+                             f.norms]).encode())
+    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1) or 1
+
+
+def fold_marker(model: nn.Module) -> int:
+    """The fold marker of ``model``: 0 when its parameters are in their original order,
+    else the fingerprint of the folds permuting them (see :meth:`Plan.fold`)."""
+    buf = dict(model.named_buffers(recurse=False)).get(FOLD_MARKER)
+    return 0 if buf is None else int(buf)
+
+
+def _check_marker_slot(model: nn.Module) -> None:
+    if hasattr(model, FOLD_MARKER) and \
+            FOLD_MARKER not in dict(model.named_buffers(recurse=False)):
+        raise RegroupError(f"{type(model).__name__} has an attribute {FOLD_MARKER!r} that is "
+                           "not regroup's fold marker; rename it to fold this model")
+
+
+def _refuse_folded(model: nn.Module, caller: str | None = None) -> None:
+    if fold_marker(model):
+        raise RegroupError(f"{caller + ': ' if caller else ''}this model's parameters were "
+                           "already permuted by a folding regroup plan (its "
+                           f"{FOLD_MARKER!r} buffer is set); apply plans to a fresh model")
+
+
+def prepare_for_load(model: nn.Module) -> nn.Module:
+    """Register the fold marker on a fresh ``model`` (value 0: not folded), so that
+    ``model.load_state_dict(folded.state_dict())`` restores it; returns ``model``.
+
+    A folded model's state dict holds the marker (``regroup_folded``); loading it into
+    an instance without the buffer fails with strict=True (an unexpected key) and drops
+    it with strict=False, after which a second fold could not be detected.
+
+    >>> fresh = prepare_for_load(Model())
+    >>> fresh.load_state_dict(folded.state_dict())
+    >>> plan.apply(fresh)                  # RegroupError: already permuted
+    """
+    _check_marker_slot(model)
+    if FOLD_MARKER not in dict(model.named_buffers(recurse=False)):
+        ref = next(iter(model.parameters()), None)
+        model.register_buffer(FOLD_MARKER, torch.zeros((), dtype=torch.int64,
+                                                       device=getattr(ref, "device", None)))
+    return model
 
 
 @dataclass
@@ -78,11 +144,13 @@ class Plan:
         Layers not regrouped, with the reason.
     notes : list of str
         Model-level findings (not traceable, weights used by parent modules, ...).
+    options : RegroupOptions
+        The options the layouts were made with.
     dense : dict of str to str
         Layers whose mask is applied but that stay dense modules, with the reason (their
         weight is used directly by a parent module, e.g. MultiheadAttention.out_proj).
-    options : dict
-        The arguments of :func:`regroup_model` (block, format, method, budget, seed, mode).
+    mode : {"fold", "runtime"}
+        The mode of :func:`regroup_model` (a plan from a result file is "runtime").
     """
 
     layers: dict[str, LayerResult]
@@ -90,8 +158,9 @@ class Plan:
     sides: dict[str, dict[str, str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    options: RegroupOptions = field(default_factory=RegroupOptions)
     dense: dict[str, str] = field(default_factory=dict)
+    mode: str = "runtime"
 
     # -- coordinates ---------------------------------------------------------------------
     def _maps(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -136,18 +205,24 @@ class Plan:
         ``permute=False`` sets the masks only; :meth:`fold` permutes later (an IMP loop
         keeps the original order so that rewinding stays valid).
 
+        Each mask is set by :func:`~regroup.adapters.torch.masking.write_mask`: it
+        replaces a torch.nn.utils.prune or torch.ao.pruning mask in place (refilled
+        positions take the unmasked values), or prunes a plain weight.
+
         Raises
         ------
         RegroupError
             A layer or folded module is missing or has another shape, or the model's
-            parameters were already permuted; nothing is changed then.
+            parameters were already permuted by a folding plan (its fold marker is set,
+            also when loaded from a folded state dict, see :func:`prepare_for_load`);
+            nothing is changed then.
         """
         self._check_unfolded(model)
         modules = dict(model.named_modules())
         staged = []
         for name, r in self.layers.items():
             module = _module(modules, name)
-            w = _values(module)
+            w = mask_target(module, "weight")
             if tuple(w.shape) != tuple(r.shape):
                 raise RegroupError(f"layer {name!r}: the plan has shape {tuple(r.shape)}, the "
                                    f"model's weight {tuple(w.shape)}")
@@ -160,13 +235,20 @@ class Plan:
             staged.append((module, r, src))
         self._check_fold_members(modules)
         for module, r, src in staged:
-            _set_mask(module, torch.from_numpy(np.ascontiguousarray(r.mask)), src)
+            write_mask(module, "weight", r.mask, src)
         if permute:
             self.fold(model)
 
     def fold(self, model: nn.Module) -> None:
         """Permute ``model``'s parameters by the plan's folds (masks follow), in place.
-        The function of the model is unchanged."""
+        The function of the model is unchanged.
+
+        The model is then marked: a persistent buffer ``regroup_folded`` (a 0-d int64,
+        the fingerprint of the folds) that travels with its state dict. A second
+        :meth:`apply` or :meth:`fold` is refused, and :func:`to_block_sparse` checks
+        that the model was folded by this plan. To reload a folded state dict into a
+        fresh instance, register the buffer first with :func:`prepare_for_load`.
+        """
         self._check_unfolded(model)
         modules = dict(model.named_modules())
         self._check_fold_members(modules)
@@ -179,12 +261,13 @@ class Plan:
             for mod_name in f.norms:
                 _permute_norm(modules[mod_name], perm)
         if self.folds:
-            model._regroup_folded = True
+            prepare_for_load(model)
+            getattr(model, FOLD_MARKER).fill_(_fold_digest(self.folds))
 
     def _check_unfolded(self, model: nn.Module) -> None:
-        if self.folds and getattr(model, "_regroup_folded", False):
-            raise RegroupError("this model's parameters were already permuted by a folding "
-                               "regroup plan; apply plans to a fresh model")
+        _refuse_folded(model)
+        if self.folds:
+            _check_marker_slot(model)
 
     def _check_fold_members(self, modules: Mapping[str, nn.Module]) -> None:
         for f in self.folds:
@@ -195,8 +278,8 @@ class Plan:
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as a regroup result file (``regroup inspect`` reads it)."""
-        meta = {"regroup_version": regroup.__version__, "plan": {
-            "options": self.options, "sides": self.sides, "skipped": self.skipped,
+        meta = {"options": self.options.record(), "versions": tool_versions(), "plan": {
+            "mode": self.mode, "sides": self.sides, "skipped": self.skipped,
             "notes": self.notes, "dense": self.dense,
             "folds": [{"perm": f.perm.tolist(), "producers": f.producers,
                        "consumers": [[c, kk] for c, kk in f.consumers], "norms": f.norms}
@@ -204,7 +287,7 @@ class Plan:
         save_result(path, list(self.layers.values()), meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
+    def load(cls, path: str | os.PathLike) -> Plan:
         """Read a plan written by :meth:`save`."""
         res = load_result(path)
         doc = res.meta.get("plan")
@@ -214,11 +297,14 @@ class Plan:
         folds = [Fold(np.asarray(f["perm"], np.intp), list(f["producers"]),
                       [(c, int(kk)) for c, kk in f["consumers"]], list(f["norms"]))
                  for f in doc["folds"]]
+        # Plans written before RegroupOptions kept the options (and mode) in "plan".
+        record = res.meta.get("options", doc.get("options", {}))
+        mode = doc.get("mode", doc.get("options", {}).get("mode", "fold"))
         return cls(dict(res), folds, doc["sides"], doc["skipped"], doc["notes"],
-                   doc["options"], doc["dense"])
+                   _recorded_options(record, path), doc["dense"], mode)
 
     @classmethod
-    def from_result(cls, result: str | os.PathLike | Mapping[str, LayerResult]) -> "Plan":
+    def from_result(cls, result: str | os.PathLike | Mapping[str, LayerResult]) -> Plan:
         """A runtime plan from a ``regroup run`` result file (or its loaded mapping): every
         layer keeps its own orders, applied by :func:`to_block_sparse` at run time.
 
@@ -234,14 +320,15 @@ class Plan:
                            else {"cols": "tiles"})}
                  for name, r in res.items()}
         skipped = {s["name"]: s["reason"] for s in meta.get("skipped", [])}
-        options = {**meta.get("options", {}), "mode": "runtime"}
-        return cls(dict(res), [], sides, skipped, [], options)
+        where = result if isinstance(result, (str, os.PathLike)) else "the result"
+        return cls(dict(res), [], sides, skipped, [],
+                   _recorded_options(meta.get("options", {}), where), {}, "runtime")
 
     def report(self) -> str:
         """A table: layer, shape, method chosen, retained (and identity's), row / column
         handling; then skipped layers and notes."""
-        lines = [f"{'layer':32s} {'shape':>16s} {'chosen':>24s} {'retained':>8s} "
-                 f"{'ident.':>7s} {'rows':>8s} {'cols':>8s}"]
+        lines = [(f"{'layer':32s} {'shape':>16s} {'chosen':>24s} {'retained':>8s} "
+                  f"{'ident.':>7s} {'rows':>8s} {'cols':>8s}")]
         for name, r in self.layers.items():
             s = self.sides.get(name, {})
             lines.append(f"{name[:32]:32s} {'x'.join(map(str, r.shape)):>16s} "
@@ -251,6 +338,14 @@ class Plan:
         lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _recorded_options(record: Mapping[str, Any], where: Any) -> RegroupOptions:
+    try:
+        return RegroupOptions.from_record(record)
+    except (TypeError, ValueError) as exc:
+        raise RegroupError(f"{os.fspath(where) if isinstance(where, os.PathLike) else where}: "
+                           f"the recorded options are not valid ({exc})") from None
 
 
 # -- helpers on live modules -------------------------------------------------------------
@@ -269,44 +364,15 @@ def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
     return module
 
 
-def _ao_mask(module: nn.Module) -> torch.Tensor | None:
-    if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations["weight"]:
-            mask = getattr(p, "mask", None)
-            if isinstance(mask, torch.Tensor):
-                return mask
-    return None
-
-
-def _values(module: nn.Module) -> torch.Tensor:
-    """The weight's unmasked values (what a refilled position gets)."""
-    if hasattr(module, "weight_orig"):
-        return module.weight_orig
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
-
-
 def layer_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """``{weight name: (masked weight, mask, source)}`` for every Linear / Conv2d.
 
     The source is ``"prune"`` (torch.nn.utils.prune's ``weight_mask``), ``"ao"`` (a
-    torch.ao.pruning parametrization's mask) or ``"zeros"`` (the weight's nonzeros).
+    torch.ao.pruning parametrization's mask) or ``"zeros"`` (the weight's nonzeros); see
+    :func:`~regroup.adapters.torch.masking.read_mask`.
     """
-    out = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:
-            continue
-        with torch.no_grad():
-            if hasattr(m, "weight_mask"):
-                mask, src = m.weight_mask, "prune"
-            elif _ao_mask(m) is not None:
-                mask, src = _ao_mask(m), "ao"
-            else:
-                mask, src = m.weight != 0, "zeros"
-            mask = mask.detach().bool()
-            out[name + ".weight"] = (_values(m).detach() * mask, mask, src)
-    return out
+    return {name + ".weight": read_mask(m, "weight") for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name}
 
 
 def _rewind_value(rewind: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
@@ -317,47 +383,9 @@ def _rewind_value(rewind: Mapping[str, torch.Tensor], name: str) -> torch.Tensor
     return None
 
 
-def _set_mask(module: nn.Module, mask: torch.Tensor, src: torch.Tensor | None) -> None:
-    values = _values(module)
-    mask = mask.to(device=values.device)
-    with torch.no_grad():
-        if src is not None:
-            values.copy_(src.to(values.dtype))
-        ao = _ao_mask(module)
-        if ao is not None:
-            ao.copy_(mask.to(ao.dtype))
-            return
-        if hasattr(module, "weight_mask"):
-            module.weight_mask.copy_(mask.to(module.weight_mask.dtype))
-            module.weight = module.weight_orig * module.weight_mask
-            return
-    prune.custom_from_mask(module, "weight", mask)
-
-
-def _tensors(module: nn.Module, name: str) -> list[torch.Tensor]:
-    out = []
-    for key in (name, name + "_orig", name + "_mask"):
-        t = getattr(module, key, None) if not (
-            key == name and parametrize.is_parametrized(module, name)) else None
-        if isinstance(t, torch.Tensor):
-            out.append(t)
-    if parametrize.is_parametrized(module, name):
-        out.append(module.parametrizations[name].original)
-        for p in module.parametrizations[name]:
-            mask = getattr(p, "mask", None)
-            if isinstance(mask, torch.Tensor):
-                out.append(mask)
-    seen, unique = set(), []
-    for t in out:
-        if id(t) not in seen:
-            seen.add(id(t))
-            unique.append(t)
-    return unique
-
-
 def _permute(module: nn.Module, perm: torch.Tensor, dim: int, with_bias: bool) -> None:
     with torch.no_grad():
-        for t in _tensors(module, "weight"):
+        for t in stored_tensors(module, "weight"):
             t.copy_(t.index_select(dim, perm.to(t.device)))
         if with_bias and getattr(module, "bias", None) is not None:
             b = module.bias
@@ -396,12 +424,22 @@ def _joint_pattern(dim, patterns: dict[str, regroup.Pattern], modules) -> sp.csr
     return sp.hstack(parts).tocsr() if parts else None
 
 
-def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
-                  format: str = "grid", mode: str = "fold", budget: str = "iso",
-                  seed: int = 0, objective: str = "auto", example_inputs: Any = None,
-                  layers: str | list[str] | None = None,
-                  rewind: Mapping[str, torch.Tensor] | None = None,
-                  time_limit: float | None = None, permute: bool = True) -> Plan:
+def check_mode(mode: Any, example_inputs: Any, caller: str) -> None:
+    """Refuse a ``mode`` not in :data:`MODES`, and "fold" without ``example_inputs``
+    (errors name ``caller``)."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"The 'mode' parameter of {caller} must be one of {MODES}. Got "
+                         f"{mode!r} instead.")
+    if mode == "fold" and example_inputs is None:
+        raise RegroupError(f"{caller}(mode='fold') traces the model to find where "
+                           "permutations fold: pass example_inputs=(x,), or use "
+                           "mode='runtime'")
+
+
+def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
+                  mode: str = "fold", example_inputs: Any = None,
+                  rewind: Mapping[str, torch.Tensor] | None = None, permute: bool = True,
+                  **kwargs: Any) -> Plan:
     """Regroup every pruned Linear / Conv2d of ``model`` and apply the result in place.
 
     Parameters
@@ -410,14 +448,16 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
         Pruned with torch.nn.utils.prune, torch.ao.pruning, or by zeroing weights.
         Modified in place (masks refilled, permutations folded); deep-copy it first to
         keep the original.
-    block, method, format, budget, seed, objective, time_limit
-        As in :func:`regroup.regroup_pattern`; ``block=(32, 32)`` or ``32``.
+    options : RegroupOptions, optional
+        How layers are regrouped (block, format, method, budget, seed, ...). ``layers``
+        are globs over weight names (``"encoder.*"``, ``"fc1.weight"``; default: every
+        pruned layer); ``budget_scope="global"`` spends one budget over all selected
+        layers (``layer_min`` reserves a share of each layer's own), the folded orders
+        staying fixed.
     mode : {"fold", "runtime"}, default="fold"
         See the module docstring. "fold" needs ``example_inputs`` to trace the model.
     example_inputs : tensor or tuple of tensors
         Inputs to trace the model with (shapes only; a batch of 1-2 is enough).
-    layers : str or list of str, optional
-        Globs on module names (``"encoder.*"``); default: every pruned layer.
     rewind : mapping of weight name to tensor, optional
         Values to put under the refilled masks (IMP-Regroup rewinds to early weights);
         default: the layer's current unmasked values (``weight_orig`` under prune).
@@ -425,6 +465,9 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
         In fold mode, permute the parameters now; False plans fold-compatible layouts
         but sets the masks only, leaving ``plan.fold(model)`` for later (an IMP loop
         rewinds in the original order).
+    **kwargs
+        Fields of :class:`regroup.RegroupOptions`, applied on top of ``options``
+        (``regroup_model(model, block=16, method="metis", example_inputs=(x,))``).
 
     Returns
     -------
@@ -435,40 +478,31 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
     Raises
     ------
     RegroupError
-        No pruned layer, an unknown layer glob, fold mode without example inputs.
+        No pruned layer, ``layers`` matching no weight, fold mode without example inputs,
+        a model already folded (see :meth:`Plan.fold`).
+    ValueError, TypeError
+        Invalid options or mode (before anything is changed).
     """
     caller = "regroup_model"
-    if mode not in MODES:
-        raise ValueError(f"The 'mode' parameter of {caller} must be one of {MODES}. Got "
-                         f"{mode!r} instead.")
-    if format not in FORMATS:
-        raise ValueError(f"The 'format' parameter of {caller} must be one of {FORMATS}. "
-                         f"Got {format!r} instead.")
-    block = check_block(block, caller)
-    if mode == "fold" and example_inputs is None:
-        raise RegroupError("regroup_model(mode='fold') traces the model to find where "
-                           "permutations fold: pass example_inputs=(x,), or use "
-                           "mode='runtime'")
+    opts = resolve_options(options, caller, **kwargs)
+    check_mode(mode, example_inputs, caller)
+    _refuse_folded(model, caller)
+    where = type(model).__name__
     modules = dict(model.named_modules())
     found = layer_masks(model)
-    selected = list(found)
-    if layers is not None:
-        names = [n[: -len(".weight")] for n in found]
-        selected = [n + ".weight" for n in select_layers(names, layers,
-                                                        where=type(model).__name__)]
     patterns: dict[str, regroup.Pattern] = {}
     skipped: dict[str, str] = {}
-    for name in selected:
+    for name in opts.select(list(found), where=where):
         w, mask, _ = found[name]
         pattern, why = layer_pattern(name, w.cpu().double().numpy(), mask.cpu().numpy(),
-                                     source=type(model).__name__, block=block)
+                                     source=where, block=opts.block)
         if pattern is None:
             skipped[name] = why
         else:
             patterns[name] = pattern
     if not patterns:
-        raise RegroupError(f"{type(model).__name__} has no pruned Linear or Conv2d layer "
-                           f"to regroup (skipped: {skipped or 'none found'})")
+        raise RegroupError(f"{where} has no pruned Linear or Conv2d layer to regroup "
+                           f"(skipped: {skipped or 'none found'})")
     notes: list[str] = []
     analysis: DimAnalysis | None = None
     if mode == "fold":
@@ -480,19 +514,20 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
         finally:
             model.train(was_training)
         if not analysis.traced:
-            msg = (f"torch.fx could not trace {type(model).__name__} ({analysis.error}); "
-                   "every layer uses runtime permutations")
+            msg = (f"torch.fx could not trace {where} ({analysis.error}); every layer uses "
+                   "runtime permutations")
             warnings.warn(f"regroup_model: {msg}", RuntimeWarning, stacklevel=2)
             notes.append(msg)
         for name, why in analysis.uncalled.items():
             notes.append(f"{name}: {why}; its mask is applied, it stays dense")
-    common = dict(block=block, format=format, budget=budget, seed=seed,
-                  objective=objective, time_limit=time_limit)
     folds: list[Fold] = []
     fixed_rows: dict[str, np.ndarray] = {}
     fixed_cols: dict[str, np.ndarray] = {}
     dim_of_side: dict[tuple[str, str], Any] = {}
     if analysis is not None:
+        # One order per hidden dimension, chosen on its joint pattern: only the row
+        # order of a shuffled layout is used, and short edge panels are fine there.
+        joint_opts = opts.replace(caller, format="shuffled", edge="partial").per_layer()
         for name, (i, o) in analysis.layer_dims.items():
             dim_of_side[(name, "cols")] = analysis.dims[i]
             dim_of_side[(name, "rows")] = analysis.dims[o]
@@ -502,11 +537,10 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
             joint = _joint_pattern(dim, patterns, modules)
             if joint is None:
                 continue
-            if dim.size <= block[0]:
+            if dim.size <= opts.block[0]:
                 continue          # one panel: every order is the same
             jp = regroup.from_sparse(joint, name=f"hidden dimension of {dim.producers[0]}")
-            pi = regroup.regroup_pattern(jp, method=method, **{**common, "format": "shuffled",
-                                         "block": (block[0], block[1])}).row_perm
+            pi = regroup.regroup_pattern(jp, options=joint_opts).row_perm
             folds.append(Fold(pi, list(dim.producers),
                               [(c, _kk(modules[c])) for c in dim.consumers], list(dim.norms)))
             for p in dim.producers:
@@ -516,25 +550,32 @@ def regroup_model(model: nn.Module, *, block: Any = 32, method: str = "auto",
                 fixed_cols[c] = (pi[:, None] * kk + np.arange(kk)[None, :]).reshape(-1)
     results: dict[str, LayerResult] = {}
     sides: dict[str, dict[str, str]] = {}
+    grid = opts.format == "grid"
     for name, pattern in patterns.items():
         mod = name[: -len(".weight")]
         rp = fixed_rows.get(mod)
-        cp = fixed_cols.get(mod) if format == "grid" else None
-        results[name] = regroup.regroup_pattern(pattern, method=method, row_perm=rp,
-                                                col_perm=cp, **common)
+        cp = fixed_cols.get(mod) if grid else None
+        results[name] = regroup.regroup_pattern(pattern, options=opts.per_layer(),
+                                                row_perm=rp, col_perm=cp)
         side = {"rows": "fold" if rp is not None else "runtime",
-                "cols": ("fold" if cp is not None else "runtime") if format == "grid"
-                else "tiles"}
+                "cols": ("fold" if cp is not None else "runtime") if grid else "tiles"}
         for s in ("rows", "cols"):
             if side[s] == "runtime":
                 side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), mod)
         sides[name] = side
+    if opts.budget_scope == "global":
+        names = list(results)
+        kept = allot([layer_offer(patterns[n], results[n]) for n in names], opts.budget,
+                     layer_min=opts.layer_min)
+        for n, k in zip(names, kept, strict=True):
+            # Refinement at the allotted area moves only the sides that are not folded.
+            results[n] = apply_allotment(patterns[n], results[n], k, opts.budget,
+                                         layer_min=opts.layer_min, refine=opts.refines,
+                                         rows=sides[n]["rows"] != "fold",
+                                         cols=sides[n]["cols"] != "fold")
     dense = {} if analysis is None else {
         f"{m}.weight": why for m, why in analysis.uncalled.items() if f"{m}.weight" in results}
-    plan = Plan(results, folds, sides, skipped, notes,
-                {"block": list(block), "format": format, "method": method,
-                 "budget": str(budget), "seed": seed, "mode": mode, "objective": objective},
-                dense)
+    plan = Plan(results, folds, sides, skipped, notes, opts, dense, mode)
     plan.apply(model, rewind=rewind, permute=permute)
     return plan
 
@@ -560,13 +601,23 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
     """Replace the planned Linear / Conv2d modules of a regrouped ``model`` (after
     :func:`regroup_model` or :meth:`Plan.apply`) by block-sparse modules, in place.
 
+    The model's fold marker (see :meth:`Plan.fold`) must be this plan's: a folding plan
+    needs the model folded by it, a runtime plan an unfolded model.
+
     Returns ``{weight name: what happened}``: ``"BlockSparseLinear"`` /
     ``"BlockSparseConv2d"``, or why the layer stays dense-masked (a module whose weight a
     parent uses directly; a grouped convolution).
     """
-    if plan.folds and not getattr(model, "_regroup_folded", False):
-        raise RegroupError("to_block_sparse: the plan folds permutations into the model, but "
-                           "this model was not permuted; call plan.fold(model) first")
+    marker, want = fold_marker(model), _fold_digest(plan.folds)
+    if marker != want:
+        if not marker:
+            raise RegroupError("to_block_sparse: the plan folds permutations into the model, "
+                               "but this model was not permuted; call plan.fold(model) "
+                               "first")
+        raise RegroupError("to_block_sparse: this model's parameters were permuted by "
+                           + ("another folding plan" if want else "a folding plan, and this "
+                              "plan keeps the original order")
+                           + "; use the plan that folded it")
     modules = dict(model.named_modules())
     out = {}
     for name in plan.layers:

@@ -338,14 +338,15 @@ def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = N
         When ``layers`` matches nothing, or no selected layer is usable (the message lists
         why, layer by layer).
     """
-    from ..engine import select_layers
+    from ..options import resolve_options
 
+    selection = resolve_options(None, "read_patterns", layers=layers)
     path = os.fspath(path)
     tensors = read_tensors(path)
     patterns, skipped = patterns_from_tensors(tensors, source=path, block=block)
     if layers is not None:
         all_names = [p.name for p in patterns] + [n for n, _ in skipped]
-        keep = set(select_layers(all_names, layers, where=path))
+        keep = set(selection.select(all_names, where=path))
         patterns = [p for p in patterns if p.name in keep]
         skipped = [s for s in skipped if s[0] in keep]
     if not patterns:

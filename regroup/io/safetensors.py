@@ -16,6 +16,7 @@ import numpy as np
 
 from .._atomic import atomic_write
 from .._validation import FormatError
+from ..provenance import update_digest
 
 __all__ = ["read_safetensors", "safetensors_index", "write_safetensors", "DTYPES"]
 
@@ -88,15 +89,16 @@ def read_safetensors(path: str | os.PathLike, names=None, *,
     path = os.fspath(path)
     if index is None:
         index, _ = safetensors_index(path)
-    wanted = index if names is None else {n: index[n] for n in index if n in set(names)}
+    if names is not None:
+        names = set(names)
+    wanted = index if names is None else {n: index[n] for n in index if n in names}
     out: dict[str, np.ndarray] = {}
     with open(path, "rb") as f:
         for name, (dtype, shape, begin, end) in wanted.items():
             f.seek(begin)
             raw = f.read(end - begin)
             if digest is not None:
-                digest.update(f"{name}|{dtype}|{list(shape)}|".encode())
-                digest.update(raw)
+                update_digest(digest, name, dtype, shape, raw)
             arr = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype])).reshape(shape)
             if dtype == "BF16":
                 arr = (arr.astype(np.uint32) << 16).view(np.float32)

@@ -55,7 +55,7 @@ def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
 def run_isolated(name: str, X, size: int, params: dict, seed: int,
                  time_limit: float | None) -> np.ndarray:
     """Run registered partitioner ``name`` on ``X`` in a subprocess; return its ordering."""
-    from . import get_partitioner
+    from .registry import get_partitioner
 
     func = get_partitioner(name).func
     target = f"{func.__module__}:{func.__name__}"

@@ -6,7 +6,7 @@ installed: every member's dependency is a hard requirement of regroup.
 """
 from __future__ import annotations
 
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 
 PORTFOLIO = (
     "identity",

@@ -5,7 +5,7 @@ import numpy as np
 
 from .._validation import PartitionerError, missing_dependency
 from ..similarity import jaccard
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 
 LINKAGES = ("average", "complete", "single", "weighted")
 BACKENDS = ("scipy", "fastcluster")

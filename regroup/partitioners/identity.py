@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 
 
 def identity(X, size: int, *, rng=None) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._validation import missing_dependency, native_seed
 from ..hypergraph import column_net
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 from ._panels import labels_to_perm, n_panels
 
 OBJECTIVES = ("km1", "cut")

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from .._validation import missing_dependency, native_seed
 from ..similarity import METRICS, similarity_graph
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 from ._panels import labels_to_perm, n_panels, panel_sizes
 
 # Jaccard similarities in (0, 1] become integer edge weights in [1, JACCARD_SCALE].
@@ -55,4 +55,5 @@ def metis(X, size: int, *, rng: np.random.Generator, graph: str = "shared", knn:
 register(PartitionerSpec(
     "metis", metis, params={"graph": "shared", "knn": 0, "ufactor": 1},
     choices={"graph": METRICS}, requires=("pymetis",),
+    failures=(RuntimeError, MemoryError),   # pymetis raises RuntimeError for METIS errors
     description="pymetis k-way on the shared-count or Jaccard row graph"))

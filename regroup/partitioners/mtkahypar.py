@@ -1,13 +1,12 @@
 """Mt-KaHyPar (PyPI ``mtkahypar``) on the column-net hypergraph."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .._validation import PartitionerError, missing_dependency, native_seed
+from ..executors import thread_limit
 from ..hypergraph import column_net
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 from ._panels import labels_to_perm, n_panels
 
 PRESETS = ("deterministic", "default", "quality", "highest_quality")
@@ -16,11 +15,12 @@ _INITIALIZER = None
 
 
 def _initializer():
-    # Mt-KaHyPar's thread pool is process-global and can be initialised once.
+    # Mt-KaHyPar's thread pool is process-global and can be initialised once, so it takes
+    # the thread cap of the first call: a worker process gets its share of the cores.
     global _INITIALIZER
     if _INITIALIZER is None:
         import mtkahypar
-        _INITIALIZER = mtkahypar.initialize(os.cpu_count() or 1, False)
+        _INITIALIZER = mtkahypar.initialize(thread_limit(), False)
     return _INITIALIZER
 
 

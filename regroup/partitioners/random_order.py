@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 
 
 def random_order(X, size: int, *, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from . import PartitionerSpec, register
+from .registry import PartitionerSpec, register
 
 
 def sort_by_mass(X, size: int, *, rng=None) -> np.ndarray:

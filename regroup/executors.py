@@ -1,0 +1,145 @@
+"""Where the layers of a run are computed: in process, in worker processes, or on dask.
+
+:func:`execute` calls ``fn(*task, threads=...)`` for every task and yields
+``(task index, value)`` as tasks finish. Every task depends only on its own input and
+the seed, so the order of completion never changes a result. Workers get the largest
+tasks first (by ``costs``), so that no worker ends alone with a big layer.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ._validation import RegroupError, missing_dependency
+
+__all__ = ["ENGINES", "execute", "capped_threads", "thread_limit"]
+
+ENGINES = ("local", "dask")
+_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("regroup_threads",
+                                                                     default=None)
+
+
+def thread_limit() -> int:
+    """The threads one task may use: the cap of :func:`capped_threads` when a worker runs
+    under one, else every core. Native libraries with their own pools (Mt-KaHyPar's) size
+    them by it."""
+    return _THREADS.get() or os.cpu_count() or 1
+
+
+def capped_threads(fn: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
+    """``fn(*args)`` with the BLAS / OpenMP thread pools capped at ``threads`` (workers
+    sharing the cores; None: no cap), through threadpoolctl, and :func:`thread_limit`
+    returning it for the libraries threadpoolctl does not reach."""
+    if threads is None:
+        return fn(*args)
+    from threadpoolctl import threadpool_limits
+    token = _THREADS.set(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            return fn(*args)
+    finally:
+        _THREADS.reset(token)
+
+
+def _largest_first(costs: Sequence[int]) -> list[int]:
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+
+
+def execute(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
+            engine: str = "local", scheduler: str | None = None,
+            costs: Sequence[int] | None = None, labels: Sequence[str] | None = None,
+            where: str = "") -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, fn(*tasks[index]))`` as tasks finish.
+
+    ``jobs`` worker processes (``engine="local"``; 1: in this process, in order), or a
+    dask.distributed cluster (``engine="dask"``, ``scheduler`` its address; None starts
+    a local one with ``jobs`` workers). ``labels`` name the tasks and ``where`` the
+    input in the error raised when a worker process dies.
+    """
+    costs = list(costs) if costs is not None else [0] * len(tasks)
+    labels = list(labels) if labels is not None else [str(i) for i in range(len(tasks))]
+    if engine == "dask":
+        yield from _execute_dask(fn, tasks, jobs, scheduler, costs, labels, where)
+        return
+    if jobs == 1 or len(tasks) <= 1:
+        for i, t in enumerate(tasks):
+            yield i, fn(*t)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    order = _largest_first(costs)
+    # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        futures = {ex.submit(capped_threads, fn, *tasks[i], threads=threads): i
+                   for i in order}
+        try:
+            for fut in cf.as_completed(futures):
+                try:
+                    value = fut.result()
+                except cf.process.BrokenProcessPool:
+                    # Which worker died is not reported; the pool hands tasks out in
+                    # ``order``, at most jobs + 1 at a time, so it ran one of these.
+                    ok = {i for f, i in futures.items()
+                          if f.done() and not f.cancelled() and f.exception() is None}
+                    suspects = [labels[i] for i in order if i not in ok]
+                    raise _worker_died(where, suspects[:jobs + 1]) from None
+                yield futures[fut], value
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _worker_died(where: str, layers: list[str]) -> RegroupError:
+    named = ", ".join(map(repr, layers[:6])) + (f" (and {len(layers) - 6} more)"
+                                                 if len(layers) > 6 else "")
+    return RegroupError(
+        f"{where}: a worker process died while regrouping "
+        f"{'layer' if len(layers) == 1 else 'one of the layers'} {named} "
+        "(killed for memory, or a crash in native code); "
+        "finished layers are kept: rerun to resume, with fewer --jobs if memory ran out or "
+        "--time-limit to run each partitioner in its own process")
+
+
+def _execute_dask(fn, tasks, jobs, scheduler, costs, labels, where):
+    try:
+        from distributed import Client, KilledWorker, LocalCluster, as_completed
+    except ImportError:
+        raise missing_dependency("distributed", "engine 'dask'") from None
+    cluster = None
+    threads = None
+    if scheduler is None:
+        import dask
+        # Worker processes (one task at a time each), as a real cluster's would be. With
+        # no dashboard to show them, the workers' statistical profiles (a stack sample
+        # every 10 ms) would only take time from the layers.
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    client = Client(scheduler if scheduler is not None else cluster)
+    try:
+        order = _largest_first(costs)
+        futures = [client.submit(capped_threads, fn, *tasks[i], threads=threads,
+                                 key=f"regroup-{fn.__name__}-{i}-{os.getpid()}-{id(tasks)}",
+                                 pure=False, priority=len(order) - rank)
+                   for rank, i in enumerate(order)]
+        index = {f.key: i for f, i in zip(futures, order)}
+        for fut in as_completed(futures):
+            try:
+                value = fut.result()
+            except KilledWorker:
+                # The scheduler retried it on other workers first; tasks queued on a dying
+                # worker are suspected with the one it ran, so all known ones are named.
+                killed = [labels[index[f.key]] for f in futures
+                          if f.status == "error" and isinstance(f.exception(), KilledWorker)]
+                raise _worker_died(where, killed) from None
+            yield index[fut.key], value
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

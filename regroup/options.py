@@ -1,0 +1,318 @@
+"""The options of a regrouping run: one frozen record, validated once, from one table.
+
+Every entry point (:func:`regroup.regroup_pattern`, :func:`regroup.regroup_file`,
+:func:`regroup.regroup_checkpoint`, :func:`regroup.compare.compare`, the PyTorch
+adapters and the CLI) takes ``options=RegroupOptions(...)``; keyword arguments naming
+its fields are a convenience that builds (or overrides) one. Each field's constraint is a
+row of :data:`CONSTRAINTS`: what it accepts, how it is normalised, and values it must
+refuse (the common invalid-parameter test draws them from here).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ._validation import RegroupError, check_block
+from .blocks import FORMATS, Budget
+from .partitioners import format_method, get_partitioner, parse_method
+
+__all__ = ["RegroupOptions", "Constraint", "CONSTRAINTS", "OBJECTIVES", "EDGES",
+           "BUDGET_SCOPES", "resolve_options"]
+
+OBJECTIVES = ("auto", "count", "magnitude")
+EDGES = ("partial", "error")
+BUDGET_SCOPES = ("layer", "global")
+
+
+class _Invalid(Exception):
+    """Raised by a normaliser; carries the exception type the caller should see."""
+
+    def __init__(self, kind: type[Exception] = ValueError, detail: str = "") -> None:
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One option: ``allowed`` reads as "must be <allowed>", ``normalize`` returns the
+    canonical value or raises ``_Invalid``, ``invalid`` lists values it must refuse."""
+
+    allowed: str
+    normalize: Callable[[Any], Any]
+    invalid: tuple[Any, ...]
+
+
+def _choice(options: Sequence[str]) -> Callable[[Any], str]:
+    def norm(v: Any) -> str:
+        if not isinstance(v, str):
+            raise _Invalid(TypeError)
+        if v not in options:
+            raise _Invalid(ValueError)
+        return v
+    return norm
+
+
+def _number(low: float, high: float, *, low_open: bool = False, optional: bool = False,
+            integer: bool = False) -> Callable[[Any], Any]:
+    def norm(v: Any) -> Any:
+        if v is None and optional:
+            return None
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise _Invalid(TypeError)
+        v = int(v) if integer else float(v)
+        if math.isnan(v) or v < low or v > high or (low_open and v == low):
+            raise _Invalid(ValueError)
+        return v
+    return norm
+
+
+def _block(v: Any) -> tuple[int, int]:
+    try:
+        return check_block(v, "")
+    except TypeError:
+        raise _Invalid(TypeError) from None
+    except ValueError:
+        raise _Invalid(ValueError) from None
+
+
+def _method(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Invalid(TypeError)
+    try:
+        return format_method(*parse_method(v))
+    except ValueError as exc:
+        raise _Invalid(ValueError, str(exc)) from None
+
+
+def _budget(v: Any) -> Budget:
+    if not isinstance(v, (str, Budget)):
+        raise _Invalid(TypeError)
+    try:
+        return Budget.parse(v)
+    except (TypeError, ValueError) as exc:
+        raise _Invalid(ValueError, str(exc)) from None
+
+
+def _refine(v: Any) -> bool | None:
+    if v is None or isinstance(v, bool):
+        return v
+    raise _Invalid(TypeError)
+
+
+def _layers(v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    globs = (v,) if isinstance(v, str) else v
+    if not isinstance(globs, Iterable) or isinstance(globs, (bytes, Mapping)):
+        raise _Invalid(TypeError)
+    globs = tuple(globs)
+    if not all(isinstance(g, str) for g in globs):
+        raise _Invalid(TypeError)
+    if not globs or not all(globs) or any("\0" in g for g in globs):
+        raise _Invalid(ValueError)
+    return globs
+
+
+CONSTRAINTS: dict[str, Constraint] = {
+    "block": Constraint("an int in [1, 65536], a pair (rows, cols) or a str like '32x16'",
+                        _block, (0, -4, "4y4", (4, 0), 2.5, True, None)),
+    "format": Constraint(f"one of {', '.join(map(repr, FORMATS))}", _choice(FORMATS),
+                         ("csr", "", 3, None)),
+    "method": Constraint("a partitioner name with optional options, e.g. 'auto' or "
+                         "'metis:graph=jaccard' (see regroup.list_partitioners())",
+                         _method, ("nope", "metis:colour=red", "metis:graph", 3, None)),
+    "budget": Constraint("a Budget or a str 'iso', 'iso=F', 'density=D', 'blocks=K' or "
+                         "'retained=R'", _budget, ("half", "density=2", "blocks=0", 0.5,
+                                                   None)),
+    "budget_scope": Constraint(f"one of {', '.join(map(repr, BUDGET_SCOPES))}",
+                               _choice(BUDGET_SCOPES), ("model", 1, None)),
+    "layer_min": Constraint("a float in [0, 1]", _number(0.0, 1.0),
+                            (-0.1, 1.5, float("nan"), "0.5", None)),
+    "seed": Constraint("an int in [0, 2**63 - 1]", _number(0, 2**63 - 1, integer=True),
+                       (-1, 1.5, "0", None, 2**64)),
+    "objective": Constraint(f"one of {', '.join(map(repr, OBJECTIVES))}",
+                            _choice(OBJECTIVES), ("mass", 0, None)),
+    "edge": Constraint(f"one of {', '.join(map(repr, EDGES))}", _choice(EDGES),
+                       ("pad", None)),
+    "refine": Constraint("None (auto: on for portfolio methods), True or False", _refine,
+                         ("on", 1, 0.0)),
+    "time_limit": Constraint("None or a finite number of seconds > 0",
+                             _number(0.0, 1e9, low_open=True, optional=True),
+                             (0, -1, float("inf"), float("nan"), "10", 1e400)),
+    "anneal": Constraint("None or a finite number of seconds > 0",
+                         _number(0.0, 1e6, low_open=True, optional=True),
+                         (0, -2.0, float("inf"), "5", True)),
+    "layers": Constraint("None, a glob over weight names, or a non-empty list of them",
+                         _layers, ("", [], [""], [3], 3, b"x")),
+}
+
+
+@dataclass(frozen=True)
+class RegroupOptions:
+    """How layers are regrouped; the same record for every entry point.
+
+    Parameters
+    ----------
+    block : int, (int, int) or str, default=32
+        Block shape ``br x bc`` (``"32x16"``); rows are output features.
+    format : {"grid", "shuffled"}, default="grid"
+        grid: BSR after row and column permutations; shuffled: per-panel column tiles.
+    method : str, default="auto"
+        Partitioner, optionally with options: ``"metis:graph=jaccard"``. Stored in
+        canonical form (options that differ from the defaults, sorted).
+    params : mapping, optional
+        Partitioner options merged into ``method`` (a convenience; after validation
+        ``method`` carries them and ``params`` is None).
+    budget : Budget or str, default="iso"
+        ``"iso"``, ``"iso=F"``, ``"density=D"``, ``"blocks=K"`` or ``"retained=R"``.
+    budget_scope : {"layer", "global"}, default="layer"
+        ``"global"`` spends ``budget`` model-wide (:mod:`regroup.allocation`).
+    layer_min : float in [0, 1], default=0
+        With a global budget: share of each layer's own budget reserved for it.
+    seed : int, default=0
+        Seed of every random choice; recorded in results.
+    objective : {"auto", "count", "magnitude"}, default="auto"
+        What a kept block is worth; "auto" uses magnitudes when weights are known.
+    edge : {"partial", "error"}, default="partial"
+        Shapes not divisible by the block: short edge blocks, or an error.
+    refine : bool or None, default=None
+        Retained-mass local search; None: on for portfolio methods (auto) only.
+    time_limit : float, optional
+        Seconds per partitioner call (partitioners then run in a subprocess), and per
+        refinement of a layout (which then depends on the machine's speed).
+    anneal : float, optional
+        Seconds of simulated annealing after refinement (:mod:`regroup.anneal`; its
+        moves are counted by a work model, so the result is the same on every machine).
+    layers : str or sequence of str, optional
+        Globs over weight names (``"encoder.*"``, ``"fc1.weight"``); None: every layer.
+    """
+
+    block: Any = 32
+    format: str = "grid"
+    method: str = "auto"
+    params: Mapping[str, Any] | None = None
+    budget: Budget | str = "iso"
+    budget_scope: str = "layer"
+    layer_min: float = 0.0
+    seed: int = 0
+    objective: str = "auto"
+    edge: str = "partial"
+    refine: bool | None = None
+    time_limit: float | None = None
+    anneal: float | None = None
+    layers: Any = None
+
+    def __post_init__(self) -> None:
+        values = _validate({f.name: getattr(self, f.name) for f in fields(self)},
+                           "RegroupOptions")
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+
+    # -- derived views ---------------------------------------------------------------
+    @property
+    def partitioner(self) -> tuple[str, dict[str, Any]]:
+        """``(name, params)`` of :attr:`method`, every option resolved."""
+        return parse_method(self.method)
+
+    @property
+    def portfolio(self) -> bool:
+        """Whether the method is a portfolio (auto), which refines by default."""
+        return bool(get_partitioner(self.partitioner[0]).portfolio)
+
+    @property
+    def refines(self) -> bool:
+        """Whether the chosen layouts are refined (``refine``, or the method's default)."""
+        return self.portfolio if self.refine is None else self.refine
+
+    def per_layer(self) -> RegroupOptions:
+        """These options for one layer's regrouping: the fields that select and budget a
+        whole file or model (``layers``, ``budget_scope``, ``layer_min``) at defaults."""
+        return dataclasses.replace(self, layers=None, budget_scope="layer", layer_min=0.0)
+
+    def record(self) -> dict[str, Any]:
+        """The options as recorded in result files and reports (JSON types)."""
+        return {"block": list(self.block), "format": self.format, "method": self.method,
+                "budget": str(self.budget), "budget_scope": self.budget_scope,
+                "layer_min": self.layer_min, "seed": self.seed,
+                "objective": self.objective, "edge": self.edge, "refine": self.refine,
+                "time_limit": self.time_limit, "anneal": self.anneal,
+                "layers": None if self.layers is None else list(self.layers)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RegroupOptions:
+        """Rebuild the options recorded by :meth:`record` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def replace(self, caller: str = "RegroupOptions.replace", **changes: Any
+                ) -> RegroupOptions:
+        """A copy with ``changes``, validated (errors name ``caller``)."""
+        return resolve_options(self, caller, **changes)
+
+    def select(self, names: Sequence[str], where: str | None = None) -> list[str]:
+        """The names matched by :attr:`layers` (all when None), in input order.
+
+        With ``where`` (the file or model the names come from), a selection that matches
+        nothing is a :class:`RegroupError` listing the names."""
+        if self.layers is None:
+            return list(names)
+        out = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.layers)]
+        if not out and where is not None:
+            shown = ", ".join(list(names)[:12]) + (" ..." if len(names) > 12 else "")
+            globs = ", ".join(map(repr, self.layers))
+            raise RegroupError(f"{where}: no layer matches {globs}; layers are: "
+                               f"{shown or 'none'}")
+        return out
+
+
+_FIELDS = tuple(f.name for f in fields(RegroupOptions))
+
+
+def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
+    out = dict(values)
+    for name, c in CONSTRAINTS.items():
+        try:
+            out[name] = c.normalize(values[name])
+        except _Invalid as bad:
+            detail = f" ({bad.detail})" if bad.detail else ""
+            raise bad.kind(f"The {name!r} parameter of {caller} must be {c.allowed}. Got "
+                           f"{values[name]!r} instead.{detail}") from None
+    params = values.get("params")
+    if params is not None:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"The 'params' parameter of {caller} must be a mapping of "
+                            f"partitioner options. Got {params!r} instead.")
+        try:
+            out["method"] = format_method(*parse_method(out["method"], dict(params)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"The 'params' parameter of {caller} must hold options of "
+                             f"partitioner {out['method']!r}. Got {dict(params)!r} "
+                             f"instead. ({exc})") from None
+        out["params"] = None
+    return out
+
+
+def resolve_options(options: RegroupOptions | None, caller: str, **kwargs: Any
+                    ) -> RegroupOptions:
+    """The options an entry point runs with: ``options`` (default: all defaults) with the
+    keyword arguments ``kwargs`` (field names) applied on top, validated once; errors
+    name ``caller``."""
+    if options is not None and not isinstance(options, RegroupOptions):
+        raise TypeError(f"The 'options' parameter of {caller} must be a RegroupOptions. "
+                        f"Got {type(options).__name__} instead.")
+    unknown = sorted(set(kwargs) - set(_FIELDS))
+    if unknown:
+        raise TypeError(f"{caller} got unexpected keyword argument(s) "
+                        f"{', '.join(map(repr, unknown))}; options are: {', '.join(_FIELDS)}")
+    base = options if options is not None else RegroupOptions()
+    if not kwargs:
+        return base
+    values = {f: getattr(base, f) for f in _FIELDS}
+    values.update(kwargs)
+    return RegroupOptions(**_validate(values, caller))

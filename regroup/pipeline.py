@@ -1,0 +1,351 @@
+"""One pipeline for files and checkpoints.
+
+Source -> :func:`regroup.regroup_pattern` per layer -> sink -> optional model-wide budget
+-> :class:`Run`:
+
+- the source (:func:`regroup.source.open_source`) is indexed once and every layer is
+  loaded on its own, so one layer at a time is in memory per worker;
+- layers run in this process, in ``jobs`` worker processes, or on dask
+  (:mod:`regroup.executors`); each depends only on its input and the seed;
+- the sink is memory (:func:`regroup_file`: the Run holds the LayerResults) or a parts
+  directory (:func:`regroup_checkpoint`: each finished layer is written at once to
+  ``OUT.parts/<i>.npz`` with the SHA-256 of its input tensors and the options; a rerun
+  skips layers whose part matches, so an interrupted run resumes; the result file is
+  assembled entry by entry, atomically, and the parts are removed);
+- ``budget_scope="global"`` adds a second pass: every layer's candidate blocks (a few
+  numbers per block) are gathered, one model-wide budget is spent over them
+  (:func:`regroup.allocation.allot`), and each layer is re-laid with its share, in
+  workers too.
+
+Both sinks give byte-identical result files for the same input and options, whatever
+the number of jobs or the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._atomic import atomic_write
+from ._validation import RegroupError, check_choice, check_int
+from .allocation import allot, apply_allotment, layer_offer
+from .engine import regroup_pattern
+from .executors import ENGINES, execute
+from .io import layer_pattern
+from .options import RegroupOptions, resolve_options
+from .provenance import options_key, tool_versions
+from .report import report_row, report_total
+from .result import (LayerResult, assemble_result, layer_record, load_result, read_meta,
+                     save_result)
+from .source import LayerRef, Source, open_source
+
+__all__ = ["Run", "regroup_file", "regroup_checkpoint"]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Run:
+    """The outcome of a run: the regrouped layers' records, the skipped tensors, the
+    options and provenance; and the layers themselves (:func:`regroup_file`) or the
+    result file they were written to (:func:`regroup_checkpoint`).
+
+    Attributes
+    ----------
+    source : dict
+        ``{"name", "sha256"}`` of the input.
+    options : RegroupOptions
+    records : list of dict
+        Per layer, its record in the result file (:func:`regroup.result.layer_record`).
+    seconds : list of float
+        Per layer, wall-clock seconds (both passes with a global budget).
+    skipped : list of (name, reason)
+    layers : list of LayerResult or None
+        The layouts, when held in memory.
+    output : str or None
+        The result file written, when streamed.
+    stats : dict
+        ``wall_seconds``, ``jobs``, ``engine`` and ``resumed`` (layers taken from the
+        parts of an interrupted run).
+    versions : dict
+        Versions of regroup and the libraries that can shape a result.
+    """
+
+    source: dict[str, str]
+    options: RegroupOptions
+    records: list[dict[str, Any]]
+    seconds: list[float | None]
+    skipped: list[tuple[str, str]]
+    layers: list[LayerResult] | None = None
+    output: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=tool_versions)
+
+    def meta(self) -> dict[str, Any]:
+        """The run information stored in the result file."""
+        return {"source": self.source, "options": self.options.record(),
+                "versions": self.versions,
+                "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the result file (deterministic bytes; no wall-clock times)."""
+        if self.layers is not None:
+            save_result(path, self.layers, self.meta())
+            return
+        if self.output is None:
+            raise RegroupError("this Run holds neither its layers nor a result file")
+        if os.path.abspath(os.fspath(path)) != os.path.abspath(self.output):
+            with atomic_write(path, "wb") as f, open(self.output, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report: per layer metrics including seconds, plus a summary."""
+        rows = [report_row(rec, s) for rec, s in zip(self.records, self.seconds)]
+        return {**self.meta(), "layers": rows, "total": {**report_total(rows), **self.stats}}
+
+
+# -- tasks (run in workers: module level, picklable arguments) ------------------------------
+def _first_layer(part: Path) -> LayerResult:
+    return next(iter(load_result(part).values()))
+
+
+def _part_matches(part: Path | None, record: dict[str, Any]) -> dict | None:
+    if part is None or not part.exists():
+        return None
+    doc = read_meta(part)
+    if doc is None or any(doc.get(k) != v for k, v in record.items()):
+        return None
+    return doc
+
+
+def _pattern(source: Source, ref: LayerRef, weight: Any, mask: Any, opts: RegroupOptions):
+    return layer_pattern(ref.name, weight, mask, source=source.path, block=opts.block)
+
+
+def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str | None,
+                  key: str, offer: bool) -> dict[str, Any]:
+    """Pass 1 for one layer: regroup it under its own budget. With a ``part`` path the
+    layout is written there (and a matching part from an earlier run is reused);
+    without, it is returned. ``offer``: also return its candidate blocks for a
+    model-wide budget. Returns a small status record."""
+    if ref.problem is not None:
+        return {"name": ref.name, "status": "skipped", "reason": ref.problem}
+    part = Path(part) if part is not None else None
+    weight, mask, digest = source.load(ref)
+    record = {"input_sha256": digest, "key": key}
+    done = _part_matches(part, record)
+    if done is not None:
+        status = {"name": ref.name, "status": done["status"], "reason": done.get("reason"),
+                  "seconds": done.get("seconds"), "cached": True}
+        if offer and done["status"] == "done":
+            pat, _ = _pattern(source, ref, weight, mask, opts)
+            status["offer"] = layer_offer(pat, _first_layer(part))
+        return status
+    pat, reason = _pattern(source, ref, weight, mask, opts)
+    del weight, mask
+    if pat is None:
+        if part is not None:
+            save_result(part, [], {**record, "status": "skipped", "reason": reason})
+        return {"name": ref.name, "status": "skipped", "reason": reason}
+    try:
+        r = regroup_pattern(pat, options=opts.per_layer())
+    except RegroupError as exc:
+        raise type(exc)(f"{source.path}: {exc}") from None
+    status = {"name": ref.name, "status": "done", "seconds": r.seconds}
+    if offer:
+        status["offer"] = layer_offer(pat, r)
+    if part is not None:
+        save_result(part, [r], {**record, "status": "done", "seconds": r.seconds})
+    else:
+        status["result"] = r
+    return status
+
+
+def _kept_sha256(kept: np.ndarray) -> str:
+    h = hashlib.sha256(str(kept.shape).encode())
+    h.update(np.packbits(np.asarray(kept, bool)).tobytes())
+    return h.hexdigest()
+
+
+def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.ndarray,
+                first: LayerResult | None, part_in: str | None, part: str | None,
+                key: str) -> dict[str, Any]:
+    """Pass 2 for one layer under a model-wide budget: re-lay its pass-1 layout
+    (``first``, or the one in ``part_in``) with the blocks ``kept`` it was allotted,
+    refined at that area; written to ``part`` (reused when it matches) or returned."""
+    t0 = time.perf_counter()
+    part = Path(part) if part is not None else None
+    weight, mask, digest = source.load(ref)
+    record = {"input_sha256": digest, "key": key, "kept_sha256": _kept_sha256(kept)}
+    done = _part_matches(part, record)
+    if done is not None:
+        return {"name": ref.name, "status": "done", "seconds": done.get("seconds"),
+                "cached": True}
+    pat, reason = _pattern(source, ref, weight, mask, opts)
+    if pat is None:   # pass 1 found a layer here: the input changed in between
+        raise RegroupError(f"{source.path}: layer {ref.name!r} is no longer usable ({reason});"
+                           " the file changed during the run - run again")
+    if first is None:
+        first = _first_layer(Path(part_in))
+    r = apply_allotment(pat, first, kept, opts.budget, layer_min=opts.layer_min,
+                        refine=opts.refines)
+    r = replace(r, seconds=time.perf_counter() - t0)
+    status = {"name": ref.name, "status": "done", "seconds": r.seconds}
+    if part is not None:
+        save_result(part, [r], {**record, "status": "done", "seconds": r.seconds})
+    else:
+        status["result"] = r
+    return status
+
+
+# -- the run -------------------------------------------------------------------------------
+def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike | None, *,
+         jobs: int, engine: str, scheduler: str | None, progress: Progress | None,
+         caller: str) -> Run:
+    check_choice(engine, "engine", caller, set(ENGINES))
+    jobs = check_int(jobs, "jobs", caller, low=1, high=1024)
+    t0 = time.perf_counter()
+    source = open_source(path)
+    where = os.fspath(path)
+    refs = source.refs
+    if opts.layers is not None:
+        keep = set(opts.select([r.name for r in refs], where=where))
+        refs = [r for r in refs if r.name in keep]
+    key = options_key({**opts.record(), "version": tool_versions()["regroup"]})
+    scope_global = opts.budget_scope == "global"
+    parts_dir = Path(os.fspath(out) + ".parts") if out is not None else None
+    if parts_dir is not None:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+
+    def part(i: int, suffix: str = "") -> str | None:
+        return None if parts_dir is None else str(parts_dir / f"{i}{suffix}.npz")
+
+    def run_pass(fn, tasks, idx, label):
+        statuses: dict[int, dict] = {}
+        for j, status in execute(fn, tasks, jobs=jobs, engine=engine, scheduler=scheduler,
+                                 costs=[refs[i].size for i in idx],
+                                 labels=[refs[i].name for i in idx], where=where):
+            statuses[idx[j]] = status
+            if progress is not None:
+                progress(refs[idx[j]].name + label, len(statuses), len(idx))
+        return statuses
+
+    try:
+        idx = list(range(len(refs)))
+        first = run_pass(regroup_layer,
+                         [(source.for_layer(refs[i]), refs[i], opts, part(i), key,
+                           scope_global) for i in idx], idx, "")
+        done = [i for i in idx if first[i]["status"] == "done"]
+        skipped = [(first[i]["name"], first[i]["reason"]) for i in idx
+                   if first[i]["status"] == "skipped"]
+        if not done:
+            why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "it holds no tensor"
+            more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""
+            if parts_dir is not None:
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            raise RegroupError(f"{where}: no usable layer: {why}{more}")
+        final = first
+        final_part = {i: part(i) for i in done}
+        seconds = {i: first[i].get("seconds") for i in done}
+        if scope_global:
+            kept = allot([first[i]["offer"] for i in done], opts.budget,
+                         layer_min=opts.layer_min)
+            final = run_pass(allot_layer,
+                             [(source.for_layer(refs[i]), refs[i], opts, k,
+                               first[i].get("result"), part(i), part(i, ".global"), key)
+                              for i, k in zip(done, kept)], done, " (global budget)")
+            final_part = {i: part(i, ".global") for i in done}
+            seconds = {i: (seconds[i] or 0.0) + (final[i].get("seconds") or 0.0)
+                       for i in done}
+    except BaseException:
+        # Nothing to resume from: leave nothing behind. The cleanup must not mask the
+        # error being raised, so a directory already gone (or not empty) is left as is.
+        if parts_dir is not None:
+            with contextlib.suppress(OSError):
+                parts_dir.rmdir()
+        raise
+    run = Run(source=source.record(), options=opts, records=[],
+              seconds=[seconds[i] for i in done], skipped=skipped,
+              stats={"jobs": jobs, "engine": engine,
+                     "resumed": sum(bool(first[i].get("cached")) for i in done)})
+    if parts_dir is None:
+        run.layers = [final[i]["result"] for i in done]
+        run.records = [layer_record(r) for r in run.layers]
+    else:
+        run.records = assemble_result(os.fspath(out), [final_part[i] for i in done],
+                                      [refs[i].name for i in done], run.meta())
+        run.output = os.fspath(out)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    run.stats["wall_seconds"] = time.perf_counter() - t0
+    return run
+
+
+def regroup_file(path: str | os.PathLike, *, options: RegroupOptions | None = None,
+                 jobs: int = 1, engine: str = "local", scheduler: str | None = None,
+                 progress: Progress | None = None, **kwargs: Any) -> Run:
+    """Regroup every selected layer of a mask or checkpoint, holding the results in memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file of any supported format, a sharded safetensors directory or its
+        ``*.index.json`` (see :func:`regroup.source.open_source`).
+    options : RegroupOptions, optional
+        Every option, including ``layers`` (globs over weight names), ``budget_scope``
+        and ``layer_min``; keyword arguments naming its fields are applied on top.
+    jobs, engine, scheduler
+        Worker processes (``engine="local"``) or a dask.distributed cluster
+        (``engine="dask"``, ``scheduler`` its address; None starts a local one).
+    progress : callable(name, done, total), optional
+        Called as layers finish.
+
+    Returns
+    -------
+    Run
+        ``run.layers`` holds the LayerResults; ``run.save(path)`` writes the result
+        file, the same bytes as :func:`regroup_checkpoint` writes.
+
+    Raises
+    ------
+    RegroupError
+        No usable layer (the reasons listed), a layer glob matching nothing, a failing
+        layer (named).
+    """
+    opts = resolve_options(options, "regroup_file", **kwargs)
+    return _run(path, opts, None, jobs=jobs, engine=engine, scheduler=scheduler,
+                progress=progress, caller="regroup_file")
+
+
+def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
+                       options: RegroupOptions | None = None, jobs: int = 1,
+                       engine: str = "local", scheduler: str | None = None,
+                       progress: Progress | None = None, **kwargs: Any) -> Run:
+    """Regroup every selected layer of a checkpoint into the result file ``out``,
+    streamed: one layer in memory per worker, finished layers kept in ``OUT.parts`` so
+    that an interrupted run resumes. Arguments as :func:`regroup_file`.
+
+    Returns
+    -------
+    Run
+        With ``run.output == out`` and ``run.layers`` None (``load_result(out)`` reads
+        them); ``run.report()`` is the JSON report.
+
+    Raises
+    ------
+    RegroupError
+        As :func:`regroup_file`.
+    KeyboardInterrupt
+        Propagated after stopping the workers; finished layers stay in ``OUT.parts``
+        for the next run, no result file is written.
+    """
+    opts = resolve_options(options, "regroup_checkpoint", **kwargs)
+    return _run(path, opts, out, jobs=jobs, engine=engine, scheduler=scheduler,
+                progress=progress, caller="regroup_checkpoint")
