@@ -26,11 +26,12 @@ import scipy.sparse as sp
 from .._validation import PartitionerError
 from ._isolate import call_isolated, run_isolated
 from ._panels import check_perm
-from . import registry
 from .registry import (PartitionerSpec, available_partitioners, format_method,
                        get_partitioner, list_partitioners, parse_method, register)
 
-__all__ = [*registry.__all__, "run_partitioner", "call_isolated", "check_perm"]
+__all__ = ["PartitionerSpec", "register", "get_partitioner", "list_partitioners",
+           "available_partitioners", "parse_method", "format_method", "run_partitioner",
+           "call_isolated", "check_perm"]
 
 
 def run_partitioner(name: str, params: dict, X: sp.csr_matrix, size: int,
