@@ -82,6 +82,8 @@ def allot(offers: list[Offer], budget: Budget, *, layer_min: float = 0.0
     if not 0.0 <= layer_min <= 1.0:
         raise ValueError(f"The 'layer_min' parameter of allot must be in [0, 1]. "
                          f"Got {layer_min!r} instead.")
+    if not offers:
+        return []
     reserve = _scaled(budget, layer_min)
     forced = [(select_blocks(o.mass, o.area, reserve, o.nnz, *o.shape) if reserve is not None
                else np.zeros(o.mass.shape, bool)) for o in offers]
@@ -119,10 +121,12 @@ def allot(offers: list[Offer], budget: Budget, *, layer_min: float = 0.0
 
 def apply_allotment(pattern: Pattern, result: LayerResult, kept: np.ndarray,
                     budget: Budget, *, layer_min: float = 0.0, refine: bool = False,
-                    rows: bool = True, cols: bool = True) -> LayerResult:
+                    rows: bool = True, cols: bool = True,
+                    time_limit: float | None = None) -> LayerResult:
     """``result`` re-laid with the blocks ``kept`` (from :func:`allot`), refined at the
     area it was allotted when ``refine`` (never lowering it; ``rows`` / ``cols`` False
-    keep that order, as :func:`regroup.refine.refine` does); metrics gain
+    keep that order, and ``time_limit`` caps it, as in :func:`regroup.refine.refine`);
+    metrics gain
     ``budget_scope="global"``, ``allotted_area`` and ``layer_min``, and
     ``retained_identity`` is measured at the allotted area."""
     from .refine import refine as local_search
@@ -137,7 +141,8 @@ def apply_allotment(pattern: Pattern, result: LayerResult, kept: np.ndarray,
     allotted = Budget("density", lay.kept_area / (c.shape[0] * c.shape[1])) \
         if lay.kept_area else None
     if refine and allotted is not None:
-        lay = local_search(V, lay, allotted, pattern.nnz, rows=rows, cols=cols)
+        lay = local_search(V, lay, allotted, pattern.nnz, rows=rows, cols=cols,
+                           time_limit=time_limit)
     n, m = c.shape
     identity = (build_layout(V, np.arange(n), np.arange(m), result.block_shape, result.format,
                              allotted, pattern.nnz) if allotted is not None else

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import Budget, Layout, build_layout
+from .blocks import Budget, Layout, build_layout, positions
 
 __all__ = ["anneal", "moves_for"]
 
@@ -32,12 +32,6 @@ _MOVE_SECONDS = {"grid": 1.4e-4, "shuffled": 2.7e-4}
 _ELEMENT_SECONDS = 1.0e-9
 # Moves are drawn and tested in batches of this many (one rng call per batch).
 _BATCH = 256
-
-
-def _positions(perm: np.ndarray) -> np.ndarray:
-    pos = np.empty(perm.size, np.intp)
-    pos[perm] = np.arange(perm.size)
-    return pos
 
 
 def moves_for(seconds: float, shape: tuple[int, int], block: tuple[int, int],
@@ -59,7 +53,7 @@ class _Blocks:
         self.bc = lay.block_shape[1]
         m = V.shape[1]
         if self.fmt == "grid":
-            group = _positions(lay.col_perm) // self.bc
+            group = positions(lay.col_perm) // self.bc
             n_groups = -(-m // self.bc)
             # Each row's mass per column group: the unit a row moves.
             # A copy: summing duplicates works in place and V is the caller's.
@@ -126,7 +120,7 @@ def anneal(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *, second
     k = layout.kept_blocks
     if n_panels < 2 or k == 0 or V.nnz == 0:
         return layout
-    panel = _positions(layout.row_perm) // br
+    panel = positions(layout.row_perm) // br
     blocks = _Blocks(V, panel, n_panels, layout)
     scale = float(np.abs(V.data).mean())
     hot, cold = 3.0 * scale, 0.05 * scale

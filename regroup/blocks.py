@@ -25,7 +25,8 @@ import scipy.sparse as sp
 from ._validation import RegroupError, check_choice
 
 __all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
-           "check_layout", "group_indicator", "layout_mask", "select", "select_blocks"]
+           "check_layout", "group_indicator", "layout_mask", "positions", "select",
+           "select_blocks"]
 
 FORMATS = ("grid", "shuffled")
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
@@ -184,7 +185,10 @@ class Candidates:
     order: np.ndarray | None = None
 
 
-def _positions(perm: np.ndarray) -> np.ndarray:
+def positions(perm) -> np.ndarray:
+    """The inverse permutation: ``positions(perm)[perm[i]] == i``, i.e. where each
+    original item sits in the regrouped order."""
+    perm = np.asarray(perm, np.intp)
     pos = np.empty(perm.size, np.intp)
     pos[perm] = np.arange(perm.size)
     return pos
@@ -196,7 +200,7 @@ def group_indicator(perm, size: int) -> sp.csr_matrix:
     each column of ``X`` per row panel."""
     perm = np.asarray(perm, np.intp)
     n = perm.size
-    return sp.csr_matrix((np.ones(n), (np.arange(n), _positions(perm) // size)),
+    return sp.csr_matrix((np.ones(n), (np.arange(n), positions(perm) // size)),
                          shape=(n, -(-n // size)))
 
 
@@ -210,11 +214,11 @@ def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],
     br, bc = block
     row_perm = np.asarray(row_perm, np.intp)
     P, Q = -(-n // br), -(-m // bc)
-    panel = _positions(row_perm)[coo.row] // br
+    panel = positions(row_perm)[coo.row] // br
     area = np.outer(_sizes(n, br), _sizes(m, bc))
     if fmt == "grid":
         col_perm = np.asarray(col_perm, np.intp)
-        flat = panel * Q + _positions(col_perm)[coo.col] // bc
+        flat = panel * Q + positions(col_perm)[coo.col] // bc
         mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
         return Candidates("grid", (br, bc), (n, m), row_perm, col_perm, mass, area)
     colmass = np.bincount(panel * m + coo.col, weights=coo.data,

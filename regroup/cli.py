@@ -32,7 +32,8 @@ def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> N
     p.add_argument("--layers", action="append", default=None, metavar="GLOB",
                    help="only layers whose name matches GLOB (repeatable)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="seconds per partitioner call; runs partitioners in a subprocess")
+                   help="seconds per partitioner call (run in a subprocess) and per "
+                   "refinement (whose result then depends on the machine's speed)")
     p.add_argument("--anneal", type=float, default=None, metavar="S",
                    help="seconds of simulated annealing after refinement (deterministic "
                    "for a seed: moves are counted, not timed)")
@@ -307,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback:
             import traceback
             traceback.print_exc()
-        print(f"{prefix}internal error: {type(exc).__name__}: {exc} (rerun with --traceback "
-              "and please report it with the command line)", file=sys.stderr)
+        where = "".join(f" ({note})" for note in getattr(exc, "__notes__", []))
+        print(f"{prefix}internal error: {type(exc).__name__}: {exc}{where} (rerun with "
+              "--traceback and please report it with the command line)", file=sys.stderr)
         return EXIT_INTERNAL
 
 

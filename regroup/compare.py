@@ -32,6 +32,9 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
     which each entry of ``methods`` replaces. ``progress(label, index, total)`` is called
     before each run (total counts the runs of the current file)."""
     opts = resolve_options(options, "compare", **kwargs)
+    if opts.budget_scope != "layer":
+        raise ValueError("The 'budget_scope' parameter of compare must be 'layer': compare "
+                         "scores every layer on its own. Got 'global' instead.")
     if isinstance(methods, str) or not methods:
         raise ValueError(f"The 'methods' parameter of compare must be a non-empty list of "
                          f"method specs. Got {methods!r} instead.")

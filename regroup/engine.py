@@ -159,7 +159,7 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     for cand in candidates:
         cname, cparams = parse_method(cand) if spec.portfolio else (name, params)
         try:
-            if cname == "identity" and col_perm is None:
+            if cname == "identity" and row_perm is None and col_perm is None:
                 lay = identity
             else:
                 # What a partitioner warns about (a baseline degenerating) goes into the
@@ -189,17 +189,19 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         raise RegroupError(f"{pattern.describe()}: every candidate of {opts.method!r} failed")
     do_refine = opts.refines
 
-    def finish(cand: str, lay: Layout) -> Layout:
+    def finish(cand: str, lay: Layout) -> tuple[float, Layout]:
         """A candidate as a direct run of its method leaves it: full column step (grid;
-        auto scored its candidates with home-panel columns), then refinement."""
+        auto scored its candidates with home-panel columns), then refinement. Returns the
+        score before refinement too (what refine_gain is measured from)."""
         if spec.portfolio and format == "grid" and col_perm is None and get_partitioner(
                 parse_method(cand)[0]).columns == "home":
             cols = group_columns(V, lay.row_perm, block, budget, nnz)
             lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
+        start = lay.kept_mass / total
         if do_refine:
             lay = local_search(V, lay, budget, nnz, rows=row_perm is None,
                                cols=col_perm is None, time_limit=opts.time_limit)
-        return lay
+        return start, lay
 
     refined: dict[str, float] = {}
     if spec.portfolio and do_refine:
@@ -208,34 +210,38 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         # finished layout wins; candidates that start from the same rows (and columns)
         # finish alike and are finished once.
         best = None
-        done: dict[bytes, tuple[str, Layout]] = {}
+        done: dict[bytes, tuple[float, Layout]] = {}
         ranked = sorted(scored, key=lambda t: -t[0])      # stable: portfolio order on ties
         if n * m > ALL_FINALISTS_BELOW:
             ranked = ranked[:FINALISTS]
-        for score, cand, lay in ranked:
+        for _, cand, lay in ranked:
             key = lay.row_perm.tobytes() + (b"" if lay.col_perm is None
                                             else lay.col_perm.tobytes())
             if key not in done:
-                done[key] = (cand, finish(cand, lay))
-            fin = done[key][1]
+                done[key] = finish(cand, lay)
+            start, fin = done[key]
             refined[cand] = fin.kept_mass / total
             if best is None or refined[cand] > best[0]:
-                best = (refined[cand], cand, fin, score)
-        _, chosen, lay, score = best
-        refine_gain = lay.kept_mass / total - score
+                best = (refined[cand], cand, fin, start)
+        _, chosen, lay, start = best
+        refine_gain = lay.kept_mass / total - start
     else:
-        score, chosen, lay = max(scored, key=lambda t: t[0])  # first of equals
-        lay = finish(chosen, lay) if spec.portfolio or do_refine else lay
-        refine_gain = lay.kept_mass / total - score if do_refine else None
+        _, chosen, lay = max(scored, key=lambda t: t[0])  # first of equals
+        if spec.portfolio or do_refine:
+            start, lay = finish(chosen, lay)
+        refine_gain = lay.kept_mass / total - start if do_refine else None
     anneal_gain = None
-    if opts.anneal is not None and row_perm is None:
+    if opts.anneal is not None and row_perm is not None:
+        raise ValueError(f"The 'anneal' parameter of {caller} moves rows, which row_perm "
+                         "fixes (a folded dimension); leave anneal unset for such layers")
+    if opts.anneal is not None:
         before = lay.kept_mass
-        polished = anneal(V, lay, budget, nnz, seconds=opts.anneal, seed=seed)
-        if polished is not lay and do_refine:
+        # anneal() returns its start unless it found a layout keeping more.
+        lay = anneal(V, lay, budget, nnz, seconds=opts.anneal, seed=seed)
+        if lay.kept_mass > before and do_refine:
             # Annealing moved the rows; refinement re-fits the columns and tiles to them.
-            polished = local_search(V, polished, budget, nnz, cols=col_perm is None,
-                                    time_limit=opts.time_limit)
-            lay = polished if polished.kept_mass > before else lay
+            lay = local_search(V, lay, budget, nnz, cols=col_perm is None,
+                               time_limit=opts.time_limit)
         anneal_gain = (lay.kept_mass - before) / total
     metrics = layer_metrics(pattern, lay, identity)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),

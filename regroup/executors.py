@@ -14,18 +14,24 @@ from typing import Any
 
 from ._validation import RegroupError, missing_dependency
 
-__all__ = ["ENGINES", "execute", "capped_threads", "thread_limit"]
+__all__ = ["ENGINES", "execute", "capped_threads", "thread_limit", "THREADS_VARIABLE"]
 
 ENGINES = ("local", "dask")
 _THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("regroup_threads",
                                                                      default=None)
 
 
+# A partitioner's subprocess (--time-limit) inherits its parent's cap through this.
+THREADS_VARIABLE = "REGROUP_THREADS"
+
+
 def thread_limit() -> int:
     """The threads one task may use: the cap of :func:`capped_threads` when a worker runs
-    under one, else every core. Native libraries with their own pools (Mt-KaHyPar's) size
-    them by it."""
-    return _THREADS.get() or os.cpu_count() or 1
+    under one (or the cap its parent process passed in ``REGROUP_THREADS``), else every
+    core. Native libraries with their own pools (Mt-KaHyPar's) size them by it."""
+    inherited = os.environ.get(THREADS_VARIABLE, "")
+    return (_THREADS.get() or (int(inherited) if inherited.isdigit() else 0)
+            or os.cpu_count() or 1)
 
 
 def capped_threads(fn: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
@@ -65,7 +71,12 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
         return
     if jobs == 1 or len(tasks) <= 1:
         for i, t in enumerate(tasks):
-            yield i, fn(*t)
+            try:
+                value = fn(*t)
+            except Exception as exc:
+                _name_the_task(exc, where, labels[i])
+                raise
+            yield i, value
         return
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -86,12 +97,21 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
                           if f.done() and not f.cancelled() and f.exception() is None}
                     suspects = [labels[i] for i in order if i not in ok]
                     raise _worker_died(where, suspects[:jobs + 1]) from None
+                except Exception as exc:
+                    _name_the_task(exc, where, labels[futures[fut]])
+                    raise
                 yield futures[fut], value
         except BaseException:
             for fut in futures:
                 fut.cancel()
             ex.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _name_the_task(exc: BaseException, where: str, label: str) -> None:
+    """Say which layer an unexpected error came from (regroup's own errors name it)."""
+    if not isinstance(exc, RegroupError):
+        exc.add_note(f"{where}: while regrouping layer {label!r}")
 
 
 def _worker_died(where: str, layers: list[str]) -> RegroupError:
@@ -138,6 +158,9 @@ def _execute_dask(fn, tasks, jobs, scheduler, costs, labels, where):
                 killed = [labels[index[f.key]] for f in futures
                           if f.status == "error" and isinstance(f.exception(), KilledWorker)]
                 raise _worker_died(where, killed) from None
+            except Exception as exc:
+                _name_the_task(exc, where, labels[index[fut.key]])
+                raise
             yield index[fut.key], value
     finally:
         client.close()

@@ -18,7 +18,8 @@ Source -> :func:`regroup.regroup_pattern` per layer -> sink -> optional model-wi
   workers too.
 
 Both sinks give byte-identical result files for the same input and options, whatever
-the number of jobs or the engine.
+the number of jobs or the engine (with ``time_limit`` set, refinement stops by the clock,
+so a result can then depend on the machine's load).
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ from .io import layer_pattern
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
 from .report import report_row, report_total
-from .result import (LayerResult, assemble_result, layer_record, load_result, read_meta,
-                     save_result)
+from .result import (LayerResult, assemble_result, damaged_part, layer_record, load_result,
+                     read_meta, save_result)
 from .source import LayerRef, Source, open_source
 
 __all__ = ["Run", "regroup_file", "regroup_checkpoint"]
@@ -113,8 +114,12 @@ class Run:
 
 
 # -- tasks (run in workers: module level, picklable arguments) ------------------------------
-def _first_layer(part: Path) -> LayerResult:
-    return next(iter(load_result(part).values()))
+def _first_layer(part: Path, layer: str) -> LayerResult:
+    """The layout a pass-1 part holds (a damaged part is named, with what to do)."""
+    try:
+        return next(iter(load_result(part).values()))
+    except (OSError, ValueError, StopIteration) as exc:
+        raise damaged_part(part, layer, exc or "no layer") from None
 
 
 def _part_matches(part: Path | None, record: dict[str, Any]) -> dict | None:
@@ -147,7 +152,7 @@ def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str
                   "seconds": done.get("seconds"), "cached": True}
         if offer and done["status"] == "done":
             pat, _ = _pattern(source, ref, weight, mask, opts)
-            status["offer"] = layer_offer(pat, _first_layer(part))
+            status["offer"] = layer_offer(pat, _first_layer(part, ref.name))
         return status
     pat, reason = _pattern(source, ref, weight, mask, opts)
     del weight, mask
@@ -194,9 +199,9 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
         raise RegroupError(f"{source.path}: layer {ref.name!r} is no longer usable ({reason});"
                            " the file changed during the run - run again")
     if first is None:
-        first = _first_layer(Path(part_in))
+        first = _first_layer(Path(part_in), ref.name)
     r = apply_allotment(pat, first, kept, opts.budget, layer_min=opts.layer_min,
-                        refine=opts.refines)
+                        refine=opts.refines, time_limit=opts.time_limit)
     r = replace(r, seconds=time.perf_counter() - t0)
     status = {"name": ref.name, "status": "done", "seconds": r.seconds}
     if part is not None:
@@ -219,7 +224,8 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
     if opts.layers is not None:
         keep = set(opts.select([r.name for r in refs], where=where))
         refs = [r for r in refs if r.name in keep]
-    key = options_key({**opts.record(), "version": tool_versions()["regroup"]})
+    # Parts are reused only under the same options and the same library versions.
+    key = options_key({**opts.record(), "versions": tool_versions()})
     scope_global = opts.budget_scope == "global"
     parts_dir = Path(os.fspath(out) + ".parts") if out is not None else None
     if parts_dir is not None:
@@ -276,6 +282,8 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
               seconds=[seconds[i] for i in done], skipped=skipped,
               stats={"jobs": jobs, "engine": engine,
                      "resumed": sum(bool(first[i].get("cached")) for i in done)})
+    if scope_global:
+        run.stats["resumed_global"] = sum(bool(final[i].get("cached")) for i in done)
     if parts_dir is None:
         run.layers = [final[i]["result"] for i in done]
         run.records = [layer_record(r) for r in run.layers]

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import Budget, Layout, build_layout
+from .blocks import Budget, Layout, build_layout, positions
 
 __all__ = ["refine", "EXACT_ASSIGN"]
 
@@ -43,8 +43,7 @@ def _group_sums(coo: sp.coo_matrix, axis: int, perm: np.ndarray, size: int) -> n
     column group of ``perm``; for axis 1, each column's mass per row panel. A bincount
     over the nonzeros: much faster than the sparse product with a group indicator."""
     k = -(-perm.size // size)
-    pos = np.empty(perm.size, np.intp)
-    pos[perm] = np.arange(perm.size)
+    pos = positions(perm)
     items, other = (coo.row, coo.col) if axis == 0 else (coo.col, coo.row)
     n_items = coo.shape[axis]
     flat = items.astype(np.int64) * k + pos[other] // size

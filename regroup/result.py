@@ -32,7 +32,7 @@ from ._validation import FormatError
 from ._zip import ZipWriter, raw_entry
 
 __all__ = ["LayerResult", "save_result", "load_result", "layer_record", "assemble_result",
-           "read_meta", "FORMAT_VERSION"]
+           "read_meta", "damaged_part", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -140,7 +140,8 @@ def read_meta(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _damaged_part(part, layer: str, why: Exception | str) -> FormatError:
+def damaged_part(part, layer: str, why: Exception | str) -> FormatError:
+    """The error for a one-layer part file that cannot be read back."""
     return FormatError(f"{part}: the finished part of layer {layer!r} is damaged ({why}); "
                        "delete it and run again to recompute that layer")
 
@@ -156,7 +157,7 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
     for i, p in enumerate(parts):
         doc = read_meta(p)
         if doc is None or not doc.get("layers"):
-            raise _damaged_part(p, names[i], "no readable layer record")
+            raise damaged_part(p, names[i], "no readable layer record")
         lm = dict(doc["layers"][0])
         lm["entry"] = f"layers/{i}/"
         layer_docs.append(lm)
@@ -169,12 +170,12 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
             try:
                 fp = open(p, "rb")
             except OSError as exc:
-                raise _damaged_part(p, names[i], exc) from None
+                raise damaged_part(p, names[i], exc) from None
             with fp:
                 try:
                     infos = zipfile.ZipFile(fp).infolist()
                 except (OSError, zipfile.BadZipFile) as exc:
-                    raise _damaged_part(p, names[i], exc) from None
+                    raise damaged_part(p, names[i], exc) from None
                 for info in infos:
                     if not info.filename.startswith("layers/0/"):
                         continue
@@ -185,7 +186,7 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
                                      info.CRC, info.file_size, info.compress_size,
                                      raw_entry(fp, info))
                     except FormatError as exc:
-                        raise _damaged_part(p, names[i], exc) from None
+                        raise damaged_part(p, names[i], exc) from None
     return layer_docs
 
 
@@ -201,7 +202,7 @@ def _read_npy(zf: zipfile.ZipFile, name: str, path) -> np.ndarray:
             return np.lib.format.read_array(io.BytesIO(f.read()), allow_pickle=False)
     except KeyError:
         raise FormatError(f"{path}: result file lacks entry {name!r}") from None
-    except ValueError as exc:
+    except (ValueError, zipfile.BadZipFile, OSError) as exc:   # BadZipFile: a bad CRC
         raise FormatError(f"{path}: entry {name!r} is not a valid array: {exc}") from None
 
 

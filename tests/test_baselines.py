@@ -187,3 +187,18 @@ def test_dsb_does_not_warn_on_a_clustered_matrix():
         dsb(sp.csr_matrix(X[:10]), 16)                  # a single panel: nothing to warn
     truth = {frozenset(np.flatnonzero(hidden // 16 == g).tolist()) for g in range(3)}
     assert {frozenset(perm[i:i + 16].tolist()) for i in range(0, 48, 16)} == truth
+
+
+def test_a_degenerate_dsb_is_said_in_the_layer_metrics_with_or_without_isolation():
+    """The warning reaches the result file's metrics, also when a time limit runs the
+    partitioner in a subprocess (the same words either way)."""
+    from regroup import from_array, regroup_pattern
+    rng = np.random.default_rng(0)
+    pat = from_array(rng.random((96, 64)) < 0.05)     # rows sharing no column: ties at 1.0
+    said = []
+    for time_limit in (None, 60.0):
+        with pytest.warns(RuntimeWarning, match="dsb degenerates"):
+            r = regroup_pattern(pat, block=16, format="shuffled", method="dsb",
+                                time_limit=time_limit)
+        said.append(r.metrics["warnings"])
+    assert said[0] == said[1] and "dsb degenerates on the 96x64 matrix" in said[0]["dsb"][0]

@@ -93,10 +93,14 @@ def test_ceiling_bench_quick_anneals_from_both_starts(tmp_path, dlmc_dir):
     assert "auto / DSB" in (tmp_path / "ceiling_quick.md").read_text()
 
 
-def test_portfolio_bench_quick_finds_auto_best(tmp_path, dlmc_dir):
-    assert _bench("portfolio_bench").main(["--quick", "--out", str(tmp_path)]) == 0
+def test_portfolio_bench_quick_replays_the_finalist_policies(tmp_path, dlmc_dir):
+    bench = _bench("portfolio_bench")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "portfolio_quick.json").read_text())
     assert {r["format"] for r in rows} == {"grid", "shuffled"} and len(rows) == 8
     for r in rows:
-        assert r["auto"] >= r["best_refined_member"] - 1e-12
-        assert r["auto"] >= r["previous_auto"] - 1e-12
+        assert set(r["before"]) == set(r["after"]) and len(r["after"]) == 6
+        # Finishing (column step, refinement) never lowers a candidate.
+        assert all(r["after"][c] >= r["before"][c] - 1e-12 for c in r["after"])
+    table = (tmp_path / "portfolio_quick.md").read_text()
+    assert table.count("| all 6 |") == 2 and "| 0 of 4 |" in table

@@ -263,7 +263,7 @@ def test_a_global_run_resumes_both_passes(tmp_path):
         regroup_checkpoint(src, out, **opts, progress=stop_in_the_second_pass)
     assert not out.exists() and len(list((tmp_path / "g.npz.parts").glob("*.npz"))) >= 6
     run = regroup_checkpoint(src, out, **opts)
-    assert run.stats["resumed"] == 4
+    assert run.stats["resumed"] == 4 and run.stats["resumed_global"] == 2
     fresh = tmp_path / "fresh.npz"
     regroup_checkpoint(src, fresh, **opts)
     assert out.read_bytes() == fresh.read_bytes()

@@ -128,11 +128,20 @@ def test_planted_panels_are_recovered_exactly(name):
     assert _panels(perm, size) == truth
 
 
-def test_kahypar_runs_isolated_and_reports_failures():
+def test_isolated_runs_tell_documented_failures_from_bugs():
+    from regroup.partitioners._isolate import run_isolated
+    from regroup.partitioners.hierarchical import MAX_ROWS
     pytest.importorskip("kahypar")
     assert get_partitioner("kahypar").isolated
-    from regroup.partitioners._isolate import run_isolated
-    with pytest.raises(PartitionerError, match="'kahypar'.*epsilon|'kahypar'.*failed"):
+    # A PartitionerError raised in the child is the partitioner's failure, as in-process.
+    big = sp.random(MAX_ROWS + 1, 8, density=0.01, format="csr", random_state=0)
+    with pytest.raises(PartitionerError, match="'hierarchical' failed in its subprocess.*"
+                                               "limited to"):
+        run_isolated("hierarchical", big, 32, {"linkage": "average", "backend": "scipy"},
+                     0, 60)
+    # Any other exception in the child is a bug: never turned into a failure auto skips.
+    with pytest.raises(RuntimeError, match="'kahypar' raised ValueError.*not a failure its "
+                                           "library documents"):
         run_isolated("kahypar", sp.random(50, 40, density=0.2, format="csr"), 10,
                      {"objective": "km1", "epsilon": "bad"}, 0, 60)
 

@@ -98,9 +98,16 @@ def test_annealing_is_deterministic_never_loses_and_climbs_from_a_poor_start():
         assert a.kept_mass > 1.2 * start.kept_mass      # from the natural order: far better
         assert moves_for(0.5, (128, 96), (16, 16), fmt) > 100
         assert (V != untouched).nnz == 0 and V.has_canonical_format
-    plain = regroup_pattern(pat, block=16, method="sort")
+    # Through the engine, with refinement off (annealing alone) and on.
+    plain = regroup_pattern(pat, block=16, method="identity")
+    annealed = regroup_pattern(pat, block=16, method="identity", anneal=0.5)
+    assert not annealed.metrics["refined"]
+    assert annealed.metrics["retained"] > 1.2 * plain.metrics["retained"]
+    assert annealed.metrics["anneal_gain"] > 0
     polished = regroup_pattern(pat, block=16, method="sort", anneal=0.5, refine=True)
     again = regroup_pattern(pat, block=16, method="sort", anneal=0.5, refine=True)
     np.testing.assert_array_equal(polished.mask, again.mask)
-    assert polished.metrics["retained"] >= plain.metrics["retained"]
-    assert polished.metrics["anneal_gain"] >= 0
+    refined = regroup_pattern(pat, block=16, method="sort", refine=True)
+    assert polished.metrics["retained"] >= refined.metrics["retained"]
+    with pytest.raises(ValueError, match="'anneal' parameter of regroup_pattern moves rows"):
+        regroup_pattern(pat, block=16, anneal=0.5, row_perm=np.arange(128))

@@ -41,6 +41,7 @@ from torch import nn
 import regroup
 from regroup import RegroupError
 from regroup.allocation import allot, apply_allotment, layer_offer
+from regroup.blocks import positions
 from regroup.io import layer_pattern
 from regroup.options import RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
@@ -184,11 +185,11 @@ class Plan:
         if module in rows:
             pi = rows[module]
             mask2d = mask2d[pi]
-            row_perm = _positions(pi)[row_perm]
+            row_perm = positions(pi)[row_perm]
         if module in cols:
             pi = cols[module]
             mask2d = mask2d[:, pi]
-            pos = _positions(pi)
+            pos = positions(pi)
             col_perm = None if col_perm is None else pos[col_perm]
             panel_cols = None if panel_cols is None else tuple(pos[c] for c in panel_cols)
         return replace(r, mask=mask2d.reshape(r.shape), row_perm=row_perm, col_perm=col_perm,
@@ -349,12 +350,6 @@ def _recorded_options(record: Mapping[str, Any], where: Any) -> RegroupOptions:
 
 
 # -- helpers on live modules -------------------------------------------------------------
-def _positions(perm: np.ndarray) -> np.ndarray:
-    pos = np.empty_like(perm)
-    pos[perm] = np.arange(perm.size)
-    return pos
-
-
 def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
     mod_name, _, attr = name.rpartition(".")
     module = modules.get(mod_name)
@@ -555,7 +550,10 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         mod = name[: -len(".weight")]
         rp = fixed_rows.get(mod)
         cp = fixed_cols.get(mod) if grid else None
-        results[name] = regroup.regroup_pattern(pattern, options=opts.per_layer(),
+        # Annealing moves rows: a folded row order is not the layer's to move.
+        layer_opts = opts.per_layer() if rp is None else opts.per_layer().replace(
+            caller, anneal=None)
+        results[name] = regroup.regroup_pattern(pattern, options=layer_opts,
                                                 row_perm=rp, col_perm=cp)
         side = {"rows": "fold" if rp is not None else "runtime",
                 "cols": ("fold" if cp is not None else "runtime") if grid else "tiles"}
@@ -572,7 +570,11 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
             results[n] = apply_allotment(patterns[n], results[n], k, opts.budget,
                                          layer_min=opts.layer_min, refine=opts.refines,
                                          rows=sides[n]["rows"] != "fold",
-                                         cols=sides[n]["cols"] != "fold")
+                                         cols=sides[n]["cols"] != "fold",
+                                         time_limit=opts.time_limit)
+    if opts.anneal is not None and fixed_rows:
+        notes.append("anneal: applied to the layers whose rows are not folded (a folded "
+                     "row order is shared with other layers)")
     dense = {} if analysis is None else {
         f"{m}.weight": why for m, why in analysis.uncalled.items() if f"{m}.weight" in results}
     plan = Plan(results, folds, sides, skipped, notes, opts, dense, mode)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regroup import RegroupError, check_layout
+from regroup.blocks import positions
 from regroup.result import LayerResult
 
 from . import triton_shuffled
@@ -54,12 +55,6 @@ def _index(perm: np.ndarray) -> torch.Tensor | None:
     """The permutation as a long tensor, or None when it is the identity (nothing to do)."""
     perm = np.asarray(perm, np.int64)
     return None if np.array_equal(perm, np.arange(perm.size)) else torch.from_numpy(perm)
-
-
-def _inverse(perm: np.ndarray) -> np.ndarray:
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(perm.size)
-    return inv
 
 
 def _bsr(crow, col, values, size) -> torch.Tensor:
@@ -145,7 +140,7 @@ class _BlockCore(nn.Module):
             self.format == "grid"
         self.register_buffer("in_index", None if identity else torch.from_numpy(gather),
                              persistent=False)
-        self.register_buffer("out_index", _index(_inverse(row_perm)), persistent=False)
+        self.register_buffer("out_index", _index(positions(row_perm)), persistent=False)
         w = weight2d.detach()
         Wz = torch.cat([w[torch.from_numpy(row_perm)], w.new_zeros((n, 1))], dim=1)
         Wp = w.new_zeros(self.padded)

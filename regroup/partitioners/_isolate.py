@@ -12,20 +12,29 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._validation import PartitionerError
+from ..executors import THREADS_VARIABLE, thread_limit
 
 __all__ = ["run_isolated", "call_isolated"]
 
 
 def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
-                  time_limit: float | None, who: str) -> np.ndarray:
+                  time_limit: float | None, who: str,
+                  failures: tuple[type[BaseException], ...] | None = None) -> np.ndarray:
     """Call ``target`` (``"regroup.module:function"``) as ``function(X, rng=Generator(seed),
-    **kwargs)`` in a subprocess and return the array it returns."""
+    **kwargs)`` in a subprocess and return the array it returns.
+
+    The child runs with the caller's thread cap (:func:`regroup.executors.thread_limit`).
+    Its warnings are re-emitted here. An exception in the child is a
+    :class:`PartitionerError` when it is one of ``failures`` (None: any exception, a
+    tool whose failures are not typed) or a PartitionerError; any other is a bug in
+    regroup and raised as a RuntimeError, as it would be in this process."""
     if not target.startswith("regroup.") or ":" not in target:
         raise ValueError(f"call_isolated runs regroup functions only. Got {target!r} instead.")
     X = sp.csr_matrix(X, dtype=np.float64)
@@ -35,15 +44,28 @@ def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
         with open(os.path.join(tmp, "job.json"), "w") as f:
             json.dump({"target": target, "kwargs": kwargs, "seed": int(seed)}, f)
         cmd = [sys.executable, "-m", "regroup.partitioners._worker", tmp]
+        env = {**os.environ, THREADS_VARIABLE: str(thread_limit())}
         try:
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  timeout=time_limit, check=False)
+                                  timeout=time_limit, check=False, env=env)
         except subprocess.TimeoutExpired:
             raise PartitionerError(f"{who} exceeded its time limit of {time_limit:g} s") \
                 from None
         out = os.path.join(tmp, "out.npy")
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         last = err[-1] if err else "no message"
+        report = _report(os.path.join(tmp, "report.json"))
+        for message in report.get("warnings", []):
+            # The same words as in-process, so a layer's recorded warnings do not depend
+            # on whether a time limit isolated its partitioner.
+            warnings.warn(str(message), RuntimeWarning, stacklevel=3)
+        error = report.get("error")
+        if error and failures is not None:
+            documented = {f"{c.__module__}.{c.__qualname__}" for c in failures}
+            documented.add(f"{PartitionerError.__module__}.{PartitionerError.__qualname__}")
+            if not documented & set(error.get("types", [])):
+                raise RuntimeError(f"{who} raised {error.get('message')} in its subprocess: "
+                                   "not a failure its library documents (a bug in regroup)")
         if proc.returncode != 0:
             raise PartitionerError(f"{who} failed in its subprocess (exit code "
                                    f"{proc.returncode}): {last}")
@@ -52,12 +74,22 @@ def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
         return np.load(out)
 
 
+def _report(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):      # the child died before writing it
+        return {}
+
+
 def run_isolated(name: str, X, size: int, params: dict, seed: int,
                  time_limit: float | None) -> np.ndarray:
     """Run registered partitioner ``name`` on ``X`` in a subprocess; return its ordering."""
     from .registry import get_partitioner
 
-    func = get_partitioner(name).func
+    spec = get_partitioner(name)
+    func = spec.func
     target = f"{func.__module__}:{func.__name__}"
     return call_isolated(target, X, {"size": int(size), **params}, seed, time_limit,
-                         f"partitioner {name!r}")
+                         f"partitioner {name!r}", spec.failures)

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,9 +28,23 @@ def main(folder: str) -> int:
     return 0
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1]))
-    except Exception as exc:  # reported to the parent on stderr, which raises it
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+    folder = sys.argv[1]
+    # What the call warned about, and the exception it raised (with its class hierarchy,
+    # so the parent can tell a documented failure from a bug), go back as JSON.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code, error = main(folder), None
+        except Exception as exc:
+            code = 1
+            error = {"types": [_qualname(c) for c in type(exc).__mro__],
+                     "message": f"{type(exc).__name__}: {exc}"}
+            print(error["message"], file=sys.stderr)
+    with open(os.path.join(folder, "report.json"), "w") as f:
+        json.dump({"error": error, "warnings": [str(w.message) for w in caught]}, f)
+    sys.exit(code)

@@ -40,7 +40,7 @@ class PartitionerSpec:
     description : str
     columns : {"home", "self"}
         Grid format column order: "home" groups columns by the row panel holding most of
-        their mass (:func:`regroup.engine.group_columns`); "self" applies the partitioner
+        their mass (:func:`regroup.columns.group_columns`); "self" applies the partitioner
         to the columns too (identity and random, which must stay baselines).
     choices : dict
         Allowed values of string parameters.
