@@ -29,7 +29,7 @@ class RegroupError(ValueError):
     values catches bad data too; option errors are plain ValueError / TypeError."""
 
 
-class FormatError(RegroupError, ValueError):
+class FormatError(RegroupError):
     """A file could not be parsed; the message carries ``path:line:col`` where known."""
 
 

@@ -117,9 +117,12 @@ class Run:
 def _first_layer(part: Path, layer: str) -> LayerResult:
     """The layout a pass-1 part holds (a damaged part is named, with what to do)."""
     try:
-        return next(iter(load_result(part).values()))
-    except (OSError, ValueError, StopIteration) as exc:
-        raise damaged_part(part, layer, exc or "no layer") from None
+        layers = load_result(part)
+    except (OSError, ValueError) as exc:
+        raise damaged_part(part, layer, exc) from None
+    if len(layers) != 1:
+        raise damaged_part(part, layer, f"it holds {len(layers)} layers, not 1")
+    return next(iter(layers.values()))
 
 
 def _part_matches(part: Path | None, record: dict[str, Any]) -> dict | None:

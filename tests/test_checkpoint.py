@@ -360,3 +360,30 @@ def test_a_file_changed_after_indexing_is_named(tmp_path):
     with pytest.raises(FormatError, match=r"model\.npz: layer 'conv\.weight'.*"
                        r"'conv\.weight_mask'.*changed since it was indexed"):
         source.for_layer(ref).load(ref)
+
+
+def test_a_damaged_first_pass_part_is_named_when_a_global_run_resumes(tmp_path):
+    from regroup import FormatError, save_result
+    from regroup.result import read_meta
+    src = tmp_path / "m.safetensors"
+    write_safetensors(_tensors(), src)
+    opts = {**OPTS, "budget_scope": "global"}
+    out = tmp_path / "g.npz"
+
+    def stop_in_the_second_pass(name, done, total):
+        if name.endswith("(global budget)"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        regroup_checkpoint(src, out, **opts, progress=stop_in_the_second_pass)
+    parts = tmp_path / "g.npz.parts"
+    victim = next(p for p in sorted(parts.glob("[0-9].npz"))
+                  if not (parts / (p.stem + ".global.npz")).exists()
+                  and read_meta(p)["status"] == "done")
+    meta = {k: v for k, v in read_meta(victim).items() if k not in ("layers",
+                                                                    "format_version")}
+    save_result(victim, [], meta)          # its record still matches; its layout is gone
+    with pytest.raises(FormatError, match=rf"{victim.name}: the finished part of layer "
+                                          r"'.*' is damaged \(it holds 0 layers"):
+        regroup_checkpoint(src, out, **opts)
+    assert not out.exists()
