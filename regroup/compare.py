@@ -25,12 +25,22 @@ SUMMARY_COLUMNS = ("method", "layers", "mean_retained", "mean_ratio_identity",
 def compare(paths: Sequence[str], methods: Sequence[str], *,
             options: RegroupOptions | None = None,
             progress: Callable[[str, int, int], None] | None = None,
+            on_skip: Callable[[str, str, str], None] | None = None,
             **kwargs: Any) -> list[dict]:
     """Run every method on every usable layer of every file; one dict per run.
 
     ``options`` (and keyword arguments naming its fields) set everything but the method,
-    which each entry of ``methods`` replaces. ``progress(label, index, total)`` is called
-    before each run (total counts the runs of the current file)."""
+    which each entry of ``methods`` replaces. The layers are those ``regroup run`` takes
+    (:func:`regroup.io.read_patterns` with the block, ``dense_above`` and the embedding
+    rule); ``on_skip(file, name, reason)`` is called for every other tensor.
+    ``progress(label, index, total)`` is called before each run (total counts the runs
+    of the current file).
+
+    Raises
+    ------
+    RegroupError
+        A file without a usable layer (the reasons listed), as ``regroup run``.
+    """
     opts = resolve_options(options, "compare", **kwargs)
     if opts.budget_scope != "layer":
         raise ValueError("The 'budget_scope' parameter of compare must be 'layer': compare "
@@ -41,7 +51,11 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
     runs = [opts.replace("compare", method=m).per_layer() for m in methods]
     rows = []
     for path in paths:
-        patterns, _ = read_patterns(path, layers=opts.layers, block=opts.block)
+        patterns, skipped = read_patterns(path, layers=opts.layers, block=opts.block,
+                                          dense_above=opts.dense_above)
+        if on_skip is not None:
+            for name, reason in skipped:
+                on_skip(str(path), name, reason)
         total = len(patterns) * len(runs)
         for i, pat in enumerate(patterns):
             for j, run in enumerate(runs):

@@ -24,14 +24,7 @@ from .pattern import Pattern
 from .refine import refine as local_search
 from .result import LayerResult
 
-__all__ = ["regroup_pattern", "FINALISTS", "ALL_FINALISTS_BELOW"]
-
-# auto refines its FINALISTS best candidates (by their score before refinement), and all
-# of them on layers of at most ALL_FINALISTS_BELOW elements, where refinement is cheap.
-# Refining every candidate of every DLMC matrix took 18x auto's previous time (grid);
-# benchmarks/README.md ("auto: the best of its refined portfolio") has the trade-off.
-FINALISTS = 3
-ALL_FINALISTS_BELOW = 1 << 16
+__all__ = ["regroup_pattern"]
 
 
 def _candidate(name: str, params: dict, B: sp.csr_matrix, V: sp.csr_matrix, fmt: str,
@@ -169,7 +162,11 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
                     try:
                         lay = _candidate(cname, cparams, B, V, format, block, budget, nnz,
                                          seed, opts.time_limit,
-                                         cluster_columns=not spec.portfolio,
+                                         # Refinement's exact column step does what
+                                         # profile clustering does, and better
+                                         # (benchmarks/README.md, auto's time).
+                                         cluster_columns=not (spec.portfolio
+                                                              or opts.refines),
                                          fixed_rows=row_perm, fixed_cols=col_perm)
                     finally:
                         for w in caught:
@@ -195,7 +192,7 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         score before refinement too (what refine_gain is measured from)."""
         if spec.portfolio and format == "grid" and col_perm is None and get_partitioner(
                 parse_method(cand)[0]).columns == "home":
-            cols = group_columns(V, lay.row_perm, block, budget, nnz)
+            cols = group_columns(V, lay.row_perm, block, budget, nnz, cluster=not do_refine)
             lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
         start = lay.kept_mass / total
         if do_refine:
@@ -204,16 +201,15 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         return start, lay
 
     refined: dict[str, float] = {}
+    polish_gain = None
     if spec.portfolio and do_refine:
-        # Refinement can reorder the candidates (a lower start may climb higher), so the
-        # best FINALISTS (every candidate of a small layer) are finished and the best
-        # finished layout wins; candidates that start from the same rows (and columns)
-        # finish alike and are finished once.
+        # Refinement can reorder the candidates (a lower start may climb higher: on DLMC
+        # the best refined candidate was not among the best 3 starts on 18 of 214 runs),
+        # so every candidate is finished and the best finished layout wins; candidates
+        # that start from the same rows (and columns) finish alike and are finished once.
         best = None
         done: dict[bytes, tuple[float, Layout]] = {}
         ranked = sorted(scored, key=lambda t: -t[0])      # stable: portfolio order on ties
-        if n * m > ALL_FINALISTS_BELOW:
-            ranked = ranked[:FINALISTS]
         for _, cand, lay in ranked:
             key = lay.row_perm.tobytes() + (b"" if lay.col_perm is None
                                             else lay.col_perm.tobytes())
@@ -224,6 +220,18 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
             if best is None or refined[cand] > best[0]:
                 best = (refined[cand], cand, fin, start)
         _, chosen, lay, start = best
+        if format == "grid" and col_perm is None:
+            # The candidates' columns started from home panels (clustering them for all six
+            # cost a third of auto's time for no gain on DLMC). The profile clustering
+            # still finds planted column groups that refinement from home panels misses,
+            # so the winner's columns are also refined from it.
+            cols = group_columns(V, lay.row_perm, block, budget, nnz, cluster="only")
+            alt = local_search(V, build_layout(V, lay.row_perm, cols, block, format, budget,
+                                               nnz), budget, nnz, rows=row_perm is None,
+                               time_limit=opts.time_limit)
+            polish_gain = max(alt.kept_mass - lay.kept_mass, 0.0) / total
+            if alt.kept_mass > lay.kept_mass:
+                lay = alt
         refine_gain = lay.kept_mass / total - start
     else:
         _, chosen, lay = max(scored, key=lambda t: t[0])  # first of equals
@@ -254,6 +262,8 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         metrics["candidates"] = scores
         if refined:
             metrics["candidates_refined"] = refined
+        if polish_gain is not None:
+            metrics["columns_polish_gain"] = polish_gain
         if failed:
             metrics["failed"] = failed
     return LayerResult(

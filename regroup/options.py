@@ -22,11 +22,18 @@ from .blocks import FORMATS, Budget
 from .partitioners import format_method, get_partitioner, parse_method
 
 __all__ = ["RegroupOptions", "Constraint", "CONSTRAINTS", "OBJECTIVES", "EDGES",
-           "BUDGET_SCOPES", "resolve_options"]
+           "BUDGET_SCOPES", "DENSE_ABOVE", "resolve_options"]
 
 OBJECTIVES = ("auto", "count", "magnitude")
 EDGES = ("partial", "error")
 BUDGET_SCOPES = ("layer", "global")
+# Tensors of a file or model denser than this are not taken for pruned layers. Deliberate
+# pruning leaves >= 10 % zeros in practice (2:4 is 50 %, magnitude and movement schedules
+# 50-95 %); an unpruned tensor's incidental zeros (float underflow, padding rows, int8
+# rounding) stay at a few % at most. 5 % sits between the two with margin on each side,
+# and a layer this dense gains nothing from block sparsity while it is the slowest input
+# a partitioner gets (every row shares columns with every other).
+DENSE_ABOVE = 0.95
 
 
 class _Invalid(Exception):
@@ -150,6 +157,9 @@ CONSTRAINTS: dict[str, Constraint] = {
                          (0, -2.0, float("inf"), "5", True)),
     "layers": Constraint("None, a glob over weight names, or a non-empty list of them",
                          _layers, ("", [], [""], [3], 3, b"x")),
+    "dense_above": Constraint("a float in (0, 1]", _number(0.0, 1.0, low_open=True),
+                              (0, 0.0, -0.5, 1.5, float("nan"), float("inf"), "x", "0.9",
+                               None, True)),
 }
 
 
@@ -191,6 +201,13 @@ class RegroupOptions:
         moves are counted by a work model, so the result is the same on every machine).
     layers : str or sequence of str, optional
         Globs over weight names (``"encoder.*"``, ``"fc1.weight"``); None: every layer.
+        An entry that is a layer's exact name also selects an embedding table, which is
+        otherwise skipped (:func:`regroup.io.embedding_name`).
+    dense_above : float in (0, 1], default=0.95
+        Tensors of a file or model whose density (kept fraction) is above this are not
+        pruned layers and are skipped with the reason (1.0: only fully dense ones). See
+        :data:`DENSE_ABOVE` for the default. A file and model selection field, like
+        ``layers``: :func:`regroup.regroup_pattern` regroups the pattern it is given.
     """
 
     block: Any = 32
@@ -207,6 +224,7 @@ class RegroupOptions:
     time_limit: float | None = None
     anneal: float | None = None
     layers: Any = None
+    dense_above: float = DENSE_ABOVE
 
     def __post_init__(self) -> None:
         values = _validate({f.name: getattr(self, f.name) for f in fields(self)},
@@ -232,8 +250,10 @@ class RegroupOptions:
 
     def per_layer(self) -> RegroupOptions:
         """These options for one layer's regrouping: the fields that select and budget a
-        whole file or model (``layers``, ``budget_scope``, ``layer_min``) at defaults."""
-        return dataclasses.replace(self, layers=None, budget_scope="layer", layer_min=0.0)
+        whole file or model (``layers``, ``dense_above``, ``budget_scope``,
+        ``layer_min``) at defaults."""
+        return dataclasses.replace(self, layers=None, dense_above=DENSE_ABOVE,
+                                   budget_scope="layer", layer_min=0.0)
 
     def record(self) -> dict[str, Any]:
         """The options as recorded in result files and reports (JSON types)."""
@@ -242,18 +262,28 @@ class RegroupOptions:
                 "layer_min": self.layer_min, "seed": self.seed,
                 "objective": self.objective, "edge": self.edge, "refine": self.refine,
                 "time_limit": self.time_limit, "anneal": self.anneal,
-                "layers": None if self.layers is None else list(self.layers)}
+                "layers": None if self.layers is None else list(self.layers),
+                "dense_above": self.dense_above}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RegroupOptions:
-        """Rebuild the options recorded by :meth:`record` (unknown keys are ignored)."""
+        """Rebuild the options recorded by :meth:`record` (unknown keys are ignored).
+
+        A record without ``dense_above`` was written before the option existed, when only
+        fully dense tensors were skipped: it reads as ``dense_above=1.0``."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names})
+        values = {"dense_above": 1.0, **{k: v for k, v in record.items() if k in names}}
+        return cls(**values)
 
     def replace(self, caller: str = "RegroupOptions.replace", **changes: Any
                 ) -> RegroupOptions:
         """A copy with ``changes``, validated (errors name ``caller``)."""
         return resolve_options(self, caller, **changes)
+
+    def named(self, name: str) -> bool:
+        """Whether :attr:`layers` lists ``name`` itself (an entry equal to it, not only a
+        glob matching it): the explicit request that overrides the embedding rule."""
+        return self.layers is not None and name in self.layers
 
     def select(self, names: Sequence[str], where: str | None = None) -> list[str]:
         """The names matched by :attr:`layers` (all when None), in input order.

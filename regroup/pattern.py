@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from ._validation import RegroupError
 
-__all__ = ["Pattern", "from_array", "from_sparse"]
+__all__ = ["Pattern", "from_array", "from_sparse", "count_kept"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +93,39 @@ def _to_numpy(x: Any, what: str, name: str) -> np.ndarray:
         raise TypeError(f"{what} of layer {name!r} must be a real numeric or boolean array. "
                         f"Got dtype {arr.dtype} instead.")
     return arr
+
+
+def count_kept(x: Any, *, what: str = "weight", name: str = "weight") -> int:
+    """The entries a dense weight or mask (``what``) keeps: its nonzeros, counted where
+    it lies (a strided torch tensor by torch, with no float copy of a bf16 table).
+
+    Raises
+    ------
+    RegroupError
+        NaN or inf in it (whether such an entry is kept is unknown), worded as
+        :func:`from_array` words it.
+    TypeError
+        A non-numeric array.
+    """
+    torch = sys.modules.get("torch")
+    # torch counts these dtypes natively; others (float8, complex) go through numpy as
+    # from_array reads them (float8 widened to float32, complex refused).
+    native = () if torch is None else (torch.float16, torch.bfloat16, torch.float32,
+                                       torch.float64, torch.bool, torch.uint8, torch.int8,
+                                       torch.int16, torch.int32, torch.int64)
+    if _is_torch_tensor(x) and x.layout == torch.strided and x.dtype in native:
+        size, kept = x.numel(), int(x.count_nonzero())
+        finite = (int(x.isfinite().count_nonzero()) if x.dtype.is_floating_point
+                  else size)
+    else:
+        arr = _to_numpy(x, what, name)
+        size, kept = arr.size, int(np.count_nonzero(arr))
+        finite = (int(np.count_nonzero(np.isfinite(arr)))
+                  if np.issubdtype(arr.dtype, np.inexact) else size)
+    if finite != size:
+        raise RegroupError(f"layer {name!r}: {what} contains NaN or inf "
+                           f"({size - finite} values)")
+    return kept
 
 
 def _flatten_shape(shape: tuple[int, ...], name: str) -> tuple[int, int]:

@@ -20,6 +20,12 @@ Source -> :func:`regroup.regroup_pattern` per layer -> sink -> optional model-wi
 Both sinks give byte-identical result files for the same input and options, whatever
 the number of jobs or the engine (with ``time_limit`` set, refinement stops by the clock,
 so a result can then depend on the machine's load).
+
+Tensors that are not layers to regroup are skipped with a reason in ``Run.skipped``
+(:func:`regroup.io.layer_pattern`): those known from the index alone (rank, embedding
+tables, smaller than the block) are never loaded nor counted by ``progress``; those
+known once read (empty, fully or nearly dense: ``dense_above``) are reported to
+``progress`` as skipped.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from ._validation import RegroupError, check_choice, check_int
 from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
 from .executors import ENGINES, execute
-from .io import layer_pattern
+from .io import layer_pattern, tensor_problem
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
 from .report import report_row, report_total
@@ -50,7 +56,10 @@ from .source import LayerRef, Source, open_source
 
 __all__ = ["Run", "regroup_file", "regroup_checkpoint"]
 
-Progress = Callable[[str, int, int], None]
+# progress(name, done, total, info): called as each layer finishes a pass; info holds
+# "status" ("done" or "skipped"), "shape" (tuple or None), "seconds", "retained",
+# "reason" (skipped) and "cached" (resumed from a part), each None when not known.
+Progress = Callable[[str, int, int, dict], None]
 
 
 @dataclass
@@ -135,7 +144,16 @@ def _part_matches(part: Path | None, record: dict[str, Any]) -> dict | None:
 
 
 def _pattern(source: Source, ref: LayerRef, weight: Any, mask: Any, opts: RegroupOptions):
-    return layer_pattern(ref.name, weight, mask, source=source.path, block=opts.block)
+    return layer_pattern(ref.name, weight, mask, source=source.path, block=opts.block,
+                         dense_above=opts.dense_above, skip_embeddings=not opts.named(ref.name))
+
+
+def _index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:
+    """Why ``ref`` is no layer to regroup, known before loading it (None: load it)."""
+    if ref.problem is not None or ref.shape is None:
+        return ref.problem
+    return tensor_problem(ref.name, ref.shape, block=opts.block,
+                          skip_embeddings=not opts.named(ref.name))
 
 
 def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str | None,
@@ -167,7 +185,8 @@ def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str
         r = regroup_pattern(pat, options=opts.per_layer())
     except RegroupError as exc:
         raise type(exc)(f"{source.path}: {exc}") from None
-    status = {"name": ref.name, "status": "done", "seconds": r.seconds}
+    status = {"name": ref.name, "status": "done", "seconds": r.seconds,
+              "retained": r.metrics["retained"]}
     if offer:
         status["offer"] = layer_offer(pat, r)
     if part is not None:
@@ -206,7 +225,8 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
     r = apply_allotment(pat, first, kept, opts.budget, layer_min=opts.layer_min,
                         refine=opts.refines, time_limit=opts.time_limit)
     r = replace(r, seconds=time.perf_counter() - t0)
-    status = {"name": ref.name, "status": "done", "seconds": r.seconds}
+    status = {"name": ref.name, "status": "done", "seconds": r.seconds,
+              "retained": r.metrics["retained"]}
     if part is not None:
         save_result(part, [r], {**record, "status": "done", "seconds": r.seconds})
     else:
@@ -244,17 +264,24 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
                                  labels=[refs[i].name for i in idx], where=where):
             statuses[idx[j]] = status
             if progress is not None:
-                progress(refs[idx[j]].name + label, len(statuses), len(idx))
+                info = {k: status.get(k) for k in ("status", "seconds", "retained",
+                                                   "reason", "cached")}
+                progress(refs[idx[j]].name + label, len(statuses), len(idx),
+                         {**info, "shape": refs[idx[j]].shape})
         return statuses
 
+    # Skips known from the index are settled here: such tensors are never loaded, and
+    # the progress total counts only the layers that may be regrouped.
+    early = {i: _index_problem(r, opts) for i, r in enumerate(refs)}
     try:
-        idx = list(range(len(refs)))
+        idx = [i for i in range(len(refs)) if early[i] is None]
         first = run_pass(regroup_layer,
                          [(source.for_layer(refs[i]), refs[i], opts, part(i), key,
-                           scope_global) for i in idx], idx, "")
+                           scope_global) for i in idx], idx, "") if idx else {}
         done = [i for i in idx if first[i]["status"] == "done"]
-        skipped = [(first[i]["name"], first[i]["reason"]) for i in idx
-                   if first[i]["status"] == "skipped"]
+        skipped = [(refs[i].name, early[i]) if early[i] is not None
+                   else (first[i]["name"], first[i]["reason"]) for i in range(len(refs))
+                   if early[i] is not None or first[i]["status"] == "skipped"]
         if not done:
             why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "it holds no tensor"
             more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""
@@ -315,8 +342,10 @@ def regroup_file(path: str | os.PathLike, *, options: RegroupOptions | None = No
     jobs, engine, scheduler
         Worker processes (``engine="local"``) or a dask.distributed cluster
         (``engine="dask"``, ``scheduler`` its address; None starts a local one).
-    progress : callable(name, done, total), optional
-        Called as layers finish.
+    progress : callable(name, done, total, info), optional
+        Called as each layer to regroup finishes (total excludes the tensors skipped
+        from the index alone); ``info`` holds its status, shape, seconds and retained
+        fraction, or its skip reason (see ``Progress`` in :mod:`regroup.pipeline`).
 
     Returns
     -------

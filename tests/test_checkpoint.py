@@ -144,7 +144,7 @@ def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
     write_safetensors(tensors, src)
     out = tmp_path / "out.npz"
 
-    def stop_after_layer_0(name, done, total):
+    def stop_after_layer_0(name, done, total, info):
         if name == "layers.0.fc.weight":
             raise KeyboardInterrupt
 
@@ -254,7 +254,7 @@ def test_a_global_run_resumes_both_passes(tmp_path):
     out = tmp_path / "g.npz"
     calls = []
 
-    def stop_in_the_second_pass(name, done, total):
+    def stop_in_the_second_pass(name, done, total, info):
         calls.append(name)
         if name.endswith("(global budget)") and done == 2:
             raise KeyboardInterrupt
@@ -370,7 +370,7 @@ def test_a_damaged_first_pass_part_is_named_when_a_global_run_resumes(tmp_path):
     opts = {**OPTS, "budget_scope": "global"}
     out = tmp_path / "g.npz"
 
-    def stop_in_the_second_pass(name, done, total):
+    def stop_in_the_second_pass(name, done, total, info):
         if name.endswith("(global budget)"):
             raise KeyboardInterrupt
 

@@ -126,6 +126,17 @@ def test_pickled_npy_is_refused(tmp_path):
         read_patterns(tmp_path / "obj.npy")
 
 
+def test_npy_with_an_unknown_minor_version_is_refused_before_reading(tmp_path):
+    # Version 1.1 does not exist; numpy would read a 4-byte header length (here 0.6 GB,
+    # allocated before the read fails) where version 1.0 has 2 bytes.
+    np.save(tmp_path / "v.npy", np.eye(20, 12, dtype=np.float32))
+    raw = bytearray((tmp_path / "v.npy").read_bytes())
+    raw[7] = 1
+    (tmp_path / "v.npy").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="bad magic or version"):
+        read_patterns(tmp_path / "v.npy")
+
+
 def test_matrix_market_pattern_and_values(tmp_path):
     A = sp.random(20, 10, density=0.3, random_state=0, format="coo")
     scipy.io.mmwrite(tmp_path / "v.mtx", A)

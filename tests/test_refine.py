@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from regroup import check_layout
 from regroup.blocks import Budget, build_layout, layout_mask
-from regroup.refine import _assign, _assign_greedy, refine
+from regroup.refine import refine
 
 from .conftest import random_mask
 
@@ -43,24 +43,6 @@ def test_refine_never_worse_keeps_budget_and_sizes(n, m, br, bc, fmt, budget, se
         assert out.kept_blocks <= 4
     again = refine(V, start, b, V.nnz)                 # deterministic
     np.testing.assert_array_equal(again.row_perm, out.row_perm)
-
-
-@pytest.mark.parametrize("n,size", [(12, 4), (10, 4), (7, 3)])
-def test_assignment_is_optimal_on_small_cases(n, size):
-    from itertools import permutations
-    rng = np.random.default_rng(n)
-    k = -(-n // size)
-    values = rng.integers(0, 5, size=(n, k)).astype(float)
-    groups = np.minimum(np.arange(n) // size, k - 1)
-
-    def total(perm):
-        return values[perm, groups].sum()
-    perm = _assign(values, size)
-    assert sorted(perm.tolist()) == list(range(n))
-    if n <= 8:
-        best = max(total(np.array(p)) for p in permutations(range(n)))
-        assert total(perm) == best
-    assert total(perm) >= total(_assign_greedy(values, size))
 
 
 @pytest.mark.parametrize("fmt", ["grid", "shuffled"])

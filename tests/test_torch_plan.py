@@ -9,7 +9,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from regroup import RegroupError, RegroupOptions  # noqa: E402
-from regroup.adapters.torch import (Plan, fold_marker, hidden_dims,  # noqa: E402
+from regroup.adapters.torch import (BlockSparseLinear,  # noqa: E402
+                                    BlockSparseMultiheadAttention, Plan, fold_marker,
+                                    hidden_dims,
                                     layer_masks, prepare_for_load, regroup_model,
                                     to_block_sparse)
 from tests.torch_zoo import pruned, zoo  # noqa: E402
@@ -199,31 +201,99 @@ def test_untraceable_model_says_so_and_uses_runtime_permutations():
     torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
 
 
-def test_weights_used_by_a_parent_module_stay_dense_and_are_reported():
+def test_mha_out_proj_converts_with_its_attention_and_direct_weight_reads_stay_dense():
+    """fold mode: MultiheadAttention is a leaf for torch.fx, so its out_proj is never seen
+    called; it is converted with its attention module all the same. A layer whose weight
+    the model reads itself (F.linear on it) stays dense, with the trace's reason."""
     class WithMHA(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
             self.fc = nn.Linear(32, 32)
+            self.tied = nn.Linear(32, 32)
 
         def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0])
+            h = self.fc(self.attn(x, x, x)[0])
+            return nn.functional.linear(h, self.tied.weight)
 
     torch.manual_seed(0)
     model = WithMHA().eval()
     with torch.no_grad():
-        for m in (model.attn.out_proj, model.fc):
+        for m in (model.attn.out_proj, model.fc, model.tied):
             m.weight.mul_(torch.rand_like(m.weight) < 0.2)
     x = torch.randn(2, 3, 32)
     plan = regroup_model(model, block=16, example_inputs=(x,), method="metis")
-    assert any(n.startswith("attn.out_proj: not called as a module") for n in plan.notes)
+    assert "attn.in_proj_weight" in plan.skipped            # not pruned: nothing to regroup
+    assert "attn.out_proj.weight" in plan.layers and "attn.out_proj.weight" not in plan.dense
+    assert "torch.fx does not trace into" in plan.sides["attn.out_proj.weight"]["why_rows"]
+    assert plan.dense["tied.weight"].startswith("not called as a module")
+    assert any(n.startswith("tied: not called as a module") for n in plan.notes)
+    assert "stays dense tied.weight: not called as a module" in plan.report()
     expected = model(x)
     done = to_block_sparse(model, plan)
-    assert done["attn.out_proj.weight"].startswith("stays dense-masked: not called as a module")
-    assert "attn.out_proj.weight" in plan.dense
+    assert done["attn.out_proj.weight"] == "BlockSparseMultiheadAttention"
     assert done["fc.weight"] == "BlockSparseLinear"
+    assert done["tied.weight"].startswith("stays dense-masked: not called as a module")
+    assert isinstance(model.attn, BlockSparseMultiheadAttention)
+    assert isinstance(model.attn.out_proj, BlockSparseLinear)
+    assert type(model.attn.in_proj) is nn.Linear             # not planned: dense inside
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+
+
+def _small_encoder(batch_first: bool, nested: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) < 0.25)
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.mul_(torch.rand_like(m.in_proj_weight) < 0.25)
+    return enc
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_feed_forward_alone_is_converted_only_when_the_fast_path_is_off(batch_first):
+    """With a dense self_attn, TransformerEncoderLayer's fused fast path (batch_first)
+    reads linear1/linear2.weight as tensors: they stay dense, with the reason."""
+    enc = _small_encoder(batch_first)
+    x = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    plan = regroup_model(enc, block=8, mode="runtime", layers="*.linear*", method="sort")
+    assert len(plan.layers) == 4
+    assert (len(plan.dense) == 4) == batch_first
+    with torch.no_grad():
+        expected = enc(x)
+        done = to_block_sparse(enc, plan, backend="bsr")
+        got = enc(x)
+    for name, what in done.items():
+        if batch_first:
+            assert what.startswith("stays dense-masked: TransformerEncoderLayer"), name
+            assert "fused fast path" in what
+        else:
+            assert what == "BlockSparseLinear", name
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensor_encoder_is_switched_to_padded_and_says_so():
+    enc = _small_encoder(True, nested=True)
+    assert enc.use_nested_tensor
+    x = torch.randn(2, 6, 32)
+    kpm = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    plan = regroup_model(enc, block=8, mode="runtime", method="sort")
+    assert "layers.0.self_attn.in_proj_weight" in plan.layers
+    with torch.no_grad():
+        expected = enc(x, src_key_padding_mask=kpm)
+        done = to_block_sparse(enc, plan, backend="bsr")
+        got = enc(x, src_key_padding_mask=kpm)
+    assert not enc.use_nested_tensor
+    assert done["use_nested_tensor"].startswith("set to False: the nested-tensor path")
+    assert set(done.values()) - {done["use_nested_tensor"]} == {
+        "BlockSparseMultiheadAttention", "BlockSparseLinear"}
+    keep = ~kpm        # the nested path leaves padded positions at 0
+    torch.testing.assert_close(got[keep], expected[keep], rtol=0, atol=ATOL)
 
 
 def test_layers_glob_and_nothing_to_do():

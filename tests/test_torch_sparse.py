@@ -10,7 +10,8 @@ from torch import nn  # noqa: E402
 
 import regroup  # noqa: E402
 from regroup import RegroupError  # noqa: E402
-from regroup.adapters.torch import BlockSparseConv2d, BlockSparseLinear  # noqa: E402
+from regroup.adapters.torch import (BlockSparseConv2d, BlockSparseLinear,  # noqa: E402
+                                    BlockSparseMultiheadAttention)
 
 
 def _layout(w: np.ndarray, block, fmt, seed=0, method="metis"):
@@ -216,3 +217,124 @@ def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
     mod = BlockSparseLinear(r, torch.tensor(w, dtype=torch.float32), backend="triton")
     with pytest.raises(RegroupError, match="backend 'triton' cannot run"):
         mod(torch.randn(3, 32))
+
+
+# -- BlockSparseMultiheadAttention ------------------------------------------------------
+E, H = 32, 4
+
+
+def _mha_pair(fmt="grid", batch_first=True, bias=True, dropout=0.0, in_proj=True,
+              out_proj=True, seed=0):
+    """A pruned nn.MultiheadAttention (float64) with its weights set to the block masks,
+    and its BlockSparseMultiheadAttention (dense projections where a layout is None)."""
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(E, H, dropout=dropout, bias=bias, batch_first=batch_first,
+                                dtype=torch.float64)
+    layouts = {}
+    with torch.no_grad():
+        if bias:
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+        for key, w, on in (("in_proj", mha.in_proj_weight, in_proj),
+                           ("out_proj", mha.out_proj.weight, out_proj)):
+            w.mul_(torch.rand_like(w) < 0.3)
+            if on:
+                layouts[key] = _layout(w.numpy(), 8, fmt, seed, method="sort")
+                w.mul_(torch.from_numpy(layouts[key].mask))
+    return mha.eval(), BlockSparseMultiheadAttention(mha, **layouts, backend="bsr").eval()
+
+
+def _mha_calls(batch_first, N=3, L=5, S=7):
+    """(query, key, value, kwargs) covering self / cross attention, masks, causality."""
+    g = torch.Generator().manual_seed(1)
+
+    def seq(T, n=N):
+        shape = (n, T, E) if batch_first else (T, n, E)
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    x, q, k, v = seq(L), seq(L), seq(S), seq(S)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1, -3:] = True
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    per_head = torch.randn(N * H, L, S, generator=g, dtype=torch.float64)
+    blocked = per_head > 1.0
+    blocked[..., 0] = False                   # never a fully masked row (NaN)
+    return [
+        (x, x, x, {}),
+        (x, x, x, {"attn_mask": causal, "is_causal": True}),
+        (x, x, x, {"attn_mask": causal.double() * -1e4}),
+        (q, k, k, {"key_padding_mask": kpm}),
+        (q, k, v, {"key_padding_mask": kpm, "attn_mask": blocked}),
+        (q, k, v, {"key_padding_mask": kpm.double() * -1e4, "attn_mask": per_head}),
+        # Unbatched (batch_first does not apply).
+        (x[0] if batch_first else x[:, 0], k[0] if batch_first else k[:, 0],
+         k[0] if batch_first else k[:, 0], {"key_padding_mask": kpm[1]}),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_block_sparse_mha_computes_the_masked_mha(fmt, batch_first):
+    mha, sparse = _mha_pair(fmt, batch_first)
+    assert isinstance(sparse.in_proj, BlockSparseLinear)
+    assert isinstance(sparse.out_proj, BlockSparseLinear)
+    for i, (q, k, v, kw) in enumerate(_mha_calls(batch_first)):
+        for need_weights in (False, True):
+            for average in (True, False):
+                args = dict(kw, need_weights=need_weights, average_attn_weights=average)
+                want, want_w = mha(q, k, v, **args)
+                got, got_w = sparse(q, k, v, **args)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"call {i}")
+                if need_weights:
+                    torch.testing.assert_close(got_w, want_w, rtol=1e-10, atol=1e-10)
+                else:
+                    assert got_w is None and want_w is None
+
+
+def test_block_sparse_mha_dense_projections_bias_free_dropout_and_gradients():
+    # Only out_proj planned: in_proj stays a dense nn.Linear, no bias anywhere.
+    mha, sparse = _mha_pair(in_proj=False, bias=False)
+    assert type(sparse.in_proj) is nn.Linear and sparse.in_proj_bias is None
+    x = torch.randn(2, 5, E, dtype=torch.float64, requires_grad=True)
+    want = mha(x, x, x)[0]
+    got = sparse(x, x, x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gx_want, = torch.autograd.grad(want.sum(), x)
+    gx, gv = torch.autograd.grad(got.sum(), (x, sparse.out_proj.values))
+    torch.testing.assert_close(gx, gx_want, rtol=1e-10, atol=1e-10)
+    assert gv.abs().sum() > 0
+    # Dropout in training: the same random draws as torch's (same shapes, same order).
+    mha, sparse = _mha_pair(out_proj=False, dropout=0.3)
+    mha.train()
+    sparse.train()
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    for need_weights in (True, False):
+        torch.manual_seed(7)
+        want = mha(x, x, x, need_weights=need_weights)[0]
+        torch.manual_seed(7)
+        got = sparse(x, x, x, need_weights=need_weights)[0]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    sparse.eval()
+    torch.testing.assert_close(sparse(x, x, x)[0], sparse(x, x, x)[0], rtol=0, atol=0)
+
+
+def test_block_sparse_mha_refuses_what_it_cannot_run():
+    for kwargs, match in (({"kdim": 16, "vdim": 16}, "kdim=16, vdim=16 != embed_dim=32"),
+                          ({"add_bias_kv": True}, "add_bias_kv"),
+                          ({"add_zero_attn": True}, "add_zero_attn")):
+        mha = nn.MultiheadAttention(E, H, **kwargs)
+        assert match in BlockSparseMultiheadAttention.unsupported(mha)
+        with pytest.raises(RegroupError, match=match):
+            BlockSparseMultiheadAttention(mha)
+    assert "not an nn.MultiheadAttention" in BlockSparseMultiheadAttention.unsupported(
+        nn.Linear(4, 4))
+    _, sparse = _mha_pair()
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        sparse(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask has shape"):
+        sparse(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="only bool and floating-point"):
+        sparse(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="do not fit embed_dim=32"):
+        sparse(x[..., :16], x[..., :16], x[..., :16])

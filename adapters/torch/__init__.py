@@ -7,12 +7,14 @@ keyword arguments naming its fields as a convenience (``block=16, method="metis"
 
 Index
 -----
-regroup_model      -- plan every pruned Linear/Conv2d, refill block masks, fold permutations
+regroup_model      -- plan every pruned Linear/Conv2d/in_proj_weight, refill block masks,
+                      fold permutations
 Plan               -- the per-layer layouts and folds; save / load / apply / fold / report
 prepare_for_load   -- register the fold marker on a fresh model before loading a folded one
 to_block_sparse    -- swap planned layers for block-sparse modules (runtime permutations)
 BlockSparseLinear  -- Linear on kept blocks: torch BSR (CPU/CUDA) or dense, measured
 BlockSparseConv2d  -- the same for Conv2d, through im2col
+BlockSparseMultiheadAttention -- MultiheadAttention with block-sparse in/out projections
 hidden_dims        -- the hidden dimensions of a model, and where folding is exact
 layer_masks        -- the masks of a live model (prune, ao.pruning, or zeros)
 write_mask / read_mask -- set or read one tensor's mask, whichever mechanism holds it
@@ -20,6 +22,7 @@ apply_result       -- apply a `regroup run` result file to a live model
 regroup_unstructured / RegroupBlocks -- torch.nn.utils.prune method (like l1_unstructured)
 RegroupSparsifier  -- torch.ao.pruning sparsifier that regroups on every step()
 imp_regroup        -- the IMP-Regroup loop: train, prune, regroup, rewind; callbacks
+recover            -- distil the dense teacher into a regrouped model, block masks fixed
 """
 from ._apply import apply_result
 from .graph import DimAnalysis, HiddenDim, hidden_dims
@@ -28,10 +31,12 @@ from .hooks import (RegroupBlocks, RegroupSparsifier, block_layout, imp_regroup,
 from .masking import read_mask, write_mask
 from .plan import (FOLD_MARKER, Fold, Plan, fold_marker, layer_masks, prepare_for_load,
                    regroup_model, to_block_sparse)
-from .sparse import BlockSparseConv2d, BlockSparseLinear
+from .recover import Recovery, recover
+from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
 
 __all__ = ["regroup_model", "Plan", "Fold", "to_block_sparse", "BlockSparseLinear",
-           "BlockSparseConv2d", "hidden_dims", "HiddenDim", "DimAnalysis", "layer_masks",
-           "apply_result", "RegroupBlocks", "regroup_unstructured", "block_layout",
-           "RegroupSparsifier", "imp_regroup", "magnitude_mask", "write_mask", "read_mask",
-           "prepare_for_load", "fold_marker", "FOLD_MARKER"]
+           "BlockSparseConv2d", "BlockSparseMultiheadAttention", "hidden_dims", "HiddenDim",
+           "DimAnalysis", "layer_masks", "apply_result", "RegroupBlocks",
+           "regroup_unstructured", "block_layout", "RegroupSparsifier", "imp_regroup",
+           "magnitude_mask", "write_mask", "read_mask", "prepare_for_load", "fold_marker",
+           "FOLD_MARKER", "recover", "Recovery"]

@@ -1,9 +1,12 @@
 """Regroup a live PyTorch model: plan every layer, refill its block mask, fold permutations.
 
-:func:`regroup_model` reads each Linear / Conv2d's mask from the model (a
-torch.nn.utils.prune reparametrization, a torch.ao.pruning parametrization, or the zeros of
-the weight), regroups it with the core engine and applies the refilled block masks in
-place. Row and column orders are then made free where possible:
+:func:`regroup_model` reads each layer's mask from the model (a torch.nn.utils.prune
+reparametrization, a torch.ao.pruning parametrization, or the zeros of the weight),
+regroups it with the core engine and applies the refilled block masks in place. The
+layers are the weights of Linear and ungrouped Conv2d modules and the packed
+``in_proj_weight`` (q|k|v rows) of ``nn.MultiheadAttention`` (see :func:`layer_masks`);
+grouped / depthwise convolutions are skipped with the reason (no block kernel runs them).
+Row and column orders are then made free where possible:
 
 - ``mode="fold"``: every hidden dimension that can be permuted exactly (see
   :mod:`.graph`) gets one order, chosen on the joint pattern of its producers' rows and
@@ -14,8 +17,9 @@ place. Row and column orders are then made free where possible:
   as a gather before and a scatter after the block product by :func:`to_block_sparse`.
 
 Either way the masked model computes what the masked model computed before, up to
-floating-point rounding. The returned :class:`Plan` saves to a regroup result file and
-re-applies to a fresh copy of the model without recomputation.
+floating-point rounding. ``in_proj_weight`` always keeps runtime orders (its rows are
+split into heads inside the attention module). The returned :class:`Plan` saves to a
+regroup result file and re-applies to a fresh copy of the model without recomputation.
 
 A folded model is marked by a persistent buffer, ``regroup_folded`` (the fingerprint of
 the folds), which travels with its state dict: a plan is never applied or folded twice,
@@ -29,7 +33,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,7 +53,7 @@ from regroup.result import LayerResult, load_result, save_result
 
 from .graph import DimAnalysis, hidden_dims
 from .masking import mask_target, read_mask, stored_tensors, write_mask
-from .sparse import BlockSparseConv2d, BlockSparseLinear
+from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
 
 __all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES",
            "FOLD_MARKER", "prepare_for_load", "fold_marker", "check_mode"]
@@ -65,7 +69,9 @@ class Fold:
     """One folded hidden dimension: ``perm[i]`` is the original feature now at ``i``.
 
     ``consumers`` pairs each reading module with its kernel area (kh*kw; 1 for Linear),
-    the width of one input feature in its flattened weight.
+    the width of one input feature in its flattened weight. ``norms`` are the channel-wise
+    modules permuted along their first axis: BatchNorm / LayerNorm and depthwise
+    convolutions (see :class:`~regroup.adapters.torch.graph.HiddenDim`).
     """
 
     perm: np.ndarray
@@ -148,8 +154,11 @@ class Plan:
     options : RegroupOptions
         The options the layouts were made with.
     dense : dict of str to str
-        Layers whose mask is applied but that stay dense modules, with the reason (their
-        weight is used directly by a parent module, e.g. MultiheadAttention.out_proj).
+        Layers whose mask is applied but that stay dense modules, with the reason: a
+        parent module reads their weight directly (the ``out_proj`` of a
+        MultiheadAttention that cannot become a BlockSparseMultiheadAttention; the
+        ``linear1`` / ``linear2`` of a TransformerEncoderLayer whose fused fast path stays
+        on; in fold mode, a layer the trace never sees called as a module).
     mode : {"fold", "runtime"}
         The mode of :func:`regroup_model` (a plan from a result file is "runtime").
     """
@@ -222,8 +231,8 @@ class Plan:
         modules = dict(model.named_modules())
         staged = []
         for name, r in self.layers.items():
-            module = _module(modules, name)
-            w = mask_target(module, "weight")
+            module, attr = _layer_tensor(modules, name)
+            w = mask_target(module, attr)
             if tuple(w.shape) != tuple(r.shape):
                 raise RegroupError(f"layer {name!r}: the plan has shape {tuple(r.shape)}, the "
                                    f"model's weight {tuple(w.shape)}")
@@ -233,10 +242,10 @@ class Plan:
                 if src is not None and tuple(src.shape) != tuple(r.shape):
                     raise RegroupError(f"rewind value of {name!r} has shape "
                                        f"{tuple(src.shape)}, expected {tuple(r.shape)}")
-            staged.append((module, r, src))
+            staged.append((module, attr, r, src))
         self._check_fold_members(modules)
-        for module, r, src in staged:
-            write_mask(module, "weight", r.mask, src)
+        for module, attr, r, src in staged:
+            write_mask(module, attr, r.mask, src)
         if permute:
             self.fold(model)
 
@@ -327,7 +336,7 @@ class Plan:
 
     def report(self) -> str:
         """A table: layer, shape, method chosen, retained (and identity's), row / column
-        handling; then skipped layers and notes."""
+        handling; then skipped layers, layers that stay dense modules, and notes."""
         lines = [(f"{'layer':32s} {'shape':>16s} {'chosen':>24s} {'retained':>8s} "
                   f"{'ident.':>7s} {'rows':>8s} {'cols':>8s}")]
         for name, r in self.layers.items():
@@ -337,6 +346,7 @@ class Plan:
                          f"{r.metrics['retained']:8.4f} {r.metrics['retained_identity']:7.4f} "
                          f"{s.get('rows', '-'):>8s} {s.get('cols', '-'):>8s}")
         lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
+        lines += [f"stays dense {k}: {v}" for k, v in self.dense.items()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -350,29 +360,125 @@ def _recorded_options(record: Mapping[str, Any], where: Any) -> RegroupOptions:
 
 
 # -- helpers on live modules -------------------------------------------------------------
-def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
+def _packed_mha(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention with one packed (3E x E) ``in_proj_weight``."""
+    return isinstance(module, nn.MultiheadAttention) and \
+        bool(getattr(module, "_qkv_same_embed_dim", False))
+
+
+def _layer_tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str]:
+    """The module and tensor attribute of layer ``name`` (``"fc.weight"``,
+    ``"attn.in_proj_weight"``)."""
     mod_name, _, attr = name.rpartition(".")
     module = modules.get(mod_name)
-    if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise RegroupError(f"layer {name!r}: no Linear or Conv2d named {mod_name!r} in the "
-                           "model")
-    return module
+    if attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
+        return module, attr
+    if attr == "in_proj_weight" and _packed_mha(module):
+        return module, attr
+    raise RegroupError(f"layer {name!r}: no Linear or Conv2d weight, nor MultiheadAttention "
+                       f"in_proj_weight, named so in the model")
 
 
 def layer_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
-    """``{weight name: (masked weight, mask, source)}`` for every Linear / Conv2d.
+    """``{layer name: (masked weight, mask, source)}`` for every Linear / Conv2d weight
+    (``"fc.weight"``) and every packed ``nn.MultiheadAttention.in_proj_weight``
+    (``"attn.in_proj_weight"``, 3E x E, rows q|k|v; not when kdim / vdim differ from
+    embed_dim), in module order. Embeddings and other modules are never layers.
 
     The source is ``"prune"`` (torch.nn.utils.prune's ``weight_mask``), ``"ao"`` (a
     torch.ao.pruning parametrization's mask) or ``"zeros"`` (the weight's nonzeros); see
     :func:`~regroup.adapters.torch.masking.read_mask`.
     """
-    return {name + ".weight": read_mask(m, "weight") for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name}
+    out = {}
+    for name, m in model.named_modules():
+        if not name:
+            continue          # the model itself: to_block_sparse cannot replace it
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            out[name + ".weight"] = read_mask(m, "weight")
+        elif _packed_mha(m):
+            out[name + ".in_proj_weight"] = read_mask(m, "in_proj_weight")
+    return out
+
+
+def _not_regroupable(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """Why layer ``name`` is not worth regrouping whatever its mask, or None."""
+    module = modules[name.rpartition(".")[0]]
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return (f"{kind} convolution (groups={module.groups}): no block-sparse kernel runs "
+                "it, so a block mask would change its weights for nothing; left as pruned")
+    return None
+
+
+#: torch.nn modules whose use of their child layers is known (:func:`_kept_dense`).
+_KNOWN_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _in_known_parent(modules: Mapping[str, nn.Module], mod_name: str) -> bool:
+    parent = mod_name.rpartition(".")[0]
+    return bool(mod_name) and isinstance(modules.get(parent), _KNOWN_PARENTS)
+
+
+def _encoder_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether ``layer``'s fused fast path (``torch._transformer_encoder_layer_fwd``) may
+    run: torch checks these ``self_attn`` flags before it reads ``linear1.weight`` and
+    ``linear2.weight`` as tensors (the other checks are per call: training, input,
+    hooks)."""
+    sa = layer.self_attn
+    return bool(getattr(sa, "batch_first", False)) and \
+        getattr(sa, "in_proj_bias", None) is not None and \
+        bool(getattr(sa, "_qkv_same_embed_dim", False))
+
+
+def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> dict[str, str]:
+    """The ``planned`` layers that must stay dense-masked modules, with the reason: their
+    weight is read directly by a torch.nn parent (found without tracing).
+
+    - ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself; one whose
+      ``in_proj_weight`` or ``out_proj`` is planned becomes a
+      BlockSparseMultiheadAttention, unless :meth:`BlockSparseMultiheadAttention.unsupported`
+      says why not (then both stay dense). The model itself cannot be replaced.
+    - ``nn.TransformerEncoderLayer``'s fused fast path reads ``linear1.weight`` and
+      ``linear2.weight``; it is off when its ``self_attn`` becomes block-sparse (see
+      BlockSparseMultiheadAttention) or its flags turn it off (:func:`_encoder_fast_path`).
+    """
+    out: dict[str, str] = {}
+    replaced: set[str] = set()
+    for name, m in modules.items():
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        mine = [w for w in (_join(name, "in_proj_weight"), _join(name, "out_proj.weight"))
+                if w in planned]
+        why = BlockSparseMultiheadAttention.unsupported(m)
+        if why is None and not name:
+            why = "the model itself is a MultiheadAttention (only submodules are replaced)"
+        if why is None:
+            if mine:
+                replaced.add(name)
+            continue
+        for w in mine:
+            out[w] = f"{why}; MultiheadAttention {name!r} reads its weight directly"
+    for name, m in modules.items():
+        if not isinstance(m, nn.TransformerEncoderLayer) or not _encoder_fast_path(m) or \
+                _join(name, "self_attn") in replaced:
+            continue
+        for lin in ("linear1", "linear2"):
+            w = _join(name, f"{lin}.weight")
+            if w in planned:
+                out[w] = (f"TransformerEncoderLayer {name!r} reads it directly in its fused "
+                          "fast path, which stays on while its self_attn is a dense "
+                          "MultiheadAttention (plan self_attn's in_proj_weight or out_proj "
+                          "too)")
+    return out
 
 
 def _rewind_value(rewind: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    mod = name[: -len(".weight")]
-    for key in (name, name + "_orig", mod + ".parametrizations.weight.original"):
+    mod, _, attr = name.rpartition(".")
+    for key in (name, name + "_orig", f"{mod}.parametrizations.{attr}.original"):
         if key in rewind:
             return rewind[key]
     return None
@@ -388,6 +494,11 @@ def _permute(module: nn.Module, perm: torch.Tensor, dim: int, with_bias: bool) -
 
 
 def _permute_norm(module: nn.Module, perm: torch.Tensor) -> None:
+    """Permute a channel-wise module along its channels: a norm's parameters and running
+    stats, or a depthwise convolution's weight (C, 1, kh, kw) with its mask, and bias."""
+    if isinstance(module, nn.Conv2d):
+        _permute(module, perm, 0, with_bias=True)
+        return
     with torch.no_grad():
         for key in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(module, key, None)
@@ -435,7 +546,15 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
                   mode: str = "fold", example_inputs: Any = None,
                   rewind: Mapping[str, torch.Tensor] | None = None, permute: bool = True,
                   **kwargs: Any) -> Plan:
-    """Regroup every pruned Linear / Conv2d of ``model`` and apply the result in place.
+    """Regroup every pruned Linear / Conv2d weight and MultiheadAttention
+    ``in_proj_weight`` of ``model`` (see :func:`layer_masks`) and apply the result in
+    place.
+
+    Layers that cannot be regrouped go to ``plan.skipped`` with the reason: grouped and
+    depthwise convolutions (no block kernel runs them), and whatever
+    :func:`regroup.io.layer_pattern` refuses (empty, dense, smaller than the block, ...).
+    Layers whose weight a parent module reads directly are regrouped and masked but go
+    to ``plan.dense`` (:func:`to_block_sparse` leaves them dense modules).
 
     Parameters
     ----------
@@ -488,9 +607,13 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     patterns: dict[str, regroup.Pattern] = {}
     skipped: dict[str, str] = {}
     for name in opts.select(list(found), where=where):
-        w, mask, _ = found[name]
-        pattern, why = layer_pattern(name, w.cpu().double().numpy(), mask.cpu().numpy(),
-                                     source=where, block=opts.block)
+        pattern, why = None, _not_regroupable(modules, name)
+        if why is None:
+            w, mask, _ = found[name]
+            # layer_pattern says why a tensor is not usable (empty, dense, too small, ...).
+            pattern, why = layer_pattern(name, w.cpu().double().numpy(), mask.cpu().numpy(),
+                                         source=where, block=opts.block,
+                                         dense_above=opts.dense_above)
         if pattern is None:
             skipped[name] = why
         else:
@@ -509,12 +632,12 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         finally:
             model.train(was_training)
         if not analysis.traced:
-            msg = (f"torch.fx could not trace {where} ({analysis.error}); every layer uses "
-                   "runtime permutations")
+            traced = sorted(k for k, v in analysis.parts.items() if v == "traced")
+            msg = (f"torch.fx could not trace {where} as a whole ({analysis.error}); folding "
+                   f"only inside the {len(traced)} submodules traced on their own "
+                   "(plan.sides says why each other side uses runtime permutations)")
             warnings.warn(f"regroup_model: {msg}", RuntimeWarning, stacklevel=2)
             notes.append(msg)
-        for name, why in analysis.uncalled.items():
-            notes.append(f"{name}: {why}; its mask is applied, it stays dense")
     folds: list[Fold] = []
     fixed_rows: dict[str, np.ndarray] = {}
     fixed_cols: dict[str, np.ndarray] = {}
@@ -547,7 +670,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     sides: dict[str, dict[str, str]] = {}
     grid = opts.format == "grid"
     for name, pattern in patterns.items():
-        mod = name[: -len(".weight")]
+        mod = name.rpartition(".")[0]
         rp = fixed_rows.get(mod)
         cp = fixed_cols.get(mod) if grid else None
         # Annealing moves rows: a folded row order is not the layer's to move.
@@ -559,7 +682,8 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
                 "cols": ("fold" if cp is not None else "runtime") if grid else "tiles"}
         for s in ("rows", "cols"):
             if side[s] == "runtime":
-                side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), mod)
+                side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), name,
+                                        modules)
         sides[name] = side
     if opts.budget_scope == "global":
         names = list(results)
@@ -575,17 +699,35 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     if opts.anneal is not None and fixed_rows:
         notes.append("anneal: applied to the layers whose rows are not folded (a folded "
                      "row order is shared with other layers)")
-    dense = {} if analysis is None else {
-        f"{m}.weight": why for m, why in analysis.uncalled.items() if f"{m}.weight" in results}
+    dense = _kept_dense(modules, results)
+    if analysis is not None:
+        for m, why in analysis.uncalled.items():
+            if f"{m}.weight" not in results:
+                continue
+            # torch.fx keeps torch.nn modules as leaves: a layer inside a known one is not
+            # called in the graph, which says nothing (_kept_dense knows how they use
+            # their children; its sides say why they are not folded).
+            if not _in_known_parent(modules, m):
+                dense.setdefault(f"{m}.weight", why)
+                notes.append(f"{m}: {why}; its mask is applied, it stays dense")
     plan = Plan(results, folds, sides, skipped, notes, opts, dense, mode)
     plan.apply(model, rewind=rewind, permute=permute)
     return plan
 
 
-def _why(mode: str, analysis: DimAnalysis | None, dim, mod: str) -> str:
+def _why(mode: str, analysis: DimAnalysis | None, dim, name: str,
+         modules: Mapping[str, nn.Module]) -> str:
     if mode == "runtime":
         return "mode='runtime'"
+    mod, _, attr = name.rpartition(".")
+    if attr == "in_proj_weight":
+        return ("MultiheadAttention.in_proj_weight: its rows are split into q, k, v heads "
+                "inside the attention module")
     if analysis is not None and mod in analysis.uncalled:
+        if _in_known_parent(modules, mod):
+            parent = mod.rpartition(".")[0]
+            return (f"inside {type(modules[parent]).__name__} {parent!r}, which torch.fx "
+                    "does not trace into")
         return analysis.uncalled[mod]
     if dim is None:
         return "not found in the traced graph"
@@ -600,15 +742,29 @@ def _why(mode: str, analysis: DimAnalysis | None, dim, mod: str) -> str:
 
 def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                     ) -> dict[str, str]:
-    """Replace the planned Linear / Conv2d modules of a regrouped ``model`` (after
-    :func:`regroup_model` or :meth:`Plan.apply`) by block-sparse modules, in place.
+    """Replace the planned modules of a regrouped ``model`` (after :func:`regroup_model` or
+    :meth:`Plan.apply`) by block-sparse modules, in place.
 
-    The model's fold marker (see :meth:`Plan.fold`) must be this plan's: a folding plan
-    needs the model folded by it, a runtime plan an unfolded model.
+    A planned Linear / Conv2d becomes a :class:`BlockSparseLinear` /
+    :class:`BlockSparseConv2d`; an ``nn.MultiheadAttention`` whose ``in_proj_weight``
+    and/or ``out_proj.weight`` is planned becomes a
+    :class:`BlockSparseMultiheadAttention` (the unplanned projection stays dense inside
+    it). The model's fold marker (see :meth:`Plan.fold`) must be this plan's: a folding
+    plan needs the model folded by it, a runtime plan an unfolded model.
 
-    Returns ``{weight name: what happened}``: ``"BlockSparseLinear"`` /
-    ``"BlockSparseConv2d"``, or why the layer stays dense-masked (a module whose weight a
-    parent uses directly; a grouped convolution).
+    Returns ``{layer name: what happened}``: the new module's class name, or
+    ``"stays dense-masked: <why>"`` (a parent reads the weight directly, see
+    :attr:`Plan.dense`; a grouped or string-padded convolution; an unsupported
+    MultiheadAttention). A ``nn.TransformerEncoder`` holding block-sparse modules gets
+    ``use_nested_tensor = False`` (its nested-tensor path hands NestedTensors to every
+    layer and reads the first layer's weights as tensors); that is reported under
+    ``"<encoder>.use_nested_tensor"``.
+
+    Raises
+    ------
+    RegroupError
+        The fold marker does not match, or a planned layer is not in the model (nothing
+        is changed then).
     """
     marker, want = fold_marker(model), _fold_digest(plan.folds)
     if marker != want:
@@ -621,12 +777,38 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                               "plan keeps the original order")
                            + "; use the plan that folded it")
     modules = dict(model.named_modules())
-    out = {}
+    sparse_types = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
+    for name in plan.layers:                    # a plan of another model: change nothing
+        done = modules.get(name.rpartition(".")[0])
+        if isinstance(done, sparse_types):
+            raise RegroupError(f"to_block_sparse: layer {name!r} is already a "
+                               f"{type(done).__name__}")
+        _layer_tensor(modules, name)
+    # What the model's structure forbids now, and what the planning saw (a trace).
+    dense = {**plan.dense, **_kept_dense(modules, plan.layers)}
+    out: dict[str, str] = {}
+    # Attention first: its out_proj is converted inside BlockSparseMultiheadAttention.
+    for mod_name, module in modules.items():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        names = {k: w for k, w in (("in_proj", _join(mod_name, "in_proj_weight")),
+                                   ("out_proj", _join(mod_name, "out_proj.weight")))
+                 if w in plan.layers}
+        for w in names.values():
+            if w in dense:
+                out[w] = f"stays dense-masked: {dense[w]}"
+        layouts = {k: plan.current_result(w) for k, w in names.items() if w not in dense}
+        if layouts:
+            _replace(model, mod_name, module,
+                     BlockSparseMultiheadAttention(module, **layouts, backend=backend))
+            out.update({names[k]: "BlockSparseMultiheadAttention" for k in layouts})
     for name in plan.layers:
-        mod_name, _, _ = name.rpartition(".")
+        if name in out:
+            continue
+        mod_name = name.rpartition(".")[0]
         module = modules[mod_name]
-        if name in plan.dense:
-            out[name] = f"stays dense-masked: {plan.dense[name]}"
+        if name in dense:
+            out[name] = f"stays dense-masked: {dense[name]}"
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(
                 module.padding, str) or module.padding_mode != "zeros"):
@@ -634,18 +816,30 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                          "padding and zero padding mode")
             continue
         r = plan.current_result(name)
-        weight = module.weight.detach()
-        holder = _parent(model, mod_name)
         if isinstance(module, nn.Linear):
-            new: nn.Module = BlockSparseLinear(r, weight, module.bias, backend=backend)
+            new: nn.Module = BlockSparseLinear(r, module.weight.detach(), module.bias,
+                                               backend=backend)
         else:
             new = BlockSparseConv2d(r, module, backend=backend)
-        setattr(holder, mod_name.rpartition(".")[2], new)
+        _replace(model, mod_name, module, new)
         out[name] = type(new).__name__
+    for enc_name, enc in model.named_modules():
+        if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False) \
+                and any(isinstance(m, sparse_types) for m in enc.modules()):
+            enc.use_nested_tensor = False
+            out[_join(enc_name, "use_nested_tensor")] = (
+                "set to False: the nested-tensor path reads the first layer's weights as "
+                "tensors and hands NestedTensors to every layer, which block-sparse modules "
+                "do not take (TransformerEncoder's constructor makes the same choice for a "
+                "self_attn with _qkv_same_embed_dim=False)")
     return out
 
 
-def _parent(model: nn.Module, name: str) -> nn.Module:
+def _replace(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in place of submodule ``name`` (``old``), on ``old``'s device."""
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new.to(ref.device)      # index buffers are built on the CPU
     parent = name.rpartition(".")[0]
-    return model.get_submodule(parent) if parent else model
-
+    holder = model.get_submodule(parent) if parent else model
+    setattr(holder, name.rpartition(".")[2], new)

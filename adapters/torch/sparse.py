@@ -24,6 +24,11 @@ Execution paths (``backend``):
 Gradients flow to the input and to the block values (``module.values``), so the modules
 train; the gradient of a BSR product is computed with the transposed layout because
 torch's BSR matmul has no backward for a sparse weight.
+
+:class:`BlockSparseMultiheadAttention` replaces an ``nn.MultiheadAttention`` whose packed
+``in_proj_weight`` (q|k|v rows) and/or ``out_proj`` are regrouped: the projections run as
+:class:`BlockSparseLinear`, the attention itself through
+:func:`torch.nn.functional.scaled_dot_product_attention`.
 """
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ from regroup.blocks import positions
 from regroup.result import LayerResult
 
 from . import triton_shuffled
+from .masking import read_mask, unmasked, write_mask
 
-__all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BACKENDS", "MARGIN"]
+__all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BlockSparseMultiheadAttention",
+           "BACKENDS", "MARGIN"]
 
 BACKENDS = ("auto", "bsr", "triton", "dense")
 # A sparse path is chosen by "auto" only when it beats dense by this factor.
@@ -382,3 +389,186 @@ class BlockSparseConv2d(_BlockModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}")
+
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype, what: str) -> torch.Tensor | None:
+    """A boolean mask (True = masked out) as the additive float mask torch's attention
+    uses (-inf where masked); a float mask as is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"{what}: only bool and floating-point masks are supported, got "
+                        f"{mask.dtype}")
+    return mask
+
+
+class BlockSparseMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a block-sparse packed input projection and/or output
+    projection; same call, same results.
+
+    ``in_proj`` maps the model dimension E to q|k|v (the 3E x E ``in_proj_weight`` and
+    ``in_proj_bias``), ``out_proj`` maps the heads back to E; each is a
+    :class:`BlockSparseLinear` when its layout is given, else dense: ``out_proj`` is the
+    original module (its mask, if pruned, kept), ``in_proj`` an ``nn.Linear`` with the
+    same values (a prune / ao.pruning mask carried over as a torch.nn.utils.prune mask).
+    Attention runs through :func:`~torch.nn.functional.scaled_dot_product_attention`;
+    with ``need_weights=True`` the weights are computed explicitly (as torch does).
+    Self-attention projects once; cross-attention runs the whole q|k|v product once per
+    distinct input (``key is value`` counts once) and keeps its rows, because a regrouped
+    row order mixes q, k and v rows in one panel.
+
+    torch's fused paths read the packed weights as plain tensors (``in_proj_weight``,
+    ``out_proj.weight``, and ``TransformerEncoderLayer``'s ``linear1.weight`` /
+    ``linear2.weight``), which a block-sparse module does not have. They are taken only
+    when ``self_attn._qkv_same_embed_dim`` is True (``nn.MultiheadAttention``'s own fast
+    path, ``TransformerEncoderLayer.forward``'s check, ``TransformerEncoder.__init__``'s
+    nested-tensor choice), so this module sets ``_qkv_same_embed_dim = False``: there is
+    no packed ``in_proj_weight`` parameter, which is what the flag says to those readers.
+    ``TransformerEncoderLayer`` then takes its Python path, which calls
+    ``self_attn(x, x, x, ...)`` as a module. ``batch_first``, ``embed_dim``,
+    ``num_heads``, ``in_proj_bias`` (read before that check), ``bias_k``, ``bias_v``,
+    ``add_zero_attn`` and ``dropout`` are exposed as on ``nn.MultiheadAttention``.
+
+    Parameters
+    ----------
+    mha : nn.MultiheadAttention
+        Packed q/k/v (kdim = vdim = embed_dim), no ``add_bias_kv``, no ``add_zero_attn``
+        (see :meth:`unsupported`).
+    in_proj : LayerResult, optional
+        The layout of ``mha.in_proj_weight`` in its current coordinates; None: dense.
+    out_proj : LayerResult, optional
+        The layout of ``mha.out_proj.weight``; None: ``mha.out_proj`` is kept.
+    backend : {"auto", "bsr", "triton", "dense"}, default="auto"
+        For the block-sparse projections (see the module docstring).
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: LayerResult | None = None,
+                 out_proj: LayerResult | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        why = self.unsupported(mha)
+        if why is not None:
+            raise RegroupError(f"BlockSparseMultiheadAttention: {why}")
+        E = mha.embed_dim
+        self.embed_dim, self.kdim, self.vdim = E, E, E
+        self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
+        self.dropout, self.batch_first = mha.dropout, mha.batch_first
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        # False: no packed in_proj_weight parameter, so torch's fused paths fall back
+        # (see the class docstring).
+        self._qkv_same_embed_dim = False
+        w, mask, source = read_mask(mha, "in_proj_weight")
+        bias = mha.in_proj_bias
+        if in_proj is not None:
+            self.in_proj: nn.Module = BlockSparseLinear(in_proj, w, bias, backend=backend)
+        else:
+            dense = nn.Linear(E, 3 * E, bias=bias is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(unmasked(mha, "in_proj_weight"))
+                if bias is not None:
+                    dense.bias.copy_(bias)
+            if source != "zeros":
+                write_mask(dense, "weight", mask)
+            self.in_proj = dense
+        self.out_proj: nn.Module = mha.out_proj if out_proj is None else BlockSparseLinear(
+            out_proj, mha.out_proj.weight.detach(), mha.out_proj.bias, backend=backend)
+
+    @staticmethod
+    def unsupported(mha: nn.Module) -> str | None:
+        """Why ``mha`` cannot become a BlockSparseMultiheadAttention, or None."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            return f"{type(mha).__name__} is not an nn.MultiheadAttention"
+        if not mha._qkv_same_embed_dim:
+            return (f"MultiheadAttention with kdim={mha.kdim}, vdim={mha.vdim} != embed_dim="
+                    f"{mha.embed_dim} (separate q/k/v weights, no packed in_proj_weight)")
+        if mha.bias_k is not None or mha.bias_v is not None:
+            return "MultiheadAttention with add_bias_kv=True is not supported"
+        if mha.add_zero_attn:
+            return "MultiheadAttention with add_zero_attn=True is not supported"
+        return None
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        """The q|k|v bias, (3E,), as ``nn.MultiheadAttention.in_proj_bias``."""
+        return self.in_proj.bias
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 same_qkv: bool, same_kv: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        E = self.embed_dim
+        if same_qkv:
+            q, k, v = self.in_proj(query).split(E, dim=-1)
+            return q, k, v
+        q = self.in_proj(query)[..., :E]
+        if same_kv:
+            kv = self.in_proj(key)
+            return q, kv[..., E:2 * E], kv[..., 2 * E:]
+        return q, self.in_proj(key)[..., E:2 * E], self.in_proj(value)[..., 2 * E:]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`torch.nn.MultiheadAttention.forward`: ``(output, weights or None)``."""
+        same_qkv, same_kv = query is key and key is value, key is value
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        N, L, E = query.shape
+        S, H = key.shape[1], self.num_heads
+        if E != self.embed_dim or key.shape[-1] != E or value.shape[-1] != E or \
+                key.shape[:2] != value.shape[:2] or key.shape[0] != N:
+            raise ValueError(f"query, key, value of shapes {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)} (batch first) do not "
+                             f"fit embed_dim={self.embed_dim}")
+        kpm = _additive(key_padding_mask, query.dtype, "key_padding_mask")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as "
+                               "nn.MultiheadAttention)")
+        mask = None
+        if not (is_causal and kpm is None and not need_weights):
+            # As torch: the hint is dropped once the padding mask is merged in (no longer
+            # causal) or when weights are computed explicitly from attn_mask.
+            mask = _additive(attn_mask, query.dtype, "attn_mask")
+            is_causal = is_causal and kpm is None
+            if mask is not None:
+                want = (L, S) if mask.dim() == 2 else (N * H, L, S)
+                if tuple(mask.shape) != want:
+                    raise RuntimeError(f"attn_mask has shape {tuple(mask.shape)}, expected "
+                                       f"{want}")
+                mask = mask.view(1, 1, L, S) if mask.dim() == 2 else mask.view(N, H, L, S)
+        if kpm is not None:
+            if tuple(kpm.shape) != (N, S):
+                raise RuntimeError(f"key_padding_mask has shape {tuple(kpm.shape)}, expected "
+                                   f"{(N, S)}")
+            kpm = kpm.view(N, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        q, k, v = (t.unflatten(-1, (H, self.head_dim)).transpose(1, 2)
+                   for t in self._project(query, key, value, same_qkv, same_kv))
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * (1.0 / self.head_dim) ** 0.5, k.transpose(-2, -1))
+            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+            if p > 0.0:
+                weights = F.dropout(weights, p=p)
+            o = torch.matmul(weights, v)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)
+        out = self.out_proj(o.transpose(1, 2).reshape(N, L, E))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}")

@@ -17,25 +17,34 @@ layer ``X.weight`` with magnitudes from ``_orig``; a lone ``X.weight_mask`` is a
 (torch.ao.pruning) is read as ``X.weight``; any other 2-D or 4-D tensor is a weight whose
 zeros are the pruned positions, and a boolean tensor is a mask. A nested
 ``{"state_dict": ...}`` (or ``"model"``, ``"model_state_dict"``) is unwrapped.
+
+Tensors that are not pruned layers are skipped with a reason (:func:`layer_pattern`):
+wrong rank, empty, fully dense or denser than ``dense_above``
+(:data:`regroup.options.DENSE_ABOVE`), smaller than the block, and embedding tables
+(:func:`embedding_name`: rows are looked up, not multiplied, so block sparsity buys no
+matmul; a table is regrouped when ``layers`` names it exactly).
 """
 from __future__ import annotations
 
 import os
 import struct
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._validation import FormatError, RegroupError, missing_dependency
-from ..pattern import Pattern, from_array, from_sparse
+from ..options import DENSE_ABOVE
+from ..pattern import Pattern, count_kept, from_array, from_sparse
 from .mtx import parse_mtx, read_mtx
 from .safetensors import read_safetensors, safetensors_index, write_safetensors
 from .smtx import parse_smtx, read_smtx, write_smtx
 
 __all__ = ["read_patterns", "read_tensors", "tensor_shapes", "patterns_from_tensors",
-           "group_tensors", "layer_pattern", "shape_problem", "SUFFIXES",
+           "group_tensors", "layer_pattern", "shape_problem", "tensor_problem",
+           "embedding_name", "EMBEDDING_NAMES", "SUFFIXES",
            "read_smtx", "parse_smtx", "write_smtx", "read_safetensors", "write_safetensors",
            "read_mtx", "parse_mtx"]
 
@@ -44,6 +53,19 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # A dense (rows x cols) bool working copy of each layer must fit comfortably in memory.
 MAX_ELEMENTS = 1 << 31
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
+# Attribute names of embedding tables (nn.Embedding) across common model families: BERT
+# and its kin (word_/position_/token_type_embeddings), GPT-2 (wte, wpe), Meta's LLaMA
+# (tok_embeddings), Hugging Face decoders (embed_tokens, embed_positions), GPT-NeoX
+# (embed_in), CLIP (token_/position_embedding), ViT-style pos_embed, and the generic
+# embed/embedding/embeddings. Matched exactly against the last module component, so the
+# Linear layers beside them are kept: lm_head, GPT-NeoX's embed_out, ALBERT's
+# embedding_hidden_mapping_in, ELECTRA's embeddings_project. T5/BART's "shared" is left
+# out: too common a word for a Linear (its table is caught by dense_above unless pruned).
+EMBEDDING_NAMES = frozenset({
+    "embed", "embeds", "embedding", "embeddings", "embed_tokens", "embed_positions",
+    "embed_in", "tok_embeddings", "token_embedding", "token_embeddings", "word_embedding",
+    "word_embeddings", "position_embedding", "position_embeddings", "token_type_embeddings",
+    "pos_embed", "pos_embedding", "wte", "wpe"})
 
 
 def _load_torch(path: str, lazy: bool = False) -> dict[str, Any]:
@@ -84,7 +106,9 @@ def _check_npy_header(f, available: int, where: str) -> tuple[int, ...]:
     allocate the declared size first) or object arrays (pickles); returns its shape."""
     start = f.tell()
     head = f.read(10)
-    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
+    # Only versions 1.0, 2.0 and 3.0 exist; the length checked here must be the one
+    # numpy reads next (2 bytes for 1.0, 4 otherwise).
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3) or head[7]:
         raise FormatError(f"{where}: not a valid .npy array (bad magic or version)")
     if head[6] == 1:
         hlen = struct.unpack("<H", head[8:10])[0]
@@ -270,50 +294,121 @@ def shape_problem(shape) -> str | None:
     return None
 
 
+def embedding_name(name: str, shape) -> str | None:
+    """The name component that makes tensor ``name`` an embedding table, or None.
+
+    A table is a 2-D tensor whose module's own name (the last component before a final
+    ``.weight``) is one of :data:`EMBEDDING_NAMES`: ``embeddings.word_embeddings.weight``,
+    ``transformer.wte.weight``, ``model.embed_tokens.weight``. 4-D tensors are never
+    tables (patch embeddings are convolutions), nor is ``lm_head.weight``."""
+    if len(tuple(shape)) != 2:
+        return None
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    last = module.rsplit(".", 1)[-1]
+    return last if last in EMBEDDING_NAMES else None
+
+
+def tensor_problem(name: str, shape, *, block: tuple[int, int] | None = None,
+                   skip_embeddings: bool = False) -> str | None:
+    """Why tensor ``name`` of this shape is not a layer to regroup, known without its data
+    (None when it may be one): rank or size (:func:`shape_problem`), an embedding table
+    (with ``skip_embeddings``), a matrix smaller than ``block``."""
+    problem = shape_problem(shape)
+    if problem:
+        return problem
+    shape = tuple(int(s) for s in shape)
+    table = embedding_name(name, shape) if skip_embeddings else None
+    if table is not None:
+        return (f"embedding table ({table!r}): rows are looked up, not multiplied; "
+                "name it exactly in layers to regroup it")
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    if block is not None and (block[0] > rows or block[1] > cols):
+        return f"matrix {rows}x{cols} is smaller than the block {block[0]}x{block[1]}"
+    return None
+
+
 def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>",
-                  block: tuple[int, int] | None = None) -> tuple[Pattern | None, str | None]:
+                  block: tuple[int, int] | None = None, dense_above: float = 1.0,
+                  skip_embeddings: bool = False) -> tuple[Pattern | None, str | None]:
     """One layer's Pattern from its weight and/or mask, or ``(None, reason)`` when it is
-    not usable (not a tensor, wrong shape, empty, fully dense, smaller than the block)."""
+    not usable: not a tensor, wrong shape, an embedding table (``skip_embeddings``),
+    empty, fully dense, of density above ``dense_above``, smaller than ``block``. The
+    defaults skip only what no regrouping can take, as before these options existed.
+
+    The density is counted before the pattern is built, so a skipped dense table costs
+    one pass over its values, not a sparse copy of them.
+
+    Raises
+    ------
+    RegroupError
+        NaN or inf in the mask (or the weight when there is no mask), or in the kept
+        weights of a layer that is built; a layer above :data:`MAX_ELEMENTS`.
+    """
     ref = mask if mask is not None else weight
     if isinstance(ref, Pattern):
-        pat = ref
+        shape: tuple[int, ...] = tuple(ref.shape)
     elif not hasattr(ref, "shape") or not hasattr(ref, "dtype"):
         return None, f"not a tensor ({type(ref).__name__})"
     else:
-        problem = shape_problem(ref.shape)
-        if problem:
-            return None, problem
-        rows, cols = int(ref.shape[0]), int(np.prod(ref.shape[1:]))
+        shape = tuple(int(s) for s in ref.shape)
+    problem = tensor_problem(name, shape, skip_embeddings=skip_embeddings)
+    if problem:
+        return None, problem
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    if isinstance(ref, Pattern):
+        kept = ref.nnz
+    else:
         if rows * cols > MAX_ELEMENTS:
             raise RegroupError(f"{source}: layer {name!r} has {rows}x{cols} elements, "
                                f"above the limit of {MAX_ELEMENTS}")
+        if mask is not None and weight is not None and \
+                tuple(getattr(weight, "shape", ())) != shape:
+            # A broken prune pair is an error even when its mask would be skipped.
+            raise RegroupError(f"{source}: layer {name!r}: weight shape "
+                               f"{tuple(getattr(weight, 'shape', ()))} differs from mask "
+                               f"shape {shape}")
         try:
-            pat = from_array(weight, name=name, mask=mask)
+            kept = count_kept(ref, what="weight" if mask is None else "mask", name=name)
         except (RegroupError, TypeError) as exc:
             raise RegroupError(f"{source}: {exc}") from None
-    if pat.nnz == 0:
+    if kept == 0:
         return None, "empty (every entry is zero)"
-    if pat.nnz == pat.n_rows * pat.n_cols:
+    if kept == rows * cols:
         return None, "fully dense (no zero): not pruned"
-    if block is not None and (block[0] > pat.n_rows or block[1] > pat.n_cols):
-        return None, (f"matrix {pat.n_rows}x{pat.n_cols} is smaller than the block "
-                      f"{block[0]}x{block[1]}")
-    return pat, None
+    density = kept / (rows * cols)
+    if density > dense_above:
+        return None, (f"nearly dense (density {density:.4f} > dense_above "
+                      f"{dense_above:g}): not pruned")
+    # After the density: a small layer that is also empty or dense is reported as such,
+    # the reason that holds whatever the block.
+    problem = tensor_problem(name, shape, block=block)
+    if problem:
+        return None, problem
+    if isinstance(ref, Pattern):
+        return ref, None
+    try:
+        return from_array(weight, name=name, mask=mask), None
+    except (RegroupError, TypeError) as exc:
+        raise RegroupError(f"{source}: {exc}") from None
 
 
 def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
-                          block: tuple[int, int] | None = None
+                          block: tuple[int, int] | None = None, dense_above: float = 1.0,
+                          skip_embeddings: bool = False, explicit: Collection[str] = ()
                           ) -> tuple[list[Pattern], list[tuple[str, str]]]:
     """Apply the state-dict conventions to named tensors.
 
-    Returns the usable layers and ``(name, reason)`` for every tensor that is not one.
+    Returns the usable layers and ``(name, reason)`` for every tensor that is not one
+    (:func:`layer_pattern`; the layers named in ``explicit`` are exempt from
+    ``skip_embeddings``).
     """
     patterns: list[Pattern] = []
     skipped: list[tuple[str, str]] = []
     for name, wkey, mkey in group_tensors(tensors):
         pat, reason = layer_pattern(name, tensors.get(wkey) if wkey else None,
                                     tensors[mkey] if mkey else None, source=source,
-                                    block=block)
+                                    block=block, dense_above=dense_above,
+                                    skip_embeddings=skip_embeddings and name not in explicit)
         if pat is None:
             skipped.append((name, reason))
         else:
@@ -322,9 +417,14 @@ def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
 
 
 def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = None,
-                  block: tuple[int, int] | None = None
+                  block: tuple[int, int] | None = None, dense_above: float = DENSE_ABOVE,
+                  skip_embeddings: bool = True
                   ) -> tuple[list[Pattern], list[tuple[str, str]]]:
     """Read the usable layers of a file, selected by glob.
+
+    ``block``: skip matrices smaller than it (None: no size check). ``dense_above`` and
+    ``skip_embeddings`` (embedding tables not named exactly in ``layers``) skip what
+    ``regroup run`` skips (:func:`layer_pattern`).
 
     Returns
     -------
@@ -340,15 +440,21 @@ def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = N
     """
     from ..options import resolve_options
 
-    selection = resolve_options(None, "read_patterns", layers=layers)
+    selection = resolve_options(None, "read_patterns", layers=layers,
+                                dense_above=dense_above)
+    if not isinstance(skip_embeddings, bool):
+        raise TypeError(f"The 'skip_embeddings' parameter of read_patterns must be a bool. "
+                        f"Got {skip_embeddings!r} instead.")
     path = os.fspath(path)
     tensors = read_tensors(path)
-    patterns, skipped = patterns_from_tensors(tensors, source=path, block=block)
     if layers is not None:
-        all_names = [p.name for p in patterns] + [n for n, _ in skipped]
-        keep = set(selection.select(all_names, where=path))
-        patterns = [p for p in patterns if p.name in keep]
-        skipped = [s for s in skipped if s[0] in keep]
+        # Select before building patterns: an unselected table is never scanned.
+        groups = group_tensors(tensors)
+        keep = set(selection.select([n for n, _, _ in groups], where=path))
+        tensors = {k: tensors[k] for n, w, m in groups if n in keep for k in (w, m) if k}
+    patterns, skipped = patterns_from_tensors(
+        tensors, source=path, block=block, dense_above=selection.dense_above,
+        skip_embeddings=skip_embeddings, explicit=selection.layers or ())
     if not patterns:
         why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "the file holds no tensor"
         more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""

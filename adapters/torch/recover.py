@@ -1,0 +1,236 @@
+"""Recovery: distil a block-sparse model back towards its dense teacher, masks fixed.
+
+A block mask keeps fewer weights than the unstructured mask it came from (at the iso
+budget 22-32 % of them on real models), so a regrouped model needs a short recovery
+before it is used: knowledge distillation from the dense model, training the weights that
+the block masks keep and nothing else. :func:`recover` runs it on any regrouped model:
+
+- masked models (after :func:`~regroup.adapters.torch.regroup_model` or
+  :meth:`Plan.apply`, fold or runtime mode): torch.nn.utils.prune or torch.ao.pruning hold
+  the masks, so a pruned position gets no gradient and stays zero;
+- block-sparse models (after :func:`~regroup.adapters.torch.to_block_sparse`): only the
+  kept blocks are stored (``module.values``), so there is nothing else to train.
+
+The loss compares the student's output with the teacher's on the same inputs: mean
+squared error (embeddings, features) or the KL divergence of softened class
+distributions (logits), or any callable.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regroup import RegroupError
+
+from .masking import mask_source
+from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
+
+__all__ = ["recover", "Recovery", "LOSSES", "main_output"]
+
+LOSSES = ("mse", "kl")
+
+_CALLER = "recover"
+
+
+@dataclass
+class Recovery:
+    """What :func:`recover` did.
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps taken.
+    losses : list of float
+        The training loss of every step (before its update).
+    seconds : float
+    stopped : str or None
+        Why it ended before ``steps``: ``"callback"`` or ``"data exhausted"``.
+    """
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str | None = None
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The tensor a model's output is compared on: the tensor itself; ``logits`` or
+    ``last_hidden_state`` of a Hugging Face output (attribute or key); else the first
+    element of a tuple, list or dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = out.get(key) if isinstance(out, dict) else getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out:
+        return main_output(out[0])
+    if isinstance(out, dict) and out:
+        return main_output(next(iter(out.values())))
+    raise TypeError(f"{_CALLER}: cannot find the output tensor in a {type(out).__name__}; "
+                    "pass output=lambda out: ...")
+
+
+def _call(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
+    def to(x: Any) -> Any:
+        return x.to(device) if isinstance(x, torch.Tensor) and device is not None else x
+    if isinstance(batch, dict):
+        return model(**{k: to(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*(to(x) for x in batch))
+    return model(to(batch))
+
+
+def _masked_layers(model: nn.Module) -> int:
+    """How many modules hold a fixed mask (prune / ao parametrization / block-sparse)."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)):
+            count += 1
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and mask_source(m, "weight") != "zeros":
+            count += 1
+        elif isinstance(m, nn.MultiheadAttention) and \
+                mask_source(m, "in_proj_weight") != "zeros":
+            count += 1
+    return count
+
+
+def _loss_fn(loss: str | Callable, temperature: float) -> Callable:
+    if callable(loss):
+        return loss
+    if loss == "mse":
+        return lambda s, t: F.mse_loss(s, t)
+    # Hinton et al.: KL of the softened distributions, scaled by T^2 so that gradients
+    # keep their size across temperatures.
+    return lambda s, t: F.kl_div(F.log_softmax(s / temperature, dim=-1),
+                                 F.log_softmax(t / temperature, dim=-1),
+                                 log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _check(steps: Any, lr: Any, loss: Any, temperature: Any, log_every: Any) -> None:
+    def bad(name: str, want: str, got: Any) -> ValueError:
+        return ValueError(f"The {name!r} parameter of {_CALLER} must be {want}. Got "
+                          f"{got!r} instead.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise bad("steps", "an int >= 1", steps)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and lr > 0):
+        raise bad("lr", "a finite float > 0", lr)
+    if not callable(loss) and loss not in LOSSES:
+        raise bad("loss", f"one of {LOSSES} or a callable (student, teacher) -> loss", loss)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise bad("temperature", "a finite float > 0", temperature)
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise bad("log_every", "an int >= 1", log_every)
+
+
+def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps: int = 200,
+            lr: float = 1e-4, loss: str | Callable = "mse", temperature: float = 1.0,
+            output: Callable[[Any], torch.Tensor] | None = None,
+            optimizer: torch.optim.Optimizer | None = None,
+            callback: Callable[[int, float], Any] | None = None, progress: bool = False,
+            log_every: int = 20, train_mode: bool = True) -> Recovery:
+    """Distil ``teacher`` into the regrouped ``model`` for ``steps`` steps, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A regrouped model: masked (regroup_model / Plan.apply, fold or runtime) or
+        block-sparse (to_block_sparse). Its block masks stay fixed.
+    teacher : nn.Module
+        The dense model (same inputs, same outputs); run in eval mode without gradients.
+    data : iterable of batches
+        Each batch is a tensor (``model(x)``), a tuple (``model(*x)``) or a dict
+        (``model(**x)``, e.g. a tokenizer's output); cycled through when it can be
+        iterated again (a list, a DataLoader), else used until exhausted.
+    steps, lr : int, float
+        Optimizer steps, and the learning rate of the default optimizer (Adam over
+        the model's trainable parameters).
+    loss : {"mse", "kl"} or callable, default="mse"
+        "mse" between outputs; "kl" between the softmax of logits at ``temperature``
+        (times T^2); a callable ``loss(student_out, teacher_out) -> scalar``.
+    output : callable, optional
+        Extracts the compared tensor from a model's output (default :func:`main_output`).
+    optimizer : torch.optim.Optimizer, optional
+        Used instead of the default (then ``lr`` is not used).
+    callback : callable, optional
+        ``callback(step, loss)`` after each step; returning True stops.
+    progress : bool, default=False
+        Print a line to stderr every ``log_every`` steps (and at the end).
+    train_mode : bool, default=True
+        Run the student in train mode (BatchNorm statistics follow the data; dropout on);
+        its mode is restored afterwards, as is the teacher's.
+
+    Returns
+    -------
+    Recovery
+
+    Raises
+    ------
+    RegroupError
+        Nothing in ``model`` holds a mask (no prune / ao.pruning mask, no block-sparse
+        module): training would refill the pruned weights.
+    ValueError
+        An invalid parameter (named, with what is allowed).
+    """
+    _check(steps, lr, loss, temperature, log_every)
+    if _masked_layers(model) == 0:
+        raise RegroupError(f"{_CALLER}: no layer of {type(model).__name__} holds a mask "
+                           "(torch.nn.utils.prune, torch.ao.pruning or a block-sparse module); "
+                           "training it would refill the pruned weights. Apply a plan first "
+                           "(regroup_model / Plan.apply) or convert it with to_block_sparse")
+    extract = output or main_output
+    criterion = _loss_fn(loss, float(temperature))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        if not params:
+            raise RegroupError(f"{_CALLER}: {type(model).__name__} has no trainable parameter")
+        optimizer = torch.optim.Adam(params, lr=float(lr))
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else None
+    modes = (model.training, teacher.training)
+    model.train(train_mode)
+    teacher.eval()
+    done = Recovery()
+    t0 = time.perf_counter()
+    try:
+        while done.steps < steps:
+            fresh = False
+            for batch in data:
+                fresh = True
+                with torch.no_grad():
+                    target = extract(_call(teacher, batch, device)).detach()
+                value = criterion(extract(_call(model, batch, device)), target)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                done.steps += 1
+                done.losses.append(float(value.detach()))
+                if progress and (done.steps % log_every == 0 or done.steps == steps):
+                    print(f"recover: step {done.steps}/{steps} loss {done.losses[-1]:.6g} "
+                          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+                if callback is not None and callback(done.steps, done.losses[-1]) is True:
+                    done.stopped = "callback"
+                    return done
+                if done.steps >= steps:
+                    return done
+            if not fresh and not done.steps:
+                raise ValueError(f"The 'data' parameter of {_CALLER} yielded no batch")
+            if not fresh or iter(data) is data:
+                # An iterator (a generator) is spent after one pass.
+                done.stopped = "data exhausted"
+                return done
+    finally:
+        done.seconds = time.perf_counter() - t0
+        model.train(modes[0])
+        teacher.train(modes[1])
+    return done

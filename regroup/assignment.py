@@ -1,0 +1,185 @@
+"""Assigning items to groups of fixed sizes so that the sum of their values is largest.
+
+Refinement's sub-steps (rows to row panels, columns to column groups) are this problem:
+``n`` items, ``k`` groups of ``size`` consecutive slots (the last one may be short), and a
+value ``values[i, g]`` for item ``i`` in group ``g``. It is a transportation problem with
+only ``k`` sinks, far fewer than the ``n`` items, and this module solves it that way:
+
+- :func:`assign` (exact) starts from a feasible assignment (the caller's current order,
+  or the greedy one) and cancels improving cycles. Moving one item
+  from group ``p`` to ``q`` along every edge of a cycle ``p -> q -> ... -> p`` keeps every
+  group's size; the best item for the edge ``p -> q`` is the one in ``p`` that gains most
+  by moving to ``q``. The assignment is optimal exactly when this k-node graph holds no
+  cycle of positive total gain (the transportation problem's optimality condition), so
+  the search ends at the optimum. Cycles are found by Bellman-Ford on the k x k gains,
+  and only the groups on a cancelled cycle are re-scanned. On DLMC's refinement steps
+  (b=32, up to 1000 items) it matches scipy's ``linear_sum_assignment`` on the items x
+  slots matrix to the last bit of the objective, about 5x faster.
+- :func:`assign_greedy`: pairs by decreasing value, each taken while the item is free and
+  the group has room. Not optimal; :func:`assign` starts from it when given no start.
+
+Both return ``perm`` with ``perm[slot] = item`` (items of group 0 first, each group's
+items in increasing index order), as the orders elsewhere in regroup.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["assign", "assign_greedy", "group_sizes"]
+
+
+def group_sizes(n: int, size: int) -> np.ndarray:
+    """Sizes of the ``ceil(n / size)`` groups of ``size`` slots (the last may be short)."""
+    k = -(-n // size)
+    caps = np.full(k, size, np.intp)
+    if k:
+        caps[-1] = n - size * (k - 1)
+    return caps
+
+
+def _order(group_of: np.ndarray) -> np.ndarray:
+    return np.argsort(group_of, kind="stable").astype(np.intp)
+
+
+def _groups(perm: np.ndarray, size: int) -> np.ndarray:
+    group_of = np.empty(perm.size, np.intp)
+    group_of[perm] = np.arange(perm.size) // size
+    return group_of
+
+
+def assign_greedy(values: np.ndarray, size: int) -> np.ndarray:
+    """Greedy assignment: (item, group) pairs by decreasing value, each taken while the
+    item is free and the group has room.
+
+    The pairs are scanned in chunks: numpy drops those whose item is placed or whose group
+    is full at the chunk's start, and only the rest are checked one by one (the scan is
+    then the same as the plain sequential one, at a fraction of the Python steps)."""
+    n, k = values.shape
+    room = group_sizes(n, size)
+    neg = -values.ravel()
+    group_of = np.full(n, -1, np.intp)
+    left = n
+    chunk = max(4 * n, 4096)
+    # The stable order of all pairs, head first: pairs strictly above the chunk-th value
+    # usually place every item, and sorting only them is much cheaper.
+    parts = [np.arange(neg.size)]
+    if neg.size > chunk:
+        threshold = np.partition(neg, chunk)[chunk]
+        parts = [np.flatnonzero(neg < threshold), np.flatnonzero(neg >= threshold)]
+    for part in parts:
+        flat = part[np.argsort(neg[part], kind="stable")]
+        for start in range(0, flat.size, chunk):
+            items, groups = np.divmod(flat[start:start + chunk], k)
+            live = (group_of[items] < 0) & (room[groups] > 0)
+            for i, g in zip(items[live].tolist(), groups[live].tolist()):
+                if group_of[i] < 0 and room[g] > 0:
+                    group_of[i] = g
+                    room[g] -= 1
+                    left -= 1
+            if not left:
+                break
+        if not left:
+            break
+    return _order(group_of)
+
+
+def _best_moves(values: np.ndarray, perm: np.ndarray, size: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(k, k) best gain of moving one item of group p to group q, and that item (the
+    first in slot order among ties); -inf on the diagonal. Group p holds the items in
+    slots ``p * size`` to ``(p + 1) * size`` of ``perm``."""
+    n, k = values.shape
+    starts = np.arange(k) * size
+    own = np.repeat(np.arange(k), group_sizes(n, size))
+    gain = values[perm] - values[perm, own][:, None]
+    best = np.maximum.reduceat(gain, starts, axis=0)
+    hit = gain == best[own]
+    first = np.minimum.reduceat(np.where(hit, np.arange(n)[:, None], n), starts, axis=0)
+    np.fill_diagonal(best, -np.inf)
+    return best, perm[first]
+
+
+def _group_moves(values: np.ndarray, members: np.ndarray, p: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``p`` of :func:`_best_moves`, from group p's items ``members``."""
+    gain = values[members] - values[members, p][:, None]
+    arg = gain.argmax(axis=0)
+    row = gain[arg, np.arange(values.shape[1])]
+    row[p] = -np.inf
+    return row, members[arg]
+
+
+def _predecessor_cycle(pred: np.ndarray, node: int) -> list[int] | None:
+    """The cycle reached by following ``pred`` from ``node`` (in edge order), or None
+    when the walk ends (-1) first."""
+    seen: dict[int, int] = {}
+    walk: list[int] = []
+    while node >= 0 and node not in seen:
+        seen[node] = len(walk)
+        walk.append(node)
+        node = int(pred[node])
+    if node < 0:
+        return None
+    return walk[seen[node]:][::-1]
+
+
+def _positive_cycle(gain: np.ndarray, eps: float) -> list[int] | None:
+    """A cycle of total gain > 0 in the complete digraph with edge gains ``gain`` (as
+    node list, edges node[j] -> node[j + 1] and back to node[0]), or None.
+
+    Bellman-Ford for the longest paths from a virtual source joined to every node. A
+    cycle in the predecessor graph has positive gain, so each round checks for one
+    through a node it raised (most improving cycles show within a few rounds); if
+    distances still rise after k rounds, there is one."""
+    k = len(gain)
+    dist = np.zeros(k)
+    pred = np.full(k, -1, np.intp)
+    cols = np.arange(k)
+    for _ in range(k + 1):
+        through = dist[:, None] + gain
+        arg = through.argmax(axis=0)
+        reach = through[arg, cols]
+        up = reach > dist + eps
+        if not up.any():
+            return None
+        dist = np.where(up, reach, dist)
+        pred = np.where(up, arg, pred)
+        cycle = _predecessor_cycle(pred, int(np.flatnonzero(up)[0]))
+        if cycle is not None:
+            return cycle
+    raise AssertionError("Bellman-Ford: distances rose for k + 1 rounds without a cycle")
+
+
+def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np.ndarray:
+    """Order of items maximising ``sum values[i, group(i)]``, groups of ``size``
+    consecutive slots (the last may be short); exact. Returns ``perm[slot] = item``.
+
+    ``start`` (an order in the same form, e.g. the current one) is where the search
+    begins (default: the greedy order); the result is never worse than it."""
+    values = np.asarray(values, dtype=float)
+    n, k = values.shape
+    # Any feasible start reaches the optimum; a good one (the caller's current order in
+    # refinement) needs fewer cycles. Starting from the better of it and the greedy order
+    # was measured no faster on DLMC's refinement steps.
+    perm = (assign_greedy(values, size) if start is None
+            else np.array(start, dtype=np.intp, copy=True))
+    if k < 2:
+        return perm
+    slot_of = np.empty(n, np.intp)
+    slot_of[perm] = np.arange(n)
+    # Gains below this are rounding noise, not improvements; it also bounds the number of
+    # cycles, as each one raises the total by more than it.
+    eps = 8 * np.finfo(float).eps * max(float(np.abs(values).max()), 1.0)
+    best, item = _best_moves(values, perm, size)
+    while (cycle := _positive_cycle(best, eps)) is not None:
+        heads = cycle[1:] + cycle[:1]
+        if best[cycle, heads].sum() <= eps:
+            break       # no gain above rounding left to take
+        # Item j leaves cycle[j] for heads[j], into the slot of the item leaving heads[j].
+        moved = item[cycle, heads]
+        slots = slot_of[np.roll(moved, -1)]
+        perm[slots] = moved
+        slot_of[moved] = slots
+        for p in cycle:
+            best[p], item[p] = _group_moves(values, perm[p * size:(p + 1) * size], p)
+    return _order(_groups(perm, size))
