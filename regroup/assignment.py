@@ -11,10 +11,12 @@ only ``k`` sinks, far fewer than the ``n`` items, and this module solves it that
   group's size; the best item for the edge ``p -> q`` is the one in ``p`` that gains most
   by moving to ``q``. The assignment is optimal exactly when this k-node graph holds no
   cycle of positive total gain (the transportation problem's optimality condition), so
-  the search ends at the optimum. Cycles are found by Bellman-Ford on the k x k gains,
-  and only the groups on a cancelled cycle are re-scanned. On DLMC's refinement steps
-  (b=32, up to 1000 items) it matches scipy's ``linear_sum_assignment`` on the items x
-  slots matrix to the last bit of the objective, about 5x faster.
+  the search ends at the optimum. Improving swaps (2-cycles, half of all improving
+  cycles on DLMC's steps) are taken many at once, disjoint; longer cycles are found by
+  Bellman-Ford on the k x k gains; only the groups that changed are re-scanned. On
+  DLMC's refinement steps (b=32, up to 1000 items) it matches scipy's
+  ``linear_sum_assignment`` on the items x slots matrix to the last bit of the
+  objective, about 10x faster.
 - :func:`assign_greedy`: pairs by decreasing value, each taken while the item is free and
   the group has room. Not optimal; :func:`assign` starts from it when given no start.
 
@@ -99,14 +101,42 @@ def _best_moves(values: np.ndarray, perm: np.ndarray, size: int
     return best, perm[first]
 
 
-def _group_moves(values: np.ndarray, members: np.ndarray, p: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row ``p`` of :func:`_best_moves`, from group p's items ``members``."""
-    gain = values[members] - values[members, p][:, None]
-    arg = gain.argmax(axis=0)
-    row = gain[arg, np.arange(values.shape[1])]
-    row[p] = -np.inf
-    return row, members[arg]
+def _update_moves(values: np.ndarray, perm: np.ndarray, size: int, groups: list[int],
+                  best: np.ndarray, item: np.ndarray) -> None:
+    """Recompute rows ``groups`` of :func:`_best_moves` in place, in one vectorised pass
+    over the full groups (the short last group apart)."""
+    n, k = values.shape
+    groups = np.asarray(groups, np.intp)
+    last = k - 1 if n % size else -1
+    for part in (groups[groups != last], groups[groups == last]):
+        if not part.size:
+            continue
+        width = size if part[0] != last else n - size * (k - 1)
+        members = perm[part[:, None] * size + np.arange(width)]          # (g, width)
+        gain = values[members] - values[members, part[:, None]][..., None]   # (g, w, k)
+        arg = gain.argmax(axis=1)                                         # (g, k)
+        rows = np.take_along_axis(gain, arg[:, None, :], axis=1)[:, 0, :]
+        rows[np.arange(part.size), part] = -np.inf
+        best[part] = rows
+        item[part] = np.take_along_axis(members, arg, axis=1)
+
+
+def _positive_swaps(gain: np.ndarray, eps: float) -> list[tuple[int, int]]:
+    """Disjoint pairs of groups (p, q) whose swap of their best items gains, best first
+    (greedy): the 2-cycles, half of all the improving cycles on DLMC's steps, found for
+    all groups at once."""
+    both = gain + gain.T
+    p, q = np.nonzero(np.triu(both > eps, 1))
+    if not p.size:
+        return []
+    order = np.argsort(-both[p, q], kind="stable")
+    used: set[int] = set()
+    pairs = []
+    for a, b in zip(p[order].tolist(), q[order].tolist()):
+        if a not in used and b not in used:
+            used.update((a, b))
+            pairs.append((a, b))
+    return pairs
 
 
 def _predecessor_cycle(pred: np.ndarray, node: int) -> list[int] | None:
@@ -171,15 +201,29 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
     # cycles, as each one raises the total by more than it.
     eps = 8 * np.finfo(float).eps * max(float(np.abs(values).max()), 1.0)
     best, item = _best_moves(values, perm, size)
-    while (cycle := _positive_cycle(best, eps)) is not None:
-        heads = cycle[1:] + cycle[:1]
-        if best[cycle, heads].sum() <= eps:
-            break       # no gain above rounding left to take
-        # Item j leaves cycle[j] for heads[j], into the slot of the item leaving heads[j].
-        moved = item[cycle, heads]
-        slots = slot_of[np.roll(moved, -1)]
-        perm[slots] = moved
-        slot_of[moved] = slots
-        for p in cycle:
-            best[p], item[p] = _group_moves(values, perm[p * size:(p + 1) * size], p)
+    while True:
+        # Swaps first (many at once, disjoint), then one longer cycle at a time.
+        pairs = _positive_swaps(best, eps)
+        if pairs:
+            touched = [g for pair in pairs for g in pair]
+            ps, qs = np.array(pairs).T
+            a, b = item[ps, qs], item[qs, ps]
+            slot_a, slot_b = slot_of[a], slot_of[b]
+            perm[slot_a], perm[slot_b] = b, a
+            slot_of[a], slot_of[b] = slot_b, slot_a
+        else:
+            cycle = _positive_cycle(best, eps)
+            if cycle is None:
+                break
+            heads = cycle[1:] + cycle[:1]
+            if best[cycle, heads].sum() <= eps:
+                break       # no gain above rounding left to take
+            # Item j leaves cycle[j] for heads[j], into the slot of the item leaving
+            # heads[j].
+            moved = item[cycle, heads]
+            slots = slot_of[np.roll(moved, -1)]
+            perm[slots] = moved
+            slot_of[moved] = slots
+            touched = cycle
+        _update_moves(values, perm, size, touched, best, item)
     return _order(_groups(perm, size))

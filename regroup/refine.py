@@ -15,6 +15,7 @@ it stops when a round gains nothing or the time limit is reached.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Hashable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,7 +23,7 @@ import scipy.sparse as sp
 from .assignment import assign
 from .blocks import Budget, Layout, build_layout, positions
 
-__all__ = ["refine"]
+__all__ = ["refine", "refine_shared"]
 
 
 def _panel_column_indicator(lay: Layout, m: int) -> sp.csr_matrix:
@@ -45,19 +46,26 @@ def _group_sums(coo: sp.coo_matrix, axis: int, perm: np.ndarray, size: int) -> n
     return np.bincount(flat, weights=coo.data, minlength=n_items * k).reshape(n_items, k)
 
 
-def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+def _row_values(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+    """(rows x panels) mass of row i on the kept columns of panel p."""
     br, bc = lay.block_shape
     if lay.format == "grid":
-        values = _group_sums(coo, 0, lay.col_perm, bc) @ lay.kept.T.astype(float)
-    else:
-        values = (V @ _panel_column_indicator(lay, V.shape[1])).toarray()
-    return assign(values, br, start=lay.row_perm)
+        return _group_sums(coo, 0, lay.col_perm, bc) @ lay.kept.T.astype(float)
+    return (V @ _panel_column_indicator(lay, V.shape[1])).toarray()
+
+
+def _col_values(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+    """(columns x column groups) mass of column j on the kept blocks of group g (grid)."""
+    br, bc = lay.block_shape
+    return _group_sums(coo, 1, lay.row_perm, br) @ lay.kept.astype(float)
+
+
+def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+    return assign(_row_values(V, coo, lay), lay.block_shape[0], start=lay.row_perm)
 
 
 def _cols_step(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
-    br, bc = lay.block_shape
-    values = _group_sums(coo, 1, lay.row_perm, br) @ lay.kept.astype(float)
-    return assign(values, bc, start=lay.col_perm)
+    return assign(_col_values(coo, lay), lay.block_shape[1], start=lay.col_perm)
 
 
 def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
@@ -98,3 +106,91 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
         if not improved:
             break
     return best
+
+
+def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
+                  rows: Sequence[Hashable | None], cols: Sequence[Hashable | None], *,
+                  frozen: Collection[Hashable] = (), max_rounds: int = 10,
+                  time_limit: float | None = None) -> list[Layout]:
+    """Improve orders that several layers share (a hidden dimension folded into all of
+    them), for the sum of the layers' retained fractions.
+
+    ``layers[i] = (V, layout, budget, nnz)`` as for :func:`refine`; ``rows[i]`` /
+    ``cols[i]`` name the shared order (any hashable key) that is layer i's row / column
+    order, or None when that side is the layer's own. Layers sharing an order must hold
+    it already (equal ``row_perm`` / ``col_perm``) and have the same block size along it.
+    The orders named in ``frozen`` stay as they are (shared with something this search
+    cannot move, e.g. a convolution reading each feature as several columns).
+
+    Block-coordinate ascent, as :func:`refine` but across layers: for one shared order,
+    with every layer's kept blocks fixed, the value of putting feature i in group g is
+    the sum over its layers of i's mass there (each layer scaled by its total, so each
+    counts by its retained fraction); the exact assignment gives the new order, every
+    layer re-picks its blocks, and a layer's own sides are refined after it. A step is
+    kept only when the sum rises, so the result never ends below its start (a single
+    layer may). Returns the layouts, in the order of ``layers``.
+    """
+    n_layers = len(layers)
+    if not (len(rows) == len(cols) == n_layers):
+        raise ValueError("refine_shared: 'layers', 'rows' and 'cols' differ in length")
+    Vs = [sp.csr_matrix(V) for V, _, _, _ in layers]
+    coos = [V.tocoo() for V in Vs]
+    weights = [1.0 / (float(V.sum()) or 1.0) for V in Vs]
+    lays = [lay for _, lay, _, _ in layers]
+    keys: dict = {}
+    for i, lay in enumerate(lays):
+        for key, axis in ((rows[i], 0), (cols[i], 1)):
+            if key is None:
+                continue
+            if axis == 1 and lay.format != "grid":
+                raise ValueError(f"refine_shared: layer {i} shares its columns, which only "
+                                 "the grid format orders")
+            perm = lay.row_perm if axis == 0 else lay.col_perm
+            size = lay.block_shape[axis]
+            if key in keys and (keys[key][1] != size
+                                or not np.array_equal(keys[key][0], perm)):
+                raise ValueError(f"refine_shared: the layers sharing order {key!r} disagree "
+                                 "on it or on its block size")
+            keys.setdefault(key, (perm, size))
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+
+    def score(ls: list[Layout]) -> float:
+        return sum(w * lay.kept_mass for w, lay in zip(weights, ls))
+
+    def relaid(i: int, lay: Layout, row_perm, col_perm) -> Layout:
+        _, _, budget, nnz = layers[i]
+        new = build_layout(coos[i], row_perm, col_perm, lay.block_shape, lay.format, budget,
+                           nnz)
+        own_rows, own_cols = rows[i] is None, cols[i] is None and lay.format == "grid"
+        if own_rows or own_cols:
+            new = refine(Vs[i], new, budget, nnz, rows=own_rows, cols=own_cols, max_rounds=2)
+        return new
+
+    best = score(lays)
+    for _ in range(max_rounds):
+        improved = False
+        for key, (_, size) in list(keys.items()):
+            if key in frozen:
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                return lays
+            members = [(i, 0) for i in range(n_layers) if rows[i] == key] + \
+                      [(i, 1) for i in range(n_layers) if cols[i] == key]
+            values = sum(weights[i] * (_row_values(Vs[i], coos[i], lays[i]) if axis == 0
+                                       else _col_values(coos[i], lays[i]))
+                         for i, axis in members)
+            perm = assign(values, size, start=keys[key][0])
+            if np.array_equal(perm, keys[key][0]):
+                continue
+            trial = list(lays)
+            for i, axis in members:
+                lay = trial[i]
+                trial[i] = relaid(i, lay, perm if axis == 0 else lay.row_perm,
+                                  perm if axis == 1 else lay.col_perm)
+            got = score(trial)
+            if got > best * (1 + 1e-12) + 1e-12:
+                lays, best, improved = trial, got, True
+                keys[key] = (perm, size)
+        if not improved:
+            break
+    return lays

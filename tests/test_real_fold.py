@@ -22,12 +22,12 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err <= TOL, f"relative error {err:.2e}"
 
 
-def _fold_and_check(make, inputs, output, tmp_path):
+def _fold_and_check(make, inputs, output, tmp_path, **options):
     """Regroup a fresh ``make()`` in fold mode and check it against an unpermuted copy with
     the same block masks, block-sparse, and re-applied from the saved plan."""
     model, ref = make(), make()
     plan = regroup_model(model, block=16, format="grid", mode="fold", example_inputs=inputs,
-                         method="sort")
+                         **{"method": "sort", **options})
     plan.apply(ref, permute=False)                 # the same masks, original order
     with torch.no_grad():
         want = output(ref(*inputs))
@@ -67,7 +67,7 @@ def test_mobilenet_folds_through_depthwise_convolutions(real_mobilenet, zoo, tmp
         return model
 
     x = zoo.photo_crops(2, size=96)
-    plan = _fold_and_check(make, (x,), lambda y: y, tmp_path)
+    plan = _fold_and_check(make, (x,), lambda y: y, tmp_path, refine=True)
     model = real_mobilenet()
     ones = [f"{n}.weight" for n, m in model.named_modules() if _is_1x1(m)]
     assert len(ones) == 34
@@ -81,6 +81,8 @@ def test_mobilenet_folds_through_depthwise_convolutions(real_mobilenet, zoo, tmp
     expand = plan.sides["features.2.conv.0.0.weight"]
     project = plan.sides["features.2.conv.2.weight"]
     assert expand["rows"] == "fold" and project["cols"] == "fold"
+    # The folded orders were refined jointly (the outputs above are exact with them).
+    assert any(n.startswith("folded orders refined jointly") for n in plan.notes), plan.notes
 
 
 def test_other_grouped_convolutions_still_stop_a_dimension():

@@ -1,0 +1,282 @@
+"""Real pretrained models end to end: prune, block, recover, compare (issue 12's targets).
+
+For each model, sparsity and block size, every method gets the SAME block area per layer
+and the same recovery (knowledge distillation from the dense model, block masks fixed,
+``regroup.adapters.torch.recover``):
+
+- ``unstructured``    the pruned model itself (the quality to approach; not block-sparse)
+- ``naive blocks``    regroup with ``method="identity"``: the best blocks of the pruned
+                      mask in the original order, refilled
+- ``block magnitude`` the best b x b blocks of the DENSE weight by L1 norm, as many per
+                      layer as auto keeps (no unstructured step, no permutation)
+- ``dsb``             regroup with DSB's grouping (runtime orders)
+- ``auto``            regroup's portfolio (runtime orders: ``--fold`` folds them)
+
+Fidelity to the dense model, before and after recovery:
+
+- MobileNetV2 (torchvision's ImageNet weights), 1x1 convs and classifier pruned by global
+  L1: top-1 agreement with the dense model on random crops of scikit-learn's two bundled
+  photographs (``--eval`` crops, disjoint seeds from the ``--train`` crops).
+- BERT (all-MiniLM-L6-v2), every encoder Linear pruned per layer by L1: cosine of the
+  mean-pooled, normalised sentence embeddings to the dense model's, on English sentences
+  from the standard library's docstrings (split into recovery and evaluation sets).
+
+    python benchmarks/real_models.py                       # both models, all settings
+    python benchmarks/real_models.py --model mobilenet --sparsities 0.9 --steps 60
+    python benchmarks/real_models.py --quick               # smoke run (CI, slow marker)
+
+Results: ``results/real_models.{csv,md}`` (or ``real_models_quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import zoo  # noqa: E402
+from _tables import write_outputs  # noqa: E402
+
+from regroup.adapters.torch import (recover, regroup_model, to_block_sparse,  # noqa: E402
+                                    write_mask)
+
+METHODS = ("unstructured", "naive blocks", "block magnitude", "dsb", "auto")
+
+
+# -- pruning and blocking ----------------------------------------------------------------
+def pointwise(model: nn.Module) -> list[nn.Module]:
+    """MobileNetV2's 1x1 convs and classifier (the layers issue 12 prunes)."""
+    return [m for m in model.modules()
+            if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)
+            or isinstance(m, nn.Linear)]
+
+
+def encoder_linears(model: nn.Module) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and n.startswith("encoder.")]
+
+
+def block_magnitude(model: nn.Module, counts: dict[str, int], block: int) -> None:
+    """Mask each layer to its ``counts[name]`` best b x b blocks of its dense weight by L1
+    norm (identity order; edge blocks are partial)."""
+    for name, m in model.named_modules():
+        key = name + ".weight"
+        if key not in counts:
+            continue
+        w = m.weight.detach().reshape(m.weight.shape[0], -1).abs()
+        n, k = w.shape
+        P, Q = -(-n // block), -(-k // block)
+        pad = F.pad(w, (0, Q * block - k, 0, P * block - n))
+        norms = pad.reshape(P, block, Q, block).sum((1, 3)).flatten()
+        keep = torch.zeros(P * Q, dtype=torch.bool)
+        keep[torch.topk(norms, counts[key]).indices] = True
+        mask = keep.reshape(P, Q).repeat_interleave(block, 0).repeat_interleave(block, 1)
+        write_mask(m, "weight", mask[:n, :k].reshape(m.weight.shape))
+
+
+def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: int,
+                 example, fold: bool, counts: dict | None, global_l1: bool):
+    """(model, plan or None) for one method; ``global_l1`` ranks all layers' weights
+    together (else each layer is pruned to ``sparsity``)."""
+    model = copy.deepcopy(dense)
+    chosen = layers(model)
+    if method == "block magnitude":
+        block_magnitude(model, counts, block)
+        return model, None
+    params = [(m, "weight") for m in chosen]
+    if global_l1:
+        prune.global_unstructured(params, prune.L1Unstructured, amount=sparsity)
+    else:
+        for m, p in params:
+            prune.l1_unstructured(m, p, amount=sparsity)
+    if method == "unstructured":
+        return model, None
+    algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto"}[method]
+    names = [n + ".weight" for n, m in model.named_modules() if any(m is c for c in chosen)]
+    plan = regroup_model(model, block=block, method=algo, format="grid", layers=names,
+                         mode="fold" if fold and algo == "auto" else "runtime",
+                         example_inputs=example)
+    return model, plan
+
+
+# -- fidelity ----------------------------------------------------------------------------
+@torch.no_grad()
+def top1_agreement(model, dense_top1, crops, batch=64) -> float:
+    model.eval()
+    got = torch.cat([model(crops[i:i + batch]).argmax(-1) for i in range(0, len(crops), batch)])
+    return float((got == dense_top1).float().mean())
+
+
+@torch.no_grad()
+def embedding_cosine(model, tok, sentences, dense_emb) -> float:
+    model.eval()
+    emb = zoo.sentence_embeddings(model, tok, sentences)
+    return float((emb * dense_emb).sum(-1).mean())
+
+
+def speed(model, x, reps=5) -> float:
+    """Best of ``reps`` forward passes, seconds."""
+    model.eval()
+    best = float("inf")
+    with torch.no_grad():
+        model(x)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# -- runs --------------------------------------------------------------------------------
+def run_mobilenet(args, rows, lines):
+    dense = zoo.mobilenet_v2()
+    train = zoo.photo_crops(args.train, size=args.size, seed=1)
+    evals = zoo.photo_crops(args.eval, size=args.size, seed=2)
+    with torch.no_grad():
+        dense_top1 = torch.cat([dense(evals[i:i + 64]).argmax(-1)
+                                for i in range(0, len(evals), 64)])
+    batches = [train[i:i + args.batch] for i in range(0, len(train), args.batch)]
+    example = (evals[:1],)
+    for sparsity in args.sparsities:
+        counts = None
+        for method in METHODS if args.methods is None else args.methods:
+            if method == "block magnitude" and counts is None:
+                continue          # needs auto's per-layer block counts: auto runs first
+            t0 = time.perf_counter()
+            model, plan = make_variant(dense, pointwise, method, sparsity, 16, example,
+                                       args.fold, counts, global_l1=True)
+            plan_s = time.perf_counter() - t0
+            if plan is not None and method == "auto":
+                counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
+            before = top1_agreement(model, dense_top1, evals)
+            log = recover(model, dense, batches, steps=args.steps, lr=args.lr_cnn, loss="kl",
+                          temperature=2.0, train_mode=False)
+            after = top1_agreement(model, dense_top1, evals)
+            row = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16, "method": method,
+                   "metric": "top-1 agreement", "before": round(before, 4),
+                   "after": round(after, 4), "plan_s": round(plan_s, 1),
+                   "recover_s": round(log.seconds, 1), "steps": log.steps}
+            if plan is not None:
+                row["retained"] = round(float(np.mean([r.metrics["retained"]
+                                                       for r in plan.layers.values()])), 4)
+                row["folded_sides"] = sum(v == "fold" for s in plan.sides.values()
+                                          for v in (s.get("rows"), s.get("cols")))
+            if method == "auto" and args.speed:
+                x = evals[:args.batch]
+                t_dense = speed(dense, x)
+                bs = copy.deepcopy(model)
+                to_block_sparse(bs, plan, backend="auto")
+                row["speedup"] = round(t_dense / speed(bs, x), 3)
+            rows.append(row)
+            print(row, flush=True)
+    _table(rows, "mobilenet_v2", lines)
+
+
+def run_bert(args, rows, lines):
+    dense, tok = zoo.minilm()
+    sentences = zoo.english_sentences(args.sentences)
+    half = len(sentences) // 2
+    train, evals = sentences[:half], sentences[half:]
+    with torch.no_grad():
+        dense_emb = zoo.sentence_embeddings(dense, tok, evals)
+    batches = [dict(tok(train[i:i + args.batch], padding=True, truncation=True,
+                        max_length=128, return_tensors="pt"))
+               for i in range(0, len(train), args.batch)]
+    example = (batches[0]["input_ids"][:2],)
+    for block in args.blocks:
+        for sparsity in args.bert_sparsities:
+            counts = None
+            for method in METHODS if args.methods is None else args.methods:
+                if method == "block magnitude" and counts is None:
+                    continue
+                t0 = time.perf_counter()
+                model, plan = make_variant(dense, encoder_linears, method, sparsity, block,
+                                           example, args.fold, counts, global_l1=False)
+                plan_s = time.perf_counter() - t0
+                if plan is not None and method == "auto":
+                    counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
+                before = embedding_cosine(model, tok, evals, dense_emb)
+                log = recover(model, dense, batches, steps=args.steps, lr=args.lr_bert)
+                after = embedding_cosine(model, tok, evals, dense_emb)
+                row = {"model": "minilm", "sparsity": sparsity, "block": block,
+                       "method": method, "metric": "embedding cosine",
+                       "before": round(before, 4), "after": round(after, 4),
+                       "plan_s": round(plan_s, 1), "recover_s": round(log.seconds, 1),
+                       "steps": log.steps}
+                if plan is not None:
+                    row["retained"] = round(float(np.mean([r.metrics["retained"]
+                                                           for r in plan.layers.values()])), 4)
+                rows.append(row)
+                print(row, flush=True)
+    _table(rows, "minilm", lines)
+
+
+def _table(rows, model, lines):
+    lines += [f"### {model}", "",
+              "| sparsity | block | method | mean retained | before recovery | after | "
+              "recovery s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["model"] == model:
+            lines.append(f"| {r['sparsity']} | {r['block']} | {r['method']} | "
+                         f"{r.get('retained', '')} | {r['before']:.4f} | {r['after']:.4f} | "
+                         f"{r['recover_s']} |")
+    lines.append("")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("mobilenet", "bert", "all"), default="all")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
+    ap.add_argument("--bert-sparsities", type=float, nargs="+", default=[0.5, 0.8])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="subset of " + ", ".join(METHODS) + " (block magnitude needs auto)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=160, help="crop size (MobileNetV2)")
+    ap.add_argument("--train", type=int, default=1024)
+    ap.add_argument("--eval", type=int, default=2000)
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--lr-cnn", type=float, default=1e-4)
+    ap.add_argument("--lr-bert", type=float, default=1e-4)
+    ap.add_argument("--fold", action="store_true", help="auto folds its orders")
+    ap.add_argument("--speed", action="store_true", help="time auto's block-sparse model")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sparsities, args.bert_sparsities, args.blocks = [0.9], [0.8], [32]
+        args.steps, args.train, args.eval, args.sentences, args.size = 2, 16, 32, 64, 96
+        args.batch = 8
+    if args.methods is not None and "block magnitude" in args.methods \
+            and "auto" not in args.methods:
+        ap.error("--methods: 'block magnitude' takes its block counts from 'auto'")
+    if args.methods is not None:      # auto first: block magnitude needs its counts
+        args.methods = sorted(args.methods, key=lambda m: m != "auto")
+    else:
+        args.methods = ["unstructured", "naive blocks", "dsb", "auto", "block magnitude"]
+    torch.manual_seed(0)
+    rows, lines = [], []
+    if args.model in ("mobilenet", "all"):
+        run_mobilenet(args, rows, lines)
+    if args.model in ("bert", "all"):
+        run_bert(args, rows, lines)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                  if k in rows[0] else 99)
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    write_outputs(args.out, "real_models_quick" if args.quick else "real_models", rows, lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
