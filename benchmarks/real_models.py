@@ -148,7 +148,7 @@ def run_mobilenet(args, rows, lines):
     example = (evals[:1],)
     for sparsity in args.sparsities:
         counts = None
-        for method in METHODS if args.methods is None else args.methods:
+        for method in args.methods:
             if method == "block magnitude" and counts is None:
                 continue          # needs auto's per-layer block counts: auto runs first
             t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def run_bert(args, rows, lines):
     for block in args.blocks:
         for sparsity in args.bert_sparsities:
             counts = None
-            for method in METHODS if args.methods is None else args.methods:
+            for method in args.methods:
                 if method == "block magnitude" and counts is None:
                     continue
                 t0 = time.perf_counter()

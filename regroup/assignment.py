@@ -187,6 +187,11 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
     ``start`` (an order in the same form, e.g. the current one) is where the search
     begins (default: the greedy order); the result is never worse than it."""
     values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or not np.isfinite(values).all():
+        raise ValueError("The 'values' parameter of assign must be a 2-D array of finite "
+                         f"numbers. Got shape {values.shape} with non-finite entries instead."
+                         if values.ndim == 2 else "The 'values' parameter of assign must be "
+                         f"a 2-D array of finite numbers. Got {values.ndim} dimensions instead.")
     n, k = values.shape
     # Any feasible start reaches the optimum; a good one (the caller's current order in
     # refinement) needs fewer cycles. Starting from the better of it and the greedy order
@@ -194,7 +199,7 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
     perm = (assign_greedy(values, size) if start is None
             else np.array(start, dtype=np.intp, copy=True))
     if k < 2:
-        return perm
+        return _order(_groups(perm, size))
     slot_of = np.empty(n, np.intp)
     slot_of[perm] = np.arange(n)
     # Gains below this are rounding noise, not improvements; it also bounds the number of

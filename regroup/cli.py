@@ -117,11 +117,9 @@ class _Progress:
     def for_stderr(cls, enabled: bool, unit: str) -> _Progress:
         return cls(None if not enabled else "bar" if sys.stderr.isatty() else "lines", unit)
 
-    def __call__(self, name: str, index: int, total: int, info: dict | None = None) -> None:
+    def __call__(self, name: str, index: int, total: int, info: dict) -> None:
         if self.mode == "lines":
-            if info is not None:      # compare reports runs as they start: no line
-                print(_progress_line(name, index, total, info), file=sys.stderr,
-                      flush=True)
+            print(_progress_line(name, index, total, info or {}), file=sys.stderr, flush=True)
             return
         if self.mode != "bar":
             return
@@ -229,7 +227,11 @@ def cmd_inspect(args) -> int:
               f"{res.meta['options']['seed']}, regroup {res.meta['versions']['regroup']}")
         return EXIT_OK
     from .io import read_patterns
-    pats, skipped = read_patterns(path, layers=args.layers, dense_above=args.dense_above)
+    from .options import resolve_options
+    selection = resolve_options(None, "regroup inspect", layers=args.layers,
+                                dense_above=args.dense_above)
+    pats, skipped = read_patterns(path, layers=selection.layers,
+                                  dense_above=selection.dense_above)
     rows = [{"name": p.name, "shape": list(p.shape), "matrix": [p.n_rows, p.n_cols],
              "nnz": p.nnz, "density": p.density, "weights": "yes" if p.has_weights else "no"}
             for p in pats]

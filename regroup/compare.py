@@ -33,8 +33,8 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
     which each entry of ``methods`` replaces. The layers are those ``regroup run`` takes
     (:func:`regroup.io.read_patterns` with the block, ``dense_above`` and the embedding
     rule); ``on_skip(file, name, reason)`` is called for every other tensor.
-    ``progress(label, index, total)`` is called before each run (total counts the runs
-    of the current file).
+    ``progress(label, done, total, info)`` is called as each run finishes (total counts
+    the runs of the current file; ``info`` as in :mod:`regroup.pipeline`'s progress).
 
     Raises
     ------
@@ -59,9 +59,6 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
         total = len(patterns) * len(runs)
         for i, pat in enumerate(patterns):
             for j, run in enumerate(runs):
-                if progress is not None:
-                    progress(f"{os.path.basename(path)}:{pat.name}:{run.method}",
-                             i * len(runs) + j, total)
                 t0 = time.perf_counter()
                 r = regroup_pattern(pat, options=run)
                 m = r.metrics
@@ -75,6 +72,12 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
                                        if m["retained_identity"] else None),
                     "kept_blocks": m["kept_blocks"], "fill": m["fill"], "km1": m["km1"],
                     "seconds": time.perf_counter() - t0})
+                if progress is not None:
+                    progress(f"{os.path.basename(path)}:{pat.name}:{run.method}",
+                             i * len(runs) + j + 1, total,
+                             {"status": "done", "shape": pat.shape, "cached": False,
+                              "seconds": rows[-1]["seconds"], "retained": m["retained"],
+                              "reason": None})
     return rows
 
 

@@ -16,9 +16,9 @@ import scipy.sparse as sp
 from ._validation import PartitionerError, RegroupError
 from .anneal import anneal
 from .blocks import Budget, Layout, build_layout, layout_mask
-from .columns import group_columns
+from .columns import PROFILE_CLUSTER_LIMIT, clustered_columns, group_columns
 from .metrics import layer_metrics
-from .options import RegroupOptions, resolve_options
+from .options import DENSE_ABOVE, RegroupOptions, resolve_options
 from .partitioners import check_perm, get_partitioner, parse_method, run_partitioner
 from .pattern import Pattern
 from .refine import refine as local_search
@@ -110,8 +110,9 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     """
     caller = "regroup_pattern"
     opts = resolve_options(options, caller, **kwargs)
-    if opts.layers is not None or opts.budget_scope != "layer":
-        raise ValueError(f"{caller} regroups one layer: 'layers' and "
+    if opts.layers is not None or opts.budget_scope != "layer" or \
+            opts.dense_above != DENSE_ABOVE:
+        raise ValueError(f"{caller} regroups one layer: 'layers', 'dense_above' and "
                          "budget_scope='global' select and budget whole files and models "
                          "(regroup_file, regroup_checkpoint, regroup_model); pass "
                          "options.per_layer() here")
@@ -162,9 +163,11 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
                     try:
                         lay = _candidate(cname, cparams, B, V, format, block, budget, nnz,
                                          seed, opts.time_limit,
-                                         # Refinement's exact column step does what
-                                         # profile clustering does, and better
-                                         # (benchmarks/README.md, auto's time).
+                                         # With refinement after it, the profile
+                                         # clustering of every candidate's columns
+                                         # bought nothing on DLMC for a third of the
+                                         # time (benchmarks/README.md); auto tries it
+                                         # on its winner only (below).
                                          cluster_columns=not (spec.portfolio
                                                               or opts.refines),
                                          fixed_rows=row_perm, fixed_cols=col_perm)
@@ -190,9 +193,9 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         """A candidate as a direct run of its method leaves it: full column step (grid;
         auto scored its candidates with home-panel columns), then refinement. Returns the
         score before refinement too (what refine_gain is measured from)."""
-        if spec.portfolio and format == "grid" and col_perm is None and get_partitioner(
-                parse_method(cand)[0]).columns == "home":
-            cols = group_columns(V, lay.row_perm, block, budget, nnz, cluster=not do_refine)
+        if spec.portfolio and not do_refine and format == "grid" and col_perm is None and \
+                get_partitioner(parse_method(cand)[0]).columns == "home":
+            cols = group_columns(V, lay.row_perm, block, budget, nnz)
             lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
         start = lay.kept_mass / total
         if do_refine:
@@ -220,12 +223,12 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
             if best is None or refined[cand] > best[0]:
                 best = (refined[cand], cand, fin, start)
         _, chosen, lay, start = best
-        if format == "grid" and col_perm is None:
-            # The candidates' columns started from home panels (clustering them for all six
-            # cost a third of auto's time for no gain on DLMC). The profile clustering
-            # still finds planted column groups that refinement from home panels misses,
-            # so the winner's columns are also refined from it.
-            cols = group_columns(V, lay.row_perm, block, budget, nnz, cluster="only")
+        if format == "grid" and col_perm is None and block[1] < m <= PROFILE_CLUSTER_LIMIT:
+            # The candidates' columns started from home panels. On average that is as good
+            # after refinement, but the profile clustering finds planted column groups
+            # that refinement from home panels can miss, so the winner's columns are also
+            # refined from it.
+            cols = clustered_columns(V, lay.row_perm, block[0], block[1])
             alt = local_search(V, build_layout(V, lay.row_perm, cols, block, format, budget,
                                                nnz), budget, nnz, rows=row_perm is None,
                                time_limit=opts.time_limit)

@@ -48,16 +48,14 @@ def _group_sums(coo: sp.coo_matrix, axis: int, perm: np.ndarray, size: int) -> n
 
 def _row_values(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
     """(rows x panels) mass of row i on the kept columns of panel p."""
-    br, bc = lay.block_shape
     if lay.format == "grid":
-        return _group_sums(coo, 0, lay.col_perm, bc) @ lay.kept.T.astype(float)
+        return _group_sums(coo, 0, lay.col_perm, lay.block_shape[1]) @ lay.kept.T.astype(float)
     return (V @ _panel_column_indicator(lay, V.shape[1])).toarray()
 
 
 def _col_values(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
     """(columns x column groups) mass of column j on the kept blocks of group g (grid)."""
-    br, bc = lay.block_shape
-    return _group_sums(coo, 1, lay.row_perm, br) @ lay.kept.astype(float)
+    return _group_sums(coo, 1, lay.row_perm, lay.block_shape[0]) @ lay.kept.astype(float)
 
 
 def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
@@ -163,7 +161,9 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
                            nnz)
         own_rows, own_cols = rows[i] is None, cols[i] is None and lay.format == "grid"
         if own_rows or own_cols:
-            new = refine(Vs[i], new, budget, nnz, rows=own_rows, cols=own_cols, max_rounds=2)
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            new = refine(Vs[i], new, budget, nnz, rows=own_rows, cols=own_cols, max_rounds=2,
+                         time_limit=left)
         return new
 
     best = score(lays)

@@ -73,3 +73,13 @@ def test_each_group_lists_its_items_in_index_order():
     values = np.array([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
     perm = assign(values, 2)
     np.testing.assert_array_equal(perm, [1, 3, 0, 2])
+
+
+def test_one_group_is_canonical_and_non_finite_values_are_refused():
+    values = np.ones((4, 1))
+    np.testing.assert_array_equal(assign(values, 4, start=np.array([3, 1, 0, 2])),
+                                  [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="'values' parameter of assign"):
+        assign(np.array([[1.0, np.nan], [0.0, 1.0]]), 1)
+    with pytest.raises(ValueError, match="'values' parameter of assign"):
+        assign(np.ones(3), 1)

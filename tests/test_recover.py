@@ -106,6 +106,29 @@ def test_dict_batches_output_objects_kl_callback_and_generators():
     assert log.steps == 3
 
 
+def test_weights_no_mask_holds_are_masked_before_training():
+    """A layer the plan skips (smaller than the block), pruned by zeroing, keeps its
+    zeros: recover masks it first and says so."""
+    make, inp = zoo()["mlp"]
+    torch.manual_seed(0)
+    teacher = make().eval()
+    student = copy.deepcopy(teacher)
+    for m in student.modules():
+        if isinstance(m, nn.Linear):
+            prune.l1_unstructured(m, "weight", amount=0.7)
+            prune.remove(m, "weight")          # plain zeros, no mask left
+    x = inp()
+    plan = regroup_model(student, block=16, mode="runtime", example_inputs=(x,))
+    assert "head.weight" in plan.skipped                # 10 x 80: smaller than the block
+    zeros = student.head.weight.detach() == 0
+    log = recover(student, teacher, [inp() for _ in range(4)], steps=8, lr=1e-2,
+                  train_mode=False)
+    assert log.held == ["head.weight"]
+    assert bool((student.head.weight.detach()[zeros] == 0).all())
+    assert not torch.equal(student.head.weight.detach()[~zeros],
+                           teacher.head.weight.detach()[~zeros])
+
+
 def test_progress_lines(capsys):
     teacher, student, _, inp = _student("mlp")
     recover(student, teacher, [inp()], steps=4, progress=True, log_every=2)

@@ -48,6 +48,26 @@ def test_regrouped_model_computes_the_masked_model(name, fmt, mode):
             torch.testing.assert_close(sparse(x), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("block", [(16, 16), (8, 16)])
+def test_folds_refined_jointly_stay_exact(name, block):
+    """With refinement, the folded orders are refined over the layers sharing them
+    (refine_shared); non-square blocks freeze the folds read by both block sides."""
+    model, x = pruned(name)
+    plan = regroup_model(model, block=block, mode="fold", example_inputs=(x,),
+                         method="sort", refine=True)
+    if block == (16, 16) and name == "mlp":
+        assert any(n.startswith("folded orders refined jointly") for n in plan.notes)
+        assert any("shared_gain" in r.metrics for r in plan.layers.values())
+    ref, _ = _masked_reference(name, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=ATOL)
+    sparse = copy.deepcopy(model)
+    to_block_sparse(sparse, plan, backend="bsr" if block[0] == block[1] else "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), ref(x), rtol=0, atol=ATOL)
+
+
 @pytest.mark.parametrize("name, folds, folded_layers", [
     ("mlp", 2, {"layers.0.weight": ("fold", "runtime"), "layers.1.weight": ("fold", "fold")}),
     ("transformer", 1, {"fc1.weight": ("fold", "runtime"), "fc2.weight": ("runtime", "fold"),

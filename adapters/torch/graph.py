@@ -21,8 +21,9 @@ traced part folds as in a traced model; one that reaches the part's inputs or ou
 flagged as crossing its boundary. The torch.nn modules that torch.fx keeps whole inside a
 traced model (nn.TransformerEncoder) are analysed the same way. Two untraceable blocks
 whose code is fixed and known have exact rules: nn.TransformerEncoderLayer /
-nn.TransformerDecoderLayer (linear1 -> activation -> dropout -> linear2) and Hugging Face
-BERT-style layers (``intermediate`` feeding ``output``).
+nn.TransformerDecoderLayer (linear1 -> activation -> dropout -> linear2) and transformers'
+BERT-style layers (``intermediate`` feeding ``output``, the feeding checked on the forward
+pass; look-alike classes from elsewhere are not trusted).
 """
 from __future__ import annotations
 
@@ -592,6 +593,13 @@ class _Walk:
         if children.get("intermediate") is not None and children.get("output") is not None \
                 and isinstance(getattr(inter, "dense", None), nn.Linear) \
                 and isinstance(getattr(out, "dense", None), nn.Linear):
+            # The rule trusts the layer's code to use the intermediate's output only as
+            # output's input (the forward pass checks the feeding, not other uses): it
+            # holds for transformers' BertLayer and its copies, not for any look-alike.
+            if not type(module).__module__.startswith("transformers."):
+                self._record(prefix, "BERT-style rule not applied: "
+                                     f"{type(module).__name__} is not a transformers layer")
+                return set()
             return self._bert_layer(inter, out, prefix, above, calls)
         return set()
 

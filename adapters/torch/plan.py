@@ -739,6 +739,16 @@ def _refine_folds(folds: list[Fold], patterns: Mapping[str, regroup.Pattern],
                 frozen.add(d)      # a feature is kk columns there: not an assignment step
     names = [n for n in results if (n.rpartition(".")[0], "rows") in where
              or (n.rpartition(".")[0], "cols") in where]
+    if opts.format == "grid" and opts.block[0] != opts.block[1]:
+        # Producers group a fold's features by block rows, consumers by block columns:
+        # one assignment cannot serve both sizes.
+        axes: dict[int, set[str]] = {}
+        for n in names:
+            for side in ("rows", "cols"):
+                d = where.get((n.rpartition(".")[0], side))
+                if d is not None:
+                    axes.setdefault(d, set()).add(side)
+        frozen |= {d for d, sides in axes.items() if len(sides) == 2}
     if not names or len(frozen) == len(folds):
         return None
     layers, rows, cols = [], [], []
@@ -764,14 +774,18 @@ def _refine_folds(folds: list[Fold], patterns: Mapping[str, regroup.Pattern],
         i = next((i for i, (rk, ck) in enumerate(zip(rows, cols)) if d in (rk, ck)), None)
         if i is not None and d not in frozen:
             f.perm = new[i].row_perm if rows[i] == d else new[i].col_perm
-    for n, (V, _, _, _), lay in zip(names, layers, new):
+    for n, (V, base, _, _), lay in zip(names, layers, new):
         r, pat = results[n], patterns[n]
         n_rows, n_cols = lay.shape
         identity = build_layout(V, np.arange(n_rows), np.arange(n_cols), r.block_shape,
                                 r.format, opts.budget, pat.nnz)
+        # "shared_gain": what the joint refinement changed in this layer's objective
+        # (a layer may lose for the sum); the other metrics are this layout's.
+        gain = (lay.kept_mass - base.kept_mass) / (float(V.sum()) or 1.0)
         results[n] = replace(r, mask=pat.unflatten(layout_mask(lay)), row_perm=lay.row_perm,
                              col_perm=lay.col_perm, panel_cols=lay.panel_cols,
-                             metrics={**r.metrics, **layer_metrics(pat, lay, identity)})
+                             metrics={**r.metrics, **layer_metrics(pat, lay, identity),
+                                      "shared_gain": gain})
     return (f"folded orders refined jointly over the {len(names)} layers sharing them: "
             f"mean retained {'/'.join(sorted(objectives))} {np.mean(before):.4f} -> "
             f"{np.mean(after):.4f}")

@@ -11,6 +11,10 @@ the block masks keep and nothing else. :func:`recover` runs it on any regrouped 
 - block-sparse models (after :func:`~regroup.adapters.torch.to_block_sparse`): only the
   kept blocks are stored (``module.values``), so there is nothing else to train.
 
+Weights whose zeros nothing holds (layers the plan skipped - depthwise, too small, nearly
+dense - when they were pruned by zeroing) get a mask of their nonzeros first, so that
+every pruned weight stays pruned (``Recovery.held`` lists them).
+
 The loss compares the student's output with the teacher's on the same inputs: mean
 squared error (embeddings, features) or the KL divergence of softened class
 distributions (logits), or any callable.
@@ -20,13 +24,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from regroup import RegroupError
 
@@ -53,12 +58,17 @@ class Recovery:
     seconds : float
     stopped : str or None
         Why it ended before ``steps``: ``"callback"`` or ``"data exhausted"``.
+    held : list of str
+        Weights with zeros that no mask held (layers the plan skipped, or pruned by
+        zeroing): :func:`recover` masked them (torch.nn.utils.prune.custom_from_mask)
+        so that they stay pruned.
     """
 
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None
+    held: list[str] = field(default_factory=list)
 
 
 def main_output(out: Any) -> torch.Tensor:
@@ -89,18 +99,36 @@ def _call(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
     return model(to(batch))
 
 
+def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, tensor name) of every weight a pruning method may have masked."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            out.append((f"{name}.weight", m, "weight"))
+        elif isinstance(m, nn.MultiheadAttention) and \
+                isinstance(getattr(m, "in_proj_weight", None), torch.Tensor):
+            out.append((f"{name}.in_proj_weight", m, "in_proj_weight"))
+    return out
+
+
 def _masked_layers(model: nn.Module) -> int:
     """How many modules hold a fixed mask (prune / ao parametrization / block-sparse)."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)):
-            count += 1
-        elif isinstance(m, (nn.Linear, nn.Conv2d)) and mask_source(m, "weight") != "zeros":
-            count += 1
-        elif isinstance(m, nn.MultiheadAttention) and \
-                mask_source(m, "in_proj_weight") != "zeros":
-            count += 1
-    return count
+    blocks = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
+    return sum(isinstance(m, blocks) for m in model.modules()) + sum(
+        mask_source(m, t) != "zeros" for _, m, t in _weights(model))
+
+
+def _hold_zeros(model: nn.Module) -> list[str]:
+    """Give every weight whose zeros no mask holds (a plan skipped it: too small, dense
+    enough, depthwise; or it was pruned by zeroing) a torch.nn.utils.prune mask of its
+    nonzeros, so that training keeps them zero. Returns their names."""
+    held = []
+    for name, m, t in _weights(model):
+        w = getattr(m, t)
+        if mask_source(m, t) == "zeros" and not bool(w.detach().ne(0).all()):
+            prune.custom_from_mask(m, t, w.detach().ne(0))
+            held.append(name)
+    return held
 
 
 def _loss_fn(loss: str | Callable, temperature: float) -> Callable:
@@ -188,6 +216,7 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
                            "(torch.nn.utils.prune, torch.ao.pruning or a block-sparse module); "
                            "training it would refill the pruned weights. Apply a plan first "
                            "(regroup_model / Plan.apply) or convert it with to_block_sparse")
+    held = _hold_zeros(model)
     extract = output or main_output
     criterion = _loss_fn(loss, float(temperature))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +229,8 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
     modes = (model.training, teacher.training)
     model.train(train_mode)
     teacher.eval()
-    done = Recovery()
+    done = Recovery(held=held)
+    one_pass = isinstance(data, Iterator)       # a generator is spent after one pass
     t0 = time.perf_counter()
     try:
         while done.steps < steps:
@@ -225,8 +255,7 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
                     return done
             if not fresh and not done.steps:
                 raise ValueError(f"The 'data' parameter of {_CALLER} yielded no batch")
-            if not fresh or iter(data) is data:
-                # An iterator (a generator) is spent after one pass.
+            if not fresh or one_pass:
                 done.stopped = "data exhausted"
                 return done
     finally:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import FormatError, RegroupError, missing_dependency
-from ..options import DENSE_ABOVE
+from ..options import DENSE_ABOVE, resolve_options
 from ..pattern import Pattern, count_kept, from_array, from_sparse
 from .mtx import parse_mtx, read_mtx
 from .safetensors import read_safetensors, safetensors_index, write_safetensors
@@ -438,8 +438,6 @@ def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = N
         When ``layers`` matches nothing, or no selected layer is usable (the message lists
         why, layer by layer).
     """
-    from ..options import resolve_options
-
     selection = resolve_options(None, "read_patterns", layers=layers,
                                 dense_above=dense_above)
     if not isinstance(skip_embeddings, bool):
