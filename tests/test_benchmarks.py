@@ -104,3 +104,15 @@ def test_portfolio_bench_quick_replays_the_finalist_policies(tmp_path, dlmc_dir)
         assert all(r["after"][c] >= r["before"][c] - 1e-12 for c in r["after"])
     table = (tmp_path / "portfolio_quick.md").read_text()
     assert table.count("| all 6 |") == 2 and "| 0 of 4 |" in table
+
+
+def test_real_models_quick_compares_every_method(tmp_path, real_mobilenet, real_minilm):
+    bench = _bench("real_models")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "real_models_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    for model in ("mobilenet_v2", "minilm"):
+        got = {r["method"] for r in rows if r["model"] == model}
+        assert got == set(bench.METHODS), (model, got)
+    for r in rows:
+        assert -1.0 <= float(r["after"]) <= 1.0 and int(r["steps"]) == 2
