@@ -427,9 +427,11 @@ def _in_known_parent(modules: Mapping[str, nn.Module], mod_name: str) -> bool:
 
 def _encoder_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
     """Whether ``layer``'s fused fast path (``torch._transformer_encoder_layer_fwd``) may
-    run: torch checks these ``self_attn`` flags before it reads ``linear1.weight`` and
-    ``linear2.weight`` as tensors (the other checks are per call: training, input,
-    hooks)."""
+    run, conservatively: torch checks these ``self_attn`` flags before it reads
+    ``linear1.weight`` and ``linear2.weight`` as tensors. Its other conditions (per call:
+    training, input, hooks; per layer: an odd head count, an activation other than
+    relu/gelu, norms with different eps) are not checked, so a layer whose fast path would
+    never run may still be reported as keeping its feed-forward dense."""
     sa = layer.self_attn
     return bool(getattr(sa, "batch_first", False)) and \
         getattr(sa, "in_proj_bias", None) is not None and \
