@@ -36,8 +36,8 @@ import sys
 import time
 
 import numpy as np
+import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -46,6 +46,9 @@ sys.path.insert(0, HERE)
 import zoo  # noqa: E402
 from _tables import write_outputs  # noqa: E402
 
+from regroup.blocks import build_layout, layout_mask  # noqa: E402
+
+from regroup import Budget  # noqa: E402
 from regroup.adapters.torch import (recover, regroup_model, to_block_sparse,  # noqa: E402
                                     write_mask)
 
@@ -67,20 +70,17 @@ def encoder_linears(model: nn.Module) -> list[nn.Module]:
 
 def block_magnitude(model: nn.Module, counts: dict[str, int], block: int) -> None:
     """Mask each layer to its ``counts[name]`` best b x b blocks of its dense weight by L1
-    norm (identity order; edge blocks are partial)."""
+    norm: regroup's own block selection (``build_layout``) on |w| in the identity order,
+    under a ``blocks=k`` budget."""
     for name, m in model.named_modules():
         key = name + ".weight"
         if key not in counts:
             continue
-        w = m.weight.detach().reshape(m.weight.shape[0], -1).abs()
+        w = m.weight.detach().reshape(m.weight.shape[0], -1).abs().double().numpy()
         n, k = w.shape
-        P, Q = -(-n // block), -(-k // block)
-        pad = F.pad(w, (0, Q * block - k, 0, P * block - n))
-        norms = pad.reshape(P, block, Q, block).sum((1, 3)).flatten()
-        keep = torch.zeros(P * Q, dtype=torch.bool)
-        keep[torch.topk(norms, counts[key]).indices] = True
-        mask = keep.reshape(P, Q).repeat_interleave(block, 0).repeat_interleave(block, 1)
-        write_mask(m, "weight", mask[:n, :k].reshape(m.weight.shape))
+        lay = build_layout(sp.csr_matrix(w), np.arange(n), np.arange(k), (block, block),
+                           "grid", Budget.parse(f"blocks={counts[key]}"))
+        write_mask(m, "weight", torch.from_numpy(layout_mask(lay)).reshape(m.weight.shape))
 
 
 def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: int,
