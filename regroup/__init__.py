@@ -8,6 +8,7 @@ Index
 -----
 RegroupOptions    -- every option of a run, validated once (block, method, budget, ...)
 regroup_pattern   -- regroup one layer (a Pattern) into a scored block layout
+regroup_budgets   -- the same at several budgets, each partitioner run once
 regroup_file      -- regroup every layer of a mask or checkpoint, results in memory
 regroup_checkpoint -- the same, streamed to a result file (resumable, --jobs, dask)
 from_array        -- Pattern from a dense weight and/or mask (2-D or 4-D)
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from ._validation import FormatError, PartitionerError, RegroupError
 from .blocks import Budget, check_layout
-from .engine import regroup_pattern
+from .engine import regroup_budgets, regroup_pattern
 from .hypergraph import column_net, cut, km1, write_hgr
 from .io import read_patterns
 from .options import RegroupOptions
@@ -54,6 +55,7 @@ __all__ = [
     "list_partitioners",
     "load_result",
     "read_patterns",
+    "regroup_budgets",
     "regroup_checkpoint",
     "regroup_file",
     "regroup_pattern",

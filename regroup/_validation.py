@@ -6,7 +6,7 @@ what was expected and what arrived; they describe data (shape, dtype, nnz), neve
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,6 +17,7 @@ __all__ = [
     "check_int",
     "check_choice",
     "check_block",
+    "check_distinct_list",
     "as_rng",
     "native_seed",
     "missing_dependency",
@@ -81,6 +82,39 @@ def check_block(block: Any, caller: str) -> tuple[int, int]:
     br = check_int(block[0], "block", caller, low=1, high=1 << 16)
     bc = check_int(block[1], "block", caller, low=1, high=1 << 16)
     return br, bc
+
+
+def check_distinct_list(value: Any, name: str, caller: str, allowed: str,
+                        parse: Callable[[Any], Any], single: tuple[type, ...] = ()
+                        ) -> tuple[Any, ...]:
+    """Read a non-empty list of distinct entries: a comma-separated str, a list or tuple,
+    or one instance of a ``single`` type. Each entry goes through ``parse`` (which raises
+    ``TypeError``/``ValueError``); duplicates are judged after parsing. Errors name the
+    parameter, the caller, ``allowed`` and the value given."""
+    def fail(kind: type[Exception], why: str = "") -> Exception:
+        return kind(f"The {name!r} parameter of {caller} must be {allowed}. Got "
+                    f"{value!r} instead.{why}")
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(",")]
+    elif single and isinstance(value, single):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise TypeError(f"The {name!r} parameter of {caller} must be {allowed}. Got "
+                        f"{type(value).__name__} instead.")
+    out: list[Any] = []
+    for item in items:
+        try:
+            parsed = parse(item)
+        except (TypeError, ValueError) as exc:
+            raise fail(type(exc), f" (entry {item!r}: {exc})") from None
+        if parsed in out:
+            raise fail(ValueError, f" ({str(parsed)!r} is given twice)")
+        out.append(parsed)
+    if not out:
+        raise fail(ValueError)
+    return tuple(out)
 
 
 def as_rng(rng: Any) -> np.random.Generator:

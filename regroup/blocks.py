@@ -18,15 +18,16 @@ as what it covers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import RegroupError, check_choice
+from ._validation import RegroupError, check_choice, check_distinct_list
 
 __all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
-           "check_layout", "group_indicator", "layout_mask", "positions", "select",
-           "select_blocks"]
+           "check_layout", "group_indicator", "layout_mask", "parse_budgets", "positions",
+           "select", "select_blocks"]
 
 FORMATS = ("grid", "shuffled")
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
@@ -83,6 +84,15 @@ class Budget:
             return "iso" if self.value is None else f"iso={self.value:g}"
         v = int(self.value) if self.kind == "blocks" else self.value
         return f"{self.kind}={v}"
+
+
+def parse_budgets(budgets: Any, name: str, caller: str) -> tuple[Budget, ...]:
+    """Read a list of budgets: a comma-separated str (``"density=0.1,iso"``) or a sequence
+    of str / :class:`Budget`. Errors name the parameter ``name`` of ``caller``; an empty
+    list or a budget given twice (after normalisation: ``iso=1`` is ``iso``) is refused."""
+    allowed = ("a non-empty list of distinct budgets, e.g. 'density=0.1,iso' or "
+               "['density=0.1', 'iso']")
+    return check_distinct_list(budgets, name, caller, allowed, Budget.parse, single=(Budget,))
 
 
 @dataclass(frozen=True, eq=False)

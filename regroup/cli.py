@@ -1,4 +1,4 @@
-"""The ``regroup`` command line: run, inspect, compare, show.
+"""The ``regroup`` command line: run, inspect, compare, show, sweep.
 
 Every subcommand is a thin wrapper over a library call and builds exactly one
 :class:`regroup.RegroupOptions`. Exit codes: 0 success; 1 a documented failure (bad file,
@@ -20,15 +20,17 @@ RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_id
                "kept_blocks", "fill", "seconds")
 
 
-def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True) -> None:
+def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True,
+                        budget: bool = True) -> None:
     p.add_argument("--block", default="32", help="block shape: 32 or 32x16 (rows x cols)")
     p.add_argument("--format", default="grid", choices=("grid", "shuffled"),
                    help="grid: BSR after row+column permutation; shuffled: per-panel tiles")
     if method:
         p.add_argument("--method", default="auto", help="partitioner, e.g. auto, metis, "
                        "hierarchical:linkage=complete (see `regroup run --list-methods`)")
-    p.add_argument("--budget", default="iso",
-                   help="iso | density=D | blocks=K | retained=R (default: iso)")
+    if budget:
+        p.add_argument("--budget", default="iso",
+                       help="iso | density=D | blocks=K | retained=R (default: iso)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB",
                    help="only layers whose name matches GLOB (repeatable)")
@@ -102,6 +104,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--result", help="use the layout stored in this result file")
     p.add_argument("-o", "--output", required=True, help="PNG path")
     _add_layout_options(p)
+
+    from .kernel_speed import BATCH
+    from .sweep import DEFAULT_BUDGETS, DEFAULT_METHODS
+    p = sub.add_parser("sweep", help="retained and CPU speed-up against block density over "
+                       "a range of budgets (CSV, Markdown, PNG)",
+                       description="Regroup every selected layer of INPUT with each method "
+                       "at each budget; report, per layer and for the model, block density, "
+                       "retained (count and |w|) and the CPU block-sparse speed-up at that "
+                       "density.")
+    p.add_argument("input", help="mask or checkpoint, as for `regroup run`")
+    p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
+                   help="comma-separated budgets (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated method specs (default: %(default)s)")
+    p.add_argument("--no-speed", action="store_true",
+                   help="do not time the block-sparse products (no torch needed)")
+    p.add_argument("--batch", type=int, default=BATCH, metavar="N",
+                   help="input rows of the timed products (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads while timing (default: torch's, all cores)")
+    p.add_argument("--csv", help="CSV of the model and layer rows")
+    p.add_argument("--md", "--markdown", dest="md", help="Markdown report")
+    p.add_argument("--plot", help="PNG: retained and speed-up against block density")
+    p.add_argument("--objective", default="auto", choices=("auto", "count", "magnitude"))
+    p.add_argument("--edge", default="partial", choices=("partial", "error"),
+                   help="shapes not divisible by the block: short edge blocks, or error")
+    p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress")
+    _add_layout_options(p, method=False, budget=False)
     return ap
 
 
@@ -156,13 +186,13 @@ def _options(args, **extra):
     """The one RegroupOptions of a command, from its arguments."""
     from .options import resolve_options
 
-    fields = dict(block=args.block, format=args.format, budget=args.budget, seed=args.seed,
+    fields = dict(block=args.block, format=args.format, seed=args.seed,
                   layers=args.layers, time_limit=args.time_limit, anneal=args.anneal,
                   refine={"auto": None, "on": True, "off": False}[args.refine],
                   dense_above=args.dense_above)
     if getattr(args, "method", None) is not None:
         fields["method"] = args.method
-    for name in ("objective", "edge", "budget_scope", "layer_min"):
+    for name in ("budget", "objective", "edge", "budget_scope", "layer_min"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(extra)
@@ -318,6 +348,56 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+SWEEP_COLUMNS = ("method", "budget", "block_density", "retained", "retained_magnitude",
+                 "kept_blocks", "speedup", "seconds")
+
+
+def cmd_sweep(args) -> int:
+    from .report import format_table, write_csv
+    from .sweep import CSV_COLUMNS, sweep
+
+    options = _options(args)
+    outputs = [o for o in (args.csv, args.md, args.plot) if o]
+    for out in outputs:           # before the work, not after it
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{out}: the output directory {parent} does not exist")
+    if args.plot:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            from ._validation import missing_dependency
+            raise missing_dependency("matplotlib", "regroup sweep --plot")
+    progress = _Progress.for_stderr(not args.quiet, "run")
+    try:
+        result = sweep(args.input, budgets=args.budgets, methods=args.methods,
+                       options=options, speed=not args.no_speed, batch=args.batch,
+                       threads=args.threads, progress=progress)
+    finally:
+        progress.close()
+    if args.csv:
+        write_csv(result.csv_rows(), CSV_COLUMNS, args.csv)
+    if args.md:
+        from ._atomic import atomic_write
+        with atomic_write(args.md) as f:
+            f.write(result.markdown())
+    if args.plot:
+        from .plot import plot_sweep
+        plot_sweep(result, args.plot)
+    if not args.quiet:
+        print(format_table(result.model, SWEEP_COLUMNS))
+        sp = result.speed
+        speed = (f"speed-up: torch {sp['torch']} BSR vs dense, fp32, batch {sp['batch']}, "
+                 f"{sp['threads']} threads" if sp["measured"]
+                 else f"speed-up not measured: {sp['note']}")
+        print("\n" + result.summary())
+        print(f"\n{len({r['layer'] for r in result.layers})} layers, "
+              f"{len(result.skipped)} tensors skipped; {options.format} {args.block}, seed "
+              f"{options.seed}; {speed}; {result.seconds:.1f} s")
+        if outputs:
+            print("wrote " + ", ".join(outputs))
+    return EXIT_OK
+
+
 class _Usage(Exception):
     pass
 
@@ -332,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._validation import RegroupError
 
     handler = {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare,
-               "show": cmd_show}[args.command]
+               "show": cmd_show, "sweep": cmd_sweep}[args.command]
     prefix = f"regroup {args.command}: "
     try:
         return handler(args)

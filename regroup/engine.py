@@ -2,10 +2,12 @@
 
 :func:`regroup_pattern` runs the chosen partitioner (or every member of a portfolio such
 as ``auto``), orders the grid columns, keeps the best blocks under the budget and, where
-asked, refines the layout. Files and checkpoints go through :mod:`regroup.pipeline`.
+asked, refines the layout; :func:`regroup_budgets` does the same at several budgets,
+running each partitioner once. Files and checkpoints go through :mod:`regroup.pipeline`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -15,37 +17,80 @@ import scipy.sparse as sp
 
 from ._validation import PartitionerError, RegroupError
 from .anneal import anneal
-from .blocks import Budget, Layout, build_layout, layout_mask
+from .blocks import Budget, Layout, build_layout, layout_mask, parse_budgets
 from .columns import PROFILE_CLUSTER_LIMIT, clustered_columns, group_columns
 from .metrics import layer_metrics
 from .options import DENSE_ABOVE, RegroupOptions, resolve_options
-from .partitioners import check_perm, get_partitioner, parse_method, run_partitioner
+from .partitioners import (check_perm, format_method, get_partitioner, parse_method,
+                          run_partitioner)
 from .pattern import Pattern
 from .refine import refine as local_search
 from .result import LayerResult
 
-__all__ = ["regroup_pattern"]
+__all__ = ["regroup_pattern", "regroup_budgets"]
+
+
+def _orders(name: str, params: dict, B: sp.csr_matrix, fmt: str, block: tuple[int, int],
+            seed: int, time_limit: float | None, own_cols: bool,
+            memo: dict[str, tuple] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The partitioner's row order and, with ``own_cols`` (a partitioner that orders the
+    grid columns itself), its column order: what does not depend on the budget.
+
+    ``memo`` (one per pattern and options but the budget, as :func:`regroup_budgets`
+    keeps it) holds them by method spec, with the warnings the partitioner gave (replayed)
+    or its failure (raised again), so a pattern regrouped at several budgets runs each
+    partitioner once and gets what independent runs would."""
+    key = format_method(name, params) + (":own_cols" if own_cols else "")
+    if memo is None or key not in memo:
+        # A fresh generator per candidate: auto's winner equals a direct run of that method.
+        rng = np.random.default_rng(seed)
+        rows = cols = error = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                rows = run_partitioner(name, params, B, block[0], rng, time_limit)
+                if own_cols:
+                    cols = run_partitioner(name, params, B.T.tocsr(), block[1], rng,
+                                           time_limit)
+            except PartitionerError as exc:
+                if memo is None:
+                    _replay(caught)
+                    raise
+                error = exc
+        entry = (rows, cols, error, list(caught))
+        if memo is not None:
+            memo[key] = entry
+    else:
+        entry = memo[key]
+    rows, cols, error, caught = entry
+    _replay(caught)
+    if error is not None:
+        raise PartitionerError(str(error))
+    return rows, cols
+
+
+def _replay(caught: list) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _candidate(name: str, params: dict, B: sp.csr_matrix, V: sp.csr_matrix, fmt: str,
                block: tuple[int, int], budget: Budget, nnz: int, seed: int,
                time_limit: float | None, cluster_columns: bool = True,
                fixed_rows: np.ndarray | None = None,
-               fixed_cols: np.ndarray | None = None) -> Layout:
-    br, bc = block
-    # A fresh generator per candidate: auto's winner equals a direct run of that method.
-    rng = np.random.default_rng(seed)
-    row_perm = (fixed_rows if fixed_rows is not None
-                else run_partitioner(name, params, B, br, rng, time_limit))
-    col_perm = None
+               fixed_cols: np.ndarray | None = None,
+               memo: dict[str, tuple] | None = None) -> Layout:
+    own_cols = (fmt == "grid" and fixed_cols is None and fixed_rows is None
+                and get_partitioner(name).columns == "self")
+    if fixed_rows is not None:
+        row_perm, col_perm = fixed_rows, None
+    else:
+        row_perm, col_perm = _orders(name, params, B, fmt, block, seed, time_limit,
+                                     own_cols, memo)
     if fmt == "grid" and fixed_cols is not None:
         col_perm = fixed_cols
-    elif fmt == "grid":
-        if get_partitioner(name).columns == "self" and fixed_rows is None:
-            col_perm = run_partitioner(name, params, B.T.tocsr(), bc, rng, time_limit)
-        else:
-            col_perm = group_columns(V, row_perm, block, budget, nnz,
-                                     cluster=cluster_columns)
+    elif fmt == "grid" and col_perm is None:
+        col_perm = group_columns(V, row_perm, block, budget, nnz, cluster=cluster_columns)
     return build_layout(V, row_perm, col_perm, block, fmt, budget, nnz)
 
 
@@ -109,6 +154,60 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         Invalid parameters.
     """
     caller = "regroup_pattern"
+    opts = _layer_options(pattern, options, caller, kwargs)
+    n, m = pattern.n_rows, pattern.n_cols
+    if row_perm is not None:
+        row_perm = _fixed_perm(row_perm, n, "row_perm", caller)
+    if col_perm is not None:
+        if opts.format != "grid":
+            raise ValueError(f"The 'col_perm' parameter of {caller} applies to the grid "
+                             f"format only (shuffled panels pick their own columns).")
+        col_perm = _fixed_perm(col_perm, m, "col_perm", caller)
+    return _regroup(pattern, opts, row_perm, col_perm, caller, None)
+
+
+def regroup_budgets(pattern: Pattern, budgets: Any, *, options: RegroupOptions | None = None,
+                    **kwargs: Any) -> list[LayerResult]:
+    """Regroup one layer at several budgets; each partitioner runs once.
+
+    The result at each budget is what :func:`regroup_pattern` gives with that budget
+    (the same layout and metrics; ``seconds`` differ: the partitioners' time falls on the
+    first budget). What depends on the budget - grid column order, kept blocks,
+    refinement, annealing - is done per budget; the partitioners' row orders are not and
+    are shared. A partitioner that is not deterministic (``spec.deterministic`` False)
+    gives every budget the same order, where independent runs could differ.
+
+    Parameters
+    ----------
+    pattern : Pattern
+    budgets : str or sequence of (str or Budget)
+        Budgets, in the order of the results: ``["density=0.1", "iso"]`` or the same as
+        one comma-separated str (:func:`regroup.blocks.parse_budgets`).
+    options : RegroupOptions, optional
+        As :func:`regroup_pattern`; its ``budget`` is replaced by each of ``budgets``.
+    **kwargs
+        Fields of :class:`regroup.RegroupOptions`, applied on top of ``options``.
+
+    Returns
+    -------
+    list of LayerResult
+        One per budget, in order.
+
+    Raises
+    ------
+    RegroupError, ValueError, TypeError
+        As :func:`regroup_pattern`; an empty, repeated or invalid budget.
+    """
+    caller = "regroup_budgets"
+    opts = _layer_options(pattern, options, caller, kwargs)
+    memo: dict[str, tuple] = {}
+    return [_regroup(pattern, dataclasses.replace(opts, budget=b), None, None, caller, memo)
+            for b in parse_budgets(budgets, "budgets", caller)]
+
+
+def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str,
+                   kwargs: dict[str, Any]) -> RegroupOptions:
+    """The validated options of a one-layer call, and the pattern checked against them."""
     opts = resolve_options(options, caller, **kwargs)
     if opts.layers is not None or opts.budget_scope != "layer" or \
             opts.dense_above != DENSE_ABOVE:
@@ -119,17 +218,17 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     if not isinstance(pattern, Pattern):
         raise TypeError(f"The 'pattern' parameter of {caller} must be a Pattern. Got "
                         f"{type(pattern).__name__} instead.")
+    _validate_pattern(pattern, opts.block, opts.edge)
+    return opts
+
+
+def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None,
+             col_perm: np.ndarray | None, caller: str, memo: dict[str, tuple] | None
+             ) -> LayerResult:
+    """:func:`regroup_pattern` on validated arguments; ``memo`` as in :func:`_orders`."""
     block, format, budget, seed = opts.block, opts.format, opts.budget, opts.seed
     name, params = opts.partitioner
-    _validate_pattern(pattern, block, opts.edge)
     n, m = pattern.n_rows, pattern.n_cols
-    if row_perm is not None:
-        row_perm = _fixed_perm(row_perm, n, "row_perm", caller)
-    if col_perm is not None:
-        if format != "grid":
-            raise ValueError(f"The 'col_perm' parameter of {caller} applies to the grid "
-                             f"format only (shuffled panels pick their own columns).")
-        col_perm = _fixed_perm(col_perm, m, "col_perm", caller)
     t0 = time.perf_counter()
 
     B = pattern.binary()
@@ -170,7 +269,8 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
                                          # on its winner only (below).
                                          cluster_columns=not (spec.portfolio
                                                               or opts.refines),
-                                         fixed_rows=row_perm, fixed_cols=col_perm)
+                                         fixed_rows=row_perm, fixed_cols=col_perm,
+                                         memo=memo)
                     finally:
                         for w in caught:
                             said.setdefault(cand, []).append(str(w.message))
