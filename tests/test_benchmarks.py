@@ -65,6 +65,9 @@ def test_kernel_bench_quick_checks_its_outputs(tmp_path):
     for r in rows:
         assert float(r["grid_maxerr"]) < 1e-3 and float(r["shuffled_maxerr"]) < 1e-3
         assert r["grid_auto"] in ("bsr", "dense")
+        # The CSR baseline: exact, and as many nonzeros as the block layouts keep.
+        assert float(r["csr_relerr"]) < 1e-5 and float(r["csr_ms"]) > 0
+        assert int(r["csr_nnz"]) == int(r["grid_nnz"]) == int(r["shuffled_nnz"])
 
 
 def test_llm_bench_quick_serial_parallel_and_dask_agree(tmp_path):

@@ -126,3 +126,14 @@ def pruned(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     randomize_norms(model, seed)
     prune_layers(model)
     return model.eval(), inp()
+
+
+def prune_encoder(model: nn.Module, amount: float = 0.8) -> nn.Module:
+    """Magnitude pruning of an nn.TransformerEncoder: every Linear weight and every
+    MultiheadAttention in_proj_weight (torch.nn.utils.prune.l1_unstructured)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            prune.l1_unstructured(m, "weight", amount)
+        elif isinstance(m, nn.MultiheadAttention):
+            prune.l1_unstructured(m, "in_proj_weight", amount)
+    return model

@@ -35,6 +35,7 @@ from torch.nn.utils import prune
 
 from regroup import RegroupError
 
+from .calibration import call_model
 from .masking import mask_source
 from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
 
@@ -87,16 +88,6 @@ def main_output(out: Any) -> torch.Tensor:
         return main_output(next(iter(out.values())))
     raise TypeError(f"{_CALLER}: cannot find the output tensor in a {type(out).__name__}; "
                     "pass output=lambda out: ...")
-
-
-def _call(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
-    def to(x: Any) -> Any:
-        return x.to(device) if isinstance(x, torch.Tensor) and device is not None else x
-    if isinstance(batch, dict):
-        return model(**{k: to(v) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return model(*(to(x) for x in batch))
-    return model(to(batch))
 
 
 def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -238,8 +229,8 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
             for batch in data:
                 fresh = True
                 with torch.no_grad():
-                    target = extract(_call(teacher, batch, device)).detach()
-                value = criterion(extract(_call(model, batch, device)), target)
+                    target = extract(call_model(teacher, batch, device)).detach()
+                value = criterion(extract(call_model(model, batch, device)), target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()

@@ -16,10 +16,35 @@ Execution paths (``backend``):
   of the input in place (:mod:`.triton_shuffled`); blocks >= 16, powers of two.
 - ``"dense"``: the masked weight as a dense matrix in original coordinates: ``F.linear``
   / ``F.conv2d``, no permutation at all.
-- ``"auto"`` (default): the first call for each (device, dtype, batch size class, grad
-  mode) times every available path on that very input and keeps the fastest; a sparse
-  path must beat dense by 5 % to be chosen, so auto is never measurably slower than
-  dense. The choices are in ``module.dispatch_log``.
+- ``"auto"`` (default): the first call for each (device, dtype, batch size class, other
+  dims, grad mode) times every available path on that very input, the paths interleaved,
+  within :data:`TIME_BUDGET` seconds per module and input class (``module.core.time_budget``
+  overrides it; at least a warm-up and one timed call of each path). A sparse path is
+  chosen only when it beat dense by the :data:`MARGIN` (5 %) in that timing, so the choice
+  is never a path measured slower than dense. In inference (grad disabled) every
+  :data:`CHECK_EVERY`-th call of a sparse choice is timed; when the best of the last
+  :data:`CHECK_SAMPLES` such calls is slower than the dense time of the choice by more
+  than the margin, the paths are timed again and the choice replaced (checks then back
+  off while the choice holds). Each timing is logged at INFO on this module's logger
+  (``regroup.adapters.torch.sparse``) with the measured times. The choices are in
+  ``module.dispatch_log``, the measurements in ``module.dispatch_records``.
+
+Tracing (``torch.export``, ``torch.jit.trace``) times nothing: the
+BSR product runs as the registered op ``torch.ops.regroup.bsr_mm`` (traceable; importing
+``regroup.adapters.torch`` registers it, also where an exported program is loaded), the
+dense path rebuilds the weight from the block values inside the graph. ``"auto"`` uses
+the path measured for that input class by an earlier eager call (run the model once on
+an example input before exporting), else dense with a warning; a measured ``"triton"``
+becomes ``"bsr"`` (or dense) with a warning. An explicit ``"triton"`` cannot be traced
+(:class:`~regroup.RegroupError`); :func:`set_backend` picks a path for a whole model.
+
+The state dict of a block core holds its layout as persistent buffers, so a converted
+model saves and reloads without its plan (:func:`~regroup.adapters.torch.load_block_sparse`):
+``layout`` (int64 ``[version, format (0 grid, 1 shuffled), br, bc, rows, cols]``),
+``row_perm`` (``row_perm[i]`` is the original row at regrouped row ``i``), ``col_gather``
+(gathered input column ``j`` reads original column ``col_gather[j]``; ``cols`` is the
+zero padding), ``block_row`` / ``block_col`` (the kept blocks, in storage order) and
+``values`` (n_blocks, br, bc).
 
 Gradients flow to the input and to the block values (``module.values``), so the modules
 train; the gradient of a BSR product is computed with the transposed layout because
@@ -32,9 +57,12 @@ torch's BSR matmul has no backward for a sparse weight.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,12 +78,32 @@ from . import triton_shuffled
 from .masking import read_mask, unmasked, write_mask
 
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BlockSparseMultiheadAttention",
-           "BACKENDS", "MARGIN"]
+           "DispatchRecord", "set_backend", "stored_result", "BACKENDS", "MARGIN",
+           "TIME_BUDGET", "CHECK_EVERY", "CHECK_SAMPLES", "LAYOUT_KEYS", "LAYOUT_VERSION"]
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "bsr", "triton", "dense")
-# A sparse path is chosen by "auto" only when it beats dense by this factor.
+#: A sparse path is chosen by "auto" only when its time is below MARGIN x dense's.
 MARGIN = 0.95
-_REPS, _MAX_REPS, _TIME_PER_PATH = 3, 30, 0.05
+#: Seconds "auto" may spend timing the paths of one module for one input class.
+TIME_BUDGET = 0.2
+#: In inference, every CHECK_EVERY-th call of a sparse choice is timed against dense ...
+CHECK_EVERY = 64
+#: ... and the choice is re-timed when the best of the last CHECK_SAMPLES is too slow.
+CHECK_SAMPLES = 3
+_MAX_ROUNDS, _MAX_EVERY = 30, 4096
+#: The clock of every timing (a test replaces it).
+_clock: Callable[[], float] = time.perf_counter
+#: The persistent layout buffers of a block core (with ``values``, its state dict).
+LAYOUT_KEYS = ("layout", "row_perm", "col_gather", "block_row", "block_col")
+LAYOUT_VERSION = 1
+_FORMATS = ("grid", "shuffled")
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced (torch.export, torch.compile, torch.jit.trace)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _index(perm: np.ndarray) -> torch.Tensor | None:
@@ -98,14 +146,90 @@ class _BsrMatmul(torch.autograd.Function):
         return gx, gv, None
 
 
-class _BlockCore(nn.Module):
+@torch.library.custom_op("regroup::bsr_mm", mutates_args=())
+def _bsr_mm(xt: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+            crow_t: torch.Tensor, col_t: torch.Tensor, perm_t: torch.Tensor,
+            block_row: torch.Tensor, block_col: torch.Tensor, rows: int) -> torch.Tensor:
+    """``W @ xt`` for the BSR ``W`` (rows, xt.shape[0]) of ``crow`` / ``col`` / ``values``:
+    the traceable form of :class:`_BsrMatmul` (opaque to torch.export and torch.jit.trace;
+    the transposed layout and block coordinates serve its backward)."""
+    return torch.mm(_bsr(crow, col, values, (rows, xt.shape[0])), xt)
+
+
+@_bsr_mm.register_fake
+def _bsr_mm_fake(xt, values, crow, col, crow_t, col_t, perm_t, block_row, block_col, rows):
+    return xt.new_empty((rows, xt.shape[1]))
+
+
+def _bsr_mm_setup(ctx, inputs, output) -> None:
+    xt, values, crow, col, crow_t, col_t, perm_t, block_row, block_col, rows = inputs
+    ctx.save_for_backward(xt, values, crow, col, crow_t, col_t, perm_t, block_row, block_col)
+
+
+def _bsr_mm_backward(ctx, gy):
+    xt, values, crow, col, crow_t, col_t, perm_t, block_row, block_col = ctx.saved_tensors
+    gx = gv = None
+    if ctx.needs_input_grad[0]:
+        # The transposed layout, whose own transpose is the original one.
+        inv_t = torch.empty_like(perm_t).scatter_(0, perm_t, torch.arange(
+            perm_t.numel(), device=perm_t.device))
+        gx = torch.ops.regroup.bsr_mm(
+            gy.contiguous(), values[perm_t].transpose(1, 2).contiguous(), crow_t, col_t,
+            crow, col, inv_t, block_col[perm_t], col_t, xt.shape[0])
+    if ctx.needs_input_grad[1]:
+        br, bc = values.shape[1:]
+        gyb = gy.reshape(-1, br, gy.shape[1])[block_row]
+        xb = xt.reshape(-1, bc, xt.shape[1])[block_col]
+        gv = torch.bmm(gyb, xb.transpose(1, 2))
+    return gx, gv, None, None, None, None, None, None, None, None
+
+
+_bsr_mm.register_autograd(_bsr_mm_backward, setup_context=_bsr_mm_setup)
+
+
+@dataclass
+class DispatchRecord:
+    """What ``backend="auto"`` measured for one input class of one module.
+
+    Attributes
+    ----------
+    path : str
+        The chosen path.
+    times : dict of str to float
+        Best seconds per path in the timing that chose it (dense included).
+    rounds : int
+        Timed calls of each path (after one warm-up call each).
+    seconds : float
+        Wall-clock seconds the timing took.
+    timings : int
+        How many times this input class was timed (1 + re-timings).
+    calls : int
+        Calls of the chosen sparse path since the timing (inference only).
+    every : int
+        The current interval of the running check (doubles while the choice holds).
+    samples : list of float
+        The latest checked call times (at most :data:`CHECK_SAMPLES`).
+    """
+
+    path: str
+    times: dict[str, float]
+    rounds: int
+    seconds: float
+    timings: int = 1
+    calls: int = 0
+    every: int = CHECK_EVERY
+    samples: list[float] = field(default_factory=list)
+
+
+class BlockCore(nn.Module):
     """The kept blocks of one weight matrix (rows x cols) and the products they allow.
 
     Both formats become one BSR matrix over a gathered input: grid gathers the columns in
     ``col_perm`` order (b x b blocks on a P x Q grid); shuffled gathers every kept tile's
     columns side by side, so tile ``t`` is block column ``t`` of its panel's block row.
     ``in_index`` (None when the identity) is that gather; index ``cols`` reads an appended
-    zero column (padding of short tiles and edges). ``out_index`` puts rows back.
+    zero column (padding of short tiles and edges). ``out_index`` puts rows back. The
+    layout buffers (:data:`LAYOUT_KEYS`) are persistent, the others derived from them.
     """
 
     def __init__(self, result: LayerResult, weight2d: torch.Tensor, backend: str) -> None:
@@ -122,6 +246,7 @@ class _BlockCore(nn.Module):
                      result.col_perm, result.panel_cols)
         self.name, self.format, self.block = result.name, result.format, tuple(result.block_shape)
         self.backend = backend
+        self.time_budget = TIME_BUDGET
         self.shape = (n, m)
         br, bc = self.block
         P = -(-n // br)
@@ -143,6 +268,11 @@ class _BlockCore(nn.Module):
             block_col = np.arange(len(tiles), dtype=np.int64)
             Q = len(tiles)
         self.padded = (P * br, Q * bc)
+        self.n_blocks = int(block_row.size)
+        header = [LAYOUT_VERSION, _FORMATS.index(self.format), br, bc, n, m]
+        for name, arr in (("layout", header), ("row_perm", row_perm), ("col_gather", gather),
+                          ("block_row", block_row), ("block_col", block_col)):
+            self.register_buffer(name, torch.from_numpy(np.asarray(arr, np.int64)))
         identity = gather.size == m and np.array_equal(gather, np.arange(m)) and \
             self.format == "grid"
         self.register_buffer("in_index", None if identity else torch.from_numpy(gather),
@@ -160,13 +290,29 @@ class _BlockCore(nn.Module):
         for name, arr in (("crow", np.concatenate([[0], np.cumsum(counts_r)])),
                           ("col", block_col),
                           ("crow_t", np.concatenate([[0], np.cumsum(counts_c)])),
-                          ("col_t", block_row[perm_t]), ("perm_t", perm_t),
-                          ("block_row", block_row), ("block_col", block_col)):
+                          ("col_t", block_row[perm_t]), ("perm_t", perm_t)):
             self.register_buffer(name, torch.from_numpy(np.asarray(arr, np.int64)),
                                  persistent=False)
         self.values = nn.Parameter(values.contiguous().clone())
         self.dispatch_log: dict[tuple, str] = {}
+        self.dispatch_records: dict[tuple, DispatchRecord] = {}
         self._dense_cache: tuple[Any, torch.Tensor] | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # The derived index buffers follow the layout this module was built with: a state
+        # dict of another layout would leave them stale, so it is refused.
+        for key in LAYOUT_KEYS:
+            got = state_dict.get(prefix + key)
+            if isinstance(got, torch.Tensor) and not (
+                    got.shape == getattr(self, key).shape and
+                    torch.equal(got.to(torch.int64).cpu(), getattr(self, key).cpu())):
+                raise RegroupError(
+                    f"layer {self.name!r}: the state dict's block layout ({prefix + key!r}) "
+                    "differs from this module's; load it into a dense model of the "
+                    "architecture with regroup.adapters.torch.load_block_sparse")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- paths ---------------------------------------------------------------------------
     def paths(self, x: torch.Tensor) -> list[str]:
@@ -186,10 +332,12 @@ class _BlockCore(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked weight in original coordinates, shape (rows, cols)."""
-        # Inference reuses the dense weight until the values change (in place or replaced).
-        key = (self.values._version, self.values.data_ptr(), self.values.device)
-        if not torch.is_grad_enabled() and self._dense_cache is not None and \
-                self._dense_cache[0] == key:
+        # Inference reuses the dense weight until the values change (in place or replaced);
+        # a traced call rebuilds it in the graph, from the values.
+        cache = not torch.is_grad_enabled() and not _tracing()
+        key = (self.values._version, self.values.data_ptr(), self.values.device) \
+            if cache else None
+        if cache and self._dense_cache is not None and self._dense_cache[0] == key:
             return self._dense_cache[1]
         n, m = self.shape
         br, bc = self.block
@@ -203,7 +351,7 @@ class _BlockCore(nn.Module):
         if self.out_index is not None:
             W = W.index_select(0, self.out_index)
         W = W.contiguous()              # a column slice: GEMM on it would copy every call
-        if not torch.is_grad_enabled():
+        if cache:
             self._dense_cache = (key, W)
         return W
 
@@ -211,7 +359,7 @@ class _BlockCore(nn.Module):
         """``x @ W.T`` for a 2-D ``x`` (batch, cols) through the BSR product or, for the
         shuffled format, the Triton tile kernel (``path="triton"``)."""
         n, m = self.shape
-        if self.values.shape[0] == 0:      # no kept block: W is zero
+        if not self.n_blocks:               # no kept block: W is zero
             return x.new_zeros((x.shape[0], n)) + 0 * self.values.sum()
         if path == "triton":
             y = triton_shuffled.shuffled_matmul(x, self)[:, :n]
@@ -220,14 +368,31 @@ class _BlockCore(nn.Module):
         xt = x.t().contiguous()
         if self.in_index is not None:
             xt = F.pad(xt, (0, 0, 0, 1)).index_select(0, self.in_index)
-        yt = _BsrMatmul.apply(xt, self.values, self)[:n]
+        if _tracing():
+            yt = torch.ops.regroup.bsr_mm(xt, self.values, self.crow, self.col, self.crow_t,
+                                          self.col_t, self.perm_t, self.block_row,
+                                          self.block_col, self.padded[0])[:n]
+        else:
+            yt = _BsrMatmul.apply(xt, self.values, self)[:n]
         if self.out_index is not None:
             yt = yt.index_select(0, self.out_index)
         return yt.t()
 
-    def choose(self, x: torch.Tensor, run) -> str:
+    # -- dispatch ------------------------------------------------------------------------
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        # Batch sizes share a power-of-two class; the other dims (a conv's image size)
+        # change the cost, so they are part of the key.
+        return (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
+                tuple(x.shape[1:]), torch.is_grad_enabled())
+
+    def choose(self, x: torch.Tensor, run: Callable[[str], Any]) -> str:
         """The path for input ``x``: fixed by ``backend``, or measured once per class of
         inputs (``run(path)`` performs the whole forward on ``x``)."""
+        return self._select(x, run)[0]
+
+    def _select(self, x: torch.Tensor, run) -> tuple[str, DispatchRecord | None]:
+        """:meth:`choose`, and the record of an eager auto choice (else None)."""
         paths = self.paths(x)
         if self.backend != "auto":
             if self.backend not in paths:
@@ -235,52 +400,262 @@ class _BlockCore(nn.Module):
                     f"layer {self.name!r}: backend {self.backend!r} cannot run "
                     f"{x.dtype} on {x.device.type} with {self.block[0]}x{self.block[1]} "
                     f"blocks (available: {paths}); use backend='auto' or 'dense'")
-            return self.backend
-        # Batch sizes share a power-of-two class; the other dims (a conv's image size)
-        # change the cost, so they are part of the key.
-        key = (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
-               tuple(x.shape[1:]), torch.is_grad_enabled())
-        choice = self.dispatch_log.get(key)
-        if choice is None:
-            times = _time(run, paths, x.device)
-            best = min((p for p in paths if p != "dense"), key=times.get, default="dense")
-            choice = best if times[best] < MARGIN * times["dense"] else "dense"
-            self.dispatch_log[key] = choice
-        return choice
+            if self.backend == "triton" and _tracing():
+                raise RegroupError(
+                    f"layer {self.name!r}: backend 'triton' cannot be traced or exported "
+                    "(its kernel is not a registered op); use backend 'bsr' or 'dense' "
+                    "(regroup.adapters.torch.set_backend)")
+            return self.backend, None
+        key = self._key(x)
+        if _tracing():
+            return self._traced_choice(key, paths), None
+        rec = self.dispatch_records.get(key)
+        if rec is None:
+            rec = self._measure(key, run, paths, "first call")
+        return rec.path, rec
+
+    def dispatch(self, x: torch.Tensor, run: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """``run(path)`` on the path :meth:`choose` picks for ``x``; in inference, every
+        ``every``-th call of a sparse choice is timed and a choice slower than the dense
+        time recorded with it by more than the margin is timed again."""
+        path, rec = self._select(x, run)
+        if rec is None or path == "dense" or torch.is_grad_enabled():
+            return run(path)
+        rec.calls += 1
+        if rec.calls % rec.every:
+            return run(path)
+        sync = _sync(x.device)
+        sync()
+        t0 = _clock()
+        y = run(path)
+        sync()
+        rec.samples = [*rec.samples, _clock() - t0][-CHECK_SAMPLES:]
+        if len(rec.samples) == CHECK_SAMPLES and min(rec.samples) * MARGIN > rec.times["dense"]:
+            new = self._measure(self._key(x), run, self.paths(x), (
+                f"re-timed: {path} took {1e3 * min(rec.samples):.3g} ms at best in the last "
+                f"{CHECK_SAMPLES} checks, dense {1e3 * rec.times['dense']:.3g} ms"))
+            new.timings = rec.timings + 1
+            new.every = min(2 * rec.every, _MAX_EVERY) if new.path == path else CHECK_EVERY
+        return y
+
+    def _measure(self, key: tuple, run, paths: list[str], why: str) -> DispatchRecord:
+        times, rounds, seconds = _time(run, paths, self.time_budget, key[0])
+        best = min((p for p in paths if p != "dense"), key=times.get, default="dense")
+        # By construction: a sparse path only when it beat dense by the margin, measured
+        # in the same interleaved rounds.
+        choice = best if times[best] < MARGIN * times["dense"] else "dense"
+        rec = DispatchRecord(choice, times, rounds, seconds)
+        self.dispatch_records[key] = rec
+        self.dispatch_log[key] = choice
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("%s: %s for %s (%s; %s, %d rounds in %.1f ms, budget %.0f ms)",
+                        self.name, choice, _describe(key),
+                        ", ".join(f"{p} {1e3 * t:.3g} ms" for p, t in times.items()), why,
+                        rounds, 1e3 * seconds, 1e3 * self.time_budget)
+        return rec
+
+    def _traced_choice(self, key: tuple, paths: list[str]) -> str:
+        # Nothing is timed while tracing: the path measured by an eager call of this input
+        # class (any grad mode), else dense; said by a warning either way it changes.
+        rec = self.dispatch_records.get(key) or next(
+            (r for k, r in self.dispatch_records.items() if k[:4] == key[:4]), None)
+        if rec is None:
+            warnings.warn(
+                f"layer {self.name!r}: backend 'auto' has no measured path for "
+                f"{_describe(key)} and times nothing while traced; the traced program uses "
+                "the dense path. Run the model once on an example input before tracing, or "
+                "choose a path with set_backend(model, 'bsr')", RuntimeWarning, stacklevel=2)
+            return "dense"
+        path = rec.path
+        if path == "triton":
+            path = "bsr" if "bsr" in paths else "dense"
+            warnings.warn(f"layer {self.name!r}: the Triton path measured by 'auto' cannot be "
+                          f"traced; the traced program uses {path!r}", RuntimeWarning,
+                          stacklevel=2)
+        logger.info("%s: traced with the %s path (measured by auto)", self.name, path)
+        return path
 
     def extra_repr(self) -> str:
         return (f"format={self.format}, block={self.block[0]}x{self.block[1]}, "
                 f"blocks={self.values.shape[0]}, backend={self.backend}")
 
 
-def _time(run, paths: list[str], device: torch.device) -> dict[str, float]:
-    """Best-of-n seconds per path, the paths interleaved so that a burst of load on the
-    machine hits them alike; n grows for fast calls (3 to 30, ~50 ms per path), whose
-    timings are the noisiest."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _describe(key: tuple) -> str:
+    """A dispatch key in words: ``input (<=8, 64) float32 on cpu, no grad``."""
+    dims = ", ".join(map(str, (f"<={key[2]}", *key[3])))
+    return (f"input ({dims}) {str(key[1]).removeprefix('torch.')} on {key[0]}, "
+            f"{'grad' if key[4] else 'no grad'}")
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _time(run, paths: list[str], budget: float, device: str = "cpu"
+          ) -> tuple[dict[str, float], int, float]:
+    """Best seconds per path, the paths interleaved so that a burst of load on the machine
+    hits them alike: a warm-up and one timed call of each path, then more rounds (up to
+    30) while the next round, at the best times so far, fits in ``budget`` seconds from
+    the start. Returns (times, timed rounds, seconds spent)."""
+    sync = _sync(torch.device(device))
     best = dict.fromkeys(paths, float("inf"))
+    start = _clock()
     with torch.no_grad():
         for p in paths:                             # warm-up (and lazy init), timed once
             run(p)
             sync()
-            t0 = time.perf_counter()
+            t0 = _clock()
             run(p)
             sync()
-            best[p] = time.perf_counter() - t0
-        reps = int(min(_MAX_REPS, max(_REPS, _TIME_PER_PATH / max(min(best.values()), 1e-7))))
-        for _ in range(reps):
+            best[p] = _clock() - t0
+        rounds = 1
+        while rounds < _MAX_ROUNDS and _clock() - start + sum(best.values()) <= budget:
             for p in paths:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 run(p)
                 sync()
-                best[p] = min(best[p], time.perf_counter() - t0)
-    return best
+                best[p] = min(best[p], _clock() - t0)
+            rounds += 1
+    return best, rounds, _clock() - start
+
+
+def stored_result(name: str, state: Mapping[str, Any], shape: tuple[int, int]
+                  ) -> LayerResult:
+    """The layout of a block core stored in a state dict, checked, as a LayerResult.
+
+    ``state`` maps the core's keys (:data:`LAYOUT_KEYS` and ``values``, without their
+    module prefix) to tensors; ``shape`` is the (rows, cols) of the weight it is to
+    replace. Nothing in ``state`` is trusted: every index is checked against the shape
+    before it is used, and the mask must be a union of whole blocks
+    (:func:`regroup.check_layout`).
+
+    Raises
+    ------
+    RegroupError
+        Naming layer ``name`` and what is wrong: a missing key, a dtype or shape, an index
+        out of range, a permutation that is not one, repeated or unordered blocks, values
+        of another shape.
+    """
+    def fail(msg: str) -> RegroupError:
+        return RegroupError(f"layer {name!r}: {msg}")
+
+    missing = [k for k in (*LAYOUT_KEYS, "values") if k not in state]
+    if missing:
+        raise fail(f"the stored block layout lacks {missing}")
+    a: dict[str, np.ndarray] = {}
+    for k in LAYOUT_KEYS:
+        t = state[k]
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or \
+                t.is_complex() or t.dtype == torch.bool:
+            what = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) \
+                else type(t).__name__
+            raise fail(f"{k!r} must be a 1-D integer tensor, got {what}")
+        a[k] = t.detach().cpu().numpy().astype(np.int64)
+    if a["layout"].size != 6:
+        raise fail(f"'layout' must hold 6 integers [version, format, br, bc, rows, cols], "
+                   f"got {a['layout'].size}")
+    version, code, br, bc, n, m = (int(v) for v in a["layout"])
+    if version != LAYOUT_VERSION:
+        raise fail(f"layout version {version}; this regroup reads version {LAYOUT_VERSION}")
+    if code not in (0, 1):
+        raise fail(f"format code {code} is not 0 (grid) or 1 (shuffled)")
+    if (n, m) != tuple(shape):
+        raise fail(f"the stored layout is for a {n}x{m} weight, the model's is "
+                   f"{shape[0]}x{shape[1]}")
+    if not (1 <= br <= n and 1 <= bc <= m):
+        raise fail(f"block {br}x{bc} does not fit the {n}x{m} weight")
+    fmt, P = _FORMATS[code], -(-n // br)
+    rows, gather, bro, bco = a["row_perm"], a["col_gather"], a["block_row"], a["block_col"]
+
+    def permutation(arr: np.ndarray, size: int, what: str) -> None:
+        if arr.size != size or (size and (arr.min() < 0 or arr.max() >= size)) or \
+                not np.all(np.bincount(arr, minlength=size) == 1):
+            raise fail(f"{what} is not a permutation of range({size})")
+
+    permutation(rows, n, "'row_perm'")
+    nb = bro.size
+    if bco.size != nb:
+        raise fail(f"'block_row' has {nb} entries, 'block_col' {bco.size}")
+    values = state["values"]
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point() or \
+            tuple(values.shape) != (nb, br, bc):
+        what = f"{values.dtype} of shape {tuple(values.shape)}" \
+            if isinstance(values, torch.Tensor) else type(values).__name__
+        raise fail(f"'values' must be floating point of shape {(nb, br, bc)} (the kept "
+                   f"blocks), got {what}")
+    if nb and (bro.min() < 0 or bro.max() >= P):
+        raise fail(f"'block_row' holds block rows outside range({P})")
+    if fmt == "grid":
+        Q = -(-m // bc)
+        if gather.size != Q * bc:
+            raise fail(f"'col_gather' has {gather.size} entries, a grid of {Q} block columns "
+                       f"of {bc} needs {Q * bc}")
+        permutation(gather[:m], m, "'col_gather'[:cols]")
+        if np.any(gather[m:] != m):
+            raise fail(f"'col_gather' pads with other than the zero column {m}")
+        if nb and (bco.min() < 0 or bco.max() >= Q):
+            raise fail(f"'block_col' holds block columns outside range({Q})")
+        if np.any(np.diff(bro * Q + bco) <= 0):
+            raise fail("the kept blocks are repeated or not in row-major order")
+        kept = np.zeros((P, Q), bool)
+        kept[bro, bco] = True
+        R = np.repeat(np.repeat(kept, br, axis=0), bc, axis=1)[:n, :m]
+        mask = np.zeros((n, m), bool)
+        mask[np.ix_(rows, gather[:m])] = R
+        col_perm, panel_cols = gather[:m], None
+    else:
+        if not np.array_equal(bco, np.arange(nb)):
+            raise fail("'block_col' of a shuffled layout must be 0, 1, ... (tile t is block "
+                       "column t)")
+        if np.any(np.diff(bro) < 0):
+            raise fail("the tiles are not in panel order")
+        if gather.size != nb * bc or (gather.size and (gather.min() < 0 or gather.max() > m)):
+            raise fail(f"'col_gather' must hold {nb} tiles of {bc} columns in range({m + 1}) "
+                       f"(got {gather.size} entries)")
+        g = gather.reshape(nb, bc)
+        real = g < m
+        counts = real.sum(axis=1)
+        last = np.r_[bro[1:] != bro[:-1], True] if nb else np.zeros(0, bool)
+        if np.any(real[:, 1:] & ~real[:, :-1]) or np.any(counts == 0) or \
+                np.any(counts[~last] != bc):
+            raise fail("a tile is empty, padded before its columns, or short without being "
+                       "its panel's last")
+        cols, panel = g[real], np.repeat(bro, counts)
+        sizes = np.bincount(panel, minlength=P)
+        panel_cols = tuple(np.split(cols, np.cumsum(sizes)[:-1]))
+        cover = np.zeros((P, m), bool)
+        cover[panel, cols] = True
+        mask = np.zeros((n, m), bool)
+        mask[rows] = np.repeat(cover, br, axis=0)[:n]
+        col_perm = None
+    try:
+        check_layout(mask, fmt, (br, bc), rows, col_perm, panel_cols)
+    except RegroupError as exc:
+        raise fail(str(exc)) from None
+    return LayerResult(name=name, shape=(n, m), mask=mask, row_perm=rows, col_perm=col_perm,
+                       panel_cols=panel_cols, block_shape=(br, bc), format=fmt,
+                       method="stored")
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Set the execution path of every block-sparse module in ``model`` (see the module
+    docstring; ``"bsr"`` or ``"dense"`` before tracing or exporting, ``"auto"`` to measure
+    again); returns how many were set. Earlier auto measurements are forgotten."""
+    if backend not in BACKENDS:
+        raise ValueError(f"The 'backend' parameter of set_backend must be one of {BACKENDS}. "
+                         f"Got {backend!r} instead.")
+    cores = [m for m in model.modules() if isinstance(m, BlockCore)]
+    for core in cores:
+        core.backend = backend
+        core.dispatch_log.clear()
+        core.dispatch_records.clear()
+    return len(cores)
 
 
 class _BlockModule(nn.Module):
     """What the block-sparse modules share: their block core and its dispatch."""
 
-    core: _BlockCore
+    core: BlockCore
 
     @property
     def values(self) -> nn.Parameter:
@@ -292,6 +667,11 @@ class _BlockModule(nn.Module):
         """``{(device, dtype, batch class, other dims, grad mode): path}`` chosen by
         backend auto."""
         return self.core.dispatch_log
+
+    @property
+    def dispatch_records(self) -> dict[tuple, DispatchRecord]:
+        """What backend auto measured, per key of :attr:`dispatch_log`."""
+        return self.core.dispatch_records
 
 
 class BlockSparseLinear(_BlockModule):
@@ -316,7 +696,7 @@ class BlockSparseLinear(_BlockModule):
             raise RegroupError(f"layer {result.name!r}: BlockSparseLinear needs a 2-D "
                                f"weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.core = _BlockCore(result, weight, backend)
+        self.core = BlockCore(result, weight, backend)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
@@ -336,8 +716,8 @@ class BlockSparseLinear(_BlockModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        path = self.core.choose(x2d, lambda p: self._run(x2d, p))
-        return self._run(x2d, path).reshape(*x.shape[:-1], self.out_features)
+        y = self.core.dispatch(x2d, lambda p: self._run(x2d, p))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -361,7 +741,7 @@ class BlockSparseConv2d(_BlockModule):
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
-        self.core = _BlockCore(result, conv.weight.reshape(conv.out_channels, -1), backend)
+        self.core = BlockCore(result, conv.weight.reshape(conv.out_channels, -1), backend)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
 
     def dense_weight(self) -> torch.Tensor:
@@ -383,8 +763,7 @@ class BlockSparseConv2d(_BlockModule):
         return y.reshape(N, Ho * Wo, -1).transpose(1, 2).reshape(N, -1, Ho, Wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self.core.choose(x, lambda p: self._run(x, p))
-        return self._run(x, path)
+        return self.core.dispatch(x, lambda p: self._run(x, p))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -523,8 +902,10 @@ class BlockSparseMultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         N, L, E = query.shape
         S, H = key.shape[1], self.num_heads
-        if E != self.embed_dim or key.shape[-1] != E or value.shape[-1] != E or \
-                key.shape[:2] != value.shape[:2] or key.shape[0] != N:
+        # (Checked in eager calls: torch.jit.trace warns on every test of a traced size.)
+        if not torch.jit.is_tracing() and (
+                E != self.embed_dim or key.shape[-1] != E or value.shape[-1] != E or
+                key.shape[:2] != value.shape[:2] or key.shape[0] != N):
             raise ValueError(f"query, key, value of shapes {tuple(query.shape)}, "
                              f"{tuple(key.shape)}, {tuple(value.shape)} (batch first) do not "
                              f"fit embed_dim={self.embed_dim}")

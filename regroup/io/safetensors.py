@@ -18,7 +18,8 @@ from .._atomic import atomic_write
 from .._validation import FormatError
 from ..provenance import update_digest
 
-__all__ = ["read_safetensors", "safetensors_index", "write_safetensors", "DTYPES"]
+__all__ = ["read_safetensors", "safetensors_index", "safetensors_metadata",
+           "write_safetensors", "DTYPES"]
 
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
           "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
@@ -80,6 +81,19 @@ def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple], int]:
     return out, size
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file's header ({} when absent), checked
+    to map strings to strings as the format requires."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header, _ = _header(f, path, os.path.getsize(path))
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise FormatError(f"{path}: the header's __metadata__ must map strings to strings")
+    return meta
+
+
 def read_safetensors(path: str | os.PathLike, names=None, *,
                      index: dict[str, tuple] | None = None,
                      digest=None) -> dict[str, np.ndarray]:
@@ -113,7 +127,8 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     blobs = []
     offset = 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name])
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)   # keeps 0-d arrays 0-d
         key = arr.dtype.newbyteorder("<").str if arr.dtype.byteorder == ">" else arr.dtype.str
         if arr.dtype == np.bool_:
             key = "|b1"
