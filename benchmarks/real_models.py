@@ -11,6 +11,12 @@ and the same recovery (knowledge distillation from the dense model, block masks 
                       layer as auto keeps (no unstructured step, no permutation)
 - ``dsb``             regroup with DSB's grouping (runtime orders)
 - ``auto``            regroup's portfolio (runtime orders: ``--fold`` folds them)
+- ``auto |w|``        auto ranking blocks by |w| alone (no calibration)
+- ``block magnitude x act``  block magnitude on |w| x input norm
+
+With calibration (the default; ``--no-calibration`` turns it off), naive blocks, dsb and
+auto rank blocks by ``|w_ij| * ||x_j||`` (``regroup_model(calibration=...)``, input norms
+measured once on the dense model with the recovery batches, as Wanda does).
 
 Fidelity to the dense model, before and after recovery:
 
@@ -49,10 +55,11 @@ from _tables import write_outputs  # noqa: E402
 from regroup.blocks import build_layout, layout_mask  # noqa: E402
 
 from regroup import Budget  # noqa: E402
-from regroup.adapters.torch import (recover, regroup_model, to_block_sparse,  # noqa: E402
-                                    write_mask)
+from regroup.adapters.torch import (input_scales, recover, regroup_model,  # noqa: E402
+                                    to_block_sparse, write_mask)
 
-METHODS = ("unstructured", "naive blocks", "block magnitude", "dsb", "auto")
+METHODS = ("unstructured", "naive blocks", "block magnitude", "block magnitude x act", "dsb",
+           "auto", "auto |w|")
 
 
 # -- pruning and blocking ----------------------------------------------------------------
@@ -68,15 +75,19 @@ def encoder_linears(model: nn.Module) -> list[nn.Module]:
             and n.startswith("encoder.")]
 
 
-def block_magnitude(model: nn.Module, counts: dict[str, int], block: int) -> None:
+def block_magnitude(model: nn.Module, counts: dict[str, int], block: int,
+                    scales: dict | None = None) -> None:
     """Mask each layer to its ``counts[name]`` best b x b blocks of its dense weight by L1
-    norm: regroup's own block selection (``build_layout``) on |w| in the identity order,
-    under a ``blocks=k`` budget."""
+    norm (of |w| x input norm with ``scales``): regroup's own block selection
+    (``build_layout``) in the identity order, under a ``blocks=k`` budget."""
     for name, m in model.named_modules():
         key = name + ".weight"
         if key not in counts:
             continue
-        w = m.weight.detach().reshape(m.weight.shape[0], -1).abs().double().numpy()
+        w = m.weight.detach().reshape(m.weight.shape[0], -1).abs().double()
+        if scales is not None and key in scales:
+            w = w * scales[key]
+        w = w.numpy()
         n, k = w.shape
         lay = build_layout(sp.csr_matrix(w), np.arange(n), np.arange(k), (block, block),
                            "grid", Budget.parse(f"blocks={counts[key]}"))
@@ -84,13 +95,15 @@ def block_magnitude(model: nn.Module, counts: dict[str, int], block: int) -> Non
 
 
 def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: int,
-                 example, fold: bool, counts: dict | None, global_l1: bool):
+                 example, fold: bool, counts: dict | None, global_l1: bool,
+                 scales: dict | None = None):
     """(model, plan or None) for one method; ``global_l1`` ranks all layers' weights
-    together (else each layer is pruned to ``sparsity``)."""
+    together (else each layer is pruned to ``sparsity``); ``scales`` (input norms) rank
+    blocks by |w| x input norm."""
     model = copy.deepcopy(dense)
     chosen = layers(model)
-    if method == "block magnitude":
-        block_magnitude(model, counts, block)
+    if method.startswith("block magnitude"):
+        block_magnitude(model, counts, block, scales if method.endswith("x act") else None)
         return model, None
     params = [(m, "weight") for m in chosen]
     if global_l1:
@@ -100,11 +113,12 @@ def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: 
             prune.l1_unstructured(m, p, amount=sparsity)
     if method == "unstructured":
         return model, None
-    algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto"}[method]
+    algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto", "auto |w|": "auto"}[method]
     names = [n + ".weight" for n, m in model.named_modules() if any(m is c for c in chosen)]
     plan = regroup_model(model, block=block, method=algo, format="grid", layers=names,
                          mode="fold" if fold and algo == "auto" else "runtime",
-                         example_inputs=example)
+                         example_inputs=example,
+                         calibration=None if method == "auto |w|" else scales)
     return model, plan
 
 
@@ -146,20 +160,21 @@ def run_mobilenet(args, rows, lines):
                                 for i in range(0, len(evals), 64)])
     batches = [train[i:i + args.batch] for i in range(0, len(train), args.batch)]
     example = (evals[:1],)
+    scales = _scales(args, dense, pointwise, batches)
     for sparsity in args.sparsities:
         counts = None
         for method in args.methods:
-            if method == "block magnitude" and counts is None:
+            if method.startswith("block magnitude") and counts is None:
                 continue          # needs auto's per-layer block counts: auto runs first
             t0 = time.perf_counter()
             model, plan = make_variant(dense, pointwise, method, sparsity, 16, example,
-                                       args.fold, counts, global_l1=True)
+                                       args.fold, counts, global_l1=True, scales=scales)
             plan_s = time.perf_counter() - t0
             if plan is not None and method == "auto":
                 counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
             before = top1_agreement(model, dense_top1, evals)
             log = recover(model, dense, batches, steps=args.steps, lr=args.lr_cnn, loss="kl",
-                          temperature=2.0, train_mode=False)
+                          temperature=2.0, train_mode=args.bn_train)
             after = top1_agreement(model, dense_top1, evals)
             row = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16, "method": method,
                    "metric": "top-1 agreement", "before": round(before, 4),
@@ -192,15 +207,22 @@ def run_bert(args, rows, lines):
                         max_length=128, return_tensors="pt"))
                for i in range(0, len(train), args.batch)]
     example = (batches[0]["input_ids"][:2],)
+    scales = _scales(args, dense, encoder_linears, batches)
+    done_unstructured = set()
     for block in args.blocks:
         for sparsity in args.bert_sparsities:
             counts = None
             for method in args.methods:
-                if method == "block magnitude" and counts is None:
+                if method.startswith("block magnitude") and counts is None:
                     continue
+                if method == "unstructured":
+                    if sparsity in done_unstructured:
+                        continue          # the same model at every block size
+                    done_unstructured.add(sparsity)
                 t0 = time.perf_counter()
                 model, plan = make_variant(dense, encoder_linears, method, sparsity, block,
-                                           example, args.fold, counts, global_l1=False)
+                                           example, args.fold, counts, global_l1=False,
+                                           scales=scales)
                 plan_s = time.perf_counter() - t0
                 if plan is not None and method == "auto":
                     counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
@@ -218,6 +240,14 @@ def run_bert(args, rows, lines):
                 rows.append(row)
                 print(row, flush=True)
     _table(rows, "minilm", lines)
+
+
+def _scales(args, dense, layers, batches):
+    """Input norms of the pruned layers on the recovery batches (None: no calibration)."""
+    if not args.calibration:
+        return None
+    names = [n + ".weight" for n, m in dense.named_modules() if any(m is c for c in layers(dense))]
+    return input_scales(dense, batches, names)
 
 
 def _table(rows, model, lines):
@@ -246,7 +276,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=1024)
     ap.add_argument("--eval", type=int, default=2000)
     ap.add_argument("--sentences", type=int, default=2000)
-    ap.add_argument("--lr-cnn", type=float, default=1e-4)
+    ap.add_argument("--lr-cnn", type=float, default=1e-3)
+    ap.add_argument("--bn-eval", dest="bn_train", action="store_false",
+                    help="recover MobileNetV2 with BatchNorm in eval mode (default: train)")
+    ap.add_argument("--no-calibration", dest="calibration", action="store_false",
+                    help="rank blocks by |w| alone (no input norms)")
     ap.add_argument("--lr-bert", type=float, default=1e-4)
     ap.add_argument("--fold", action="store_true", help="auto folds its orders")
     ap.add_argument("--speed", action="store_true", help="time auto's block-sparse model")
@@ -257,13 +291,14 @@ def main(argv=None) -> int:
         args.sparsities, args.bert_sparsities, args.blocks = [0.9], [0.8], [32]
         args.steps, args.train, args.eval, args.sentences, args.size = 2, 16, 32, 64, 96
         args.batch = 8
-    if args.methods is not None and "block magnitude" in args.methods \
+    if args.methods is not None and any(m.startswith("block magnitude") for m in args.methods) \
             and "auto" not in args.methods:
         ap.error("--methods: 'block magnitude' takes its block counts from 'auto'")
     if args.methods is not None:      # auto first: block magnitude needs its counts
         args.methods = sorted(args.methods, key=lambda m: m != "auto")
     else:
-        args.methods = ["unstructured", "naive blocks", "dsb", "auto", "block magnitude"]
+        args.methods = ["unstructured", "naive blocks", "dsb", "auto", "auto |w|",
+                        "block magnitude", "block magnitude x act"]
     torch.manual_seed(0)
     rows, lines = [], []
     if args.model in ("mobilenet", "all"):
