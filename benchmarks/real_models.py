@@ -56,7 +56,7 @@ from regroup.blocks import build_layout, layout_mask  # noqa: E402
 
 from regroup import Budget  # noqa: E402
 from regroup.adapters.torch import (input_scales, recover, regroup_model,  # noqa: E402
-                                    to_block_sparse, write_mask)
+                                    teacher_outputs, to_block_sparse, write_mask)
 
 METHODS = ("unstructured", "naive blocks", "block magnitude", "block magnitude x act", "dsb",
            "auto", "auto |w|")
@@ -161,6 +161,7 @@ def run_mobilenet(args, rows, lines):
     batches = [train[i:i + args.batch] for i in range(0, len(train), args.batch)]
     example = (evals[:1],)
     scales = _scales(args, dense, pointwise, batches)
+    targets = teacher_outputs(dense, batches)       # the teacher runs once per batch
     for sparsity in args.sparsities:
         counts = None
         for method in args.methods:
@@ -173,8 +174,8 @@ def run_mobilenet(args, rows, lines):
             if plan is not None and method == "auto":
                 counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
             before = top1_agreement(model, dense_top1, evals)
-            log = recover(model, dense, batches, steps=args.steps, lr=args.lr_cnn, loss="kl",
-                          temperature=2.0, train_mode=args.bn_train)
+            log = recover(model, None, batches, steps=args.steps, lr=args.lr_cnn, loss="kl",
+                          temperature=2.0, train_mode=args.bn_train, targets=targets)
             after = top1_agreement(model, dense_top1, evals)
             row = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16, "method": method,
                    "metric": "top-1 agreement", "before": round(before, 4),
@@ -208,6 +209,7 @@ def run_bert(args, rows, lines):
                for i in range(0, len(train), args.batch)]
     example = (batches[0]["input_ids"][:2],)
     scales = _scales(args, dense, encoder_linears, batches)
+    targets = teacher_outputs(dense, batches)
     done_unstructured = set()
     for block in args.blocks:
         for sparsity in args.bert_sparsities:
@@ -227,7 +229,8 @@ def run_bert(args, rows, lines):
                 if plan is not None and method == "auto":
                     counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
                 before = embedding_cosine(model, tok, evals, dense_emb)
-                log = recover(model, dense, batches, steps=args.steps, lr=args.lr_bert)
+                log = recover(model, None, batches, steps=args.steps, lr=args.lr_bert,
+                              targets=targets)
                 after = embedding_cosine(model, tok, evals, dense_emb)
                 row = {"model": "minilm", "sparsity": sparsity, "block": block,
                        "method": method, "metric": "embedding cosine",

@@ -11,7 +11,7 @@ from torch.nn.utils import prune  # noqa: E402
 
 from regroup import RegroupError  # noqa: E402
 from regroup.adapters.torch import (layer_masks, recover, regroup_model,  # noqa: E402
-                                    to_block_sparse)
+                                    teacher_outputs, to_block_sparse)
 
 from .torch_zoo import zoo  # noqa: E402
 
@@ -150,3 +150,35 @@ def test_refuses_an_unmasked_model_and_bad_parameters():
             recover(student, teacher, [inp()], **kwargs)
     with pytest.raises(ValueError, match="'data' parameter of recover yielded no batch"):
         recover(student, teacher, [], steps=2)
+
+
+def test_precomputed_targets_train_exactly_as_the_teacher_does():
+    """recover(targets=teacher_outputs(...)) is the same training as running the teacher
+    each step (same losses, same weights), without calling the teacher; the teacher's
+    mode is restored."""
+    teacher, student, _, inp = _student("cnn")
+    teacher.train()
+    torch.manual_seed(1)
+    batches = [inp() for _ in range(3)]
+    twin = copy.deepcopy(student)
+    targets = teacher_outputs(teacher, batches)
+    assert teacher.training and len(targets) == 3
+    a = recover(student, teacher, batches, steps=7, lr=1e-2, train_mode=False)
+    b = recover(twin, None, batches, steps=7, lr=1e-2, train_mode=False, targets=targets)
+    assert a.losses == b.losses and len(a.losses) == 7
+    for (na, pa), (nb, pb) in zip(student.state_dict().items(), twin.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+
+def test_targets_must_match_the_batches():
+    teacher, student, _, inp = _student("mlp")
+    batches = [inp(), inp()]
+    targets = teacher_outputs(teacher, batches)
+    with pytest.raises(ValueError, match="one tensor per batch of 'data' \\(2\\). Got 1"):
+        recover(student, None, batches, steps=1, targets=targets[:1])
+    with pytest.raises(TypeError, match="must be lists or tuples"):
+        recover(student, None, iter(batches), steps=1, targets=targets)
+    with pytest.raises(TypeError, match="'teacher' parameter of recover must be an nn.Module"):
+        recover(student, None, batches, steps=1)
+    with pytest.raises(TypeError, match="'data' parameter of teacher_outputs"):
+        teacher_outputs(teacher, iter(batches))

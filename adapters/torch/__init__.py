@@ -28,6 +28,7 @@ RegroupSparsifier  -- torch.ao.pruning sparsifier that regroups on every step()
 imp_regroup        -- the IMP-Regroup loop: train, prune, regroup, rewind; callbacks
 input_scales       -- input feature norms on calibration data (regroup_model's calibration=)
 recover            -- distil the dense teacher into a regrouped model, block masks fixed
+teacher_outputs    -- the teacher's outputs on a fixed set of batches, for recover(targets=)
 """
 from ._apply import apply_result
 from .calibration import call_model, input_scales
@@ -38,7 +39,7 @@ from .masking import read_mask, write_mask
 from .plan import (FOLD_MARKER, Fold, Plan, fold_marker, layer_masks, prepare_for_load,
                    regroup_model, to_block_sparse)
 from .persist import load_block_sparse, save_block_sparse
-from .recover import Recovery, recover
+from .recover import Recovery, recover, teacher_outputs
 from .sparse import (BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention,
                      DispatchRecord, set_backend)
 
@@ -47,5 +48,5 @@ __all__ = ["regroup_model", "Plan", "Fold", "to_block_sparse", "BlockSparseLinea
            "DimAnalysis", "layer_masks", "apply_result", "RegroupBlocks",
            "regroup_unstructured", "block_layout", "RegroupSparsifier", "imp_regroup",
            "magnitude_mask", "write_mask", "read_mask", "prepare_for_load", "fold_marker",
-           "FOLD_MARKER", "recover", "Recovery", "input_scales", "call_model",
+           "FOLD_MARKER", "recover", "Recovery", "teacher_outputs", "input_scales", "call_model",
            "save_block_sparse", "load_block_sparse", "set_backend", "DispatchRecord"]

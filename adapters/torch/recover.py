@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,12 +152,34 @@ def _check(steps: Any, lr: Any, loss: Any, temperature: Any, log_every: Any) -> 
         raise bad("log_every", "an int >= 1", log_every)
 
 
-def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps: int = 200,
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, data: Sequence[Any], *,
+                    output: Callable[[Any], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The teacher's compared output on every batch of ``data`` (a list or tuple), in
+    eval mode: pass them as ``recover(..., targets=)`` to run the teacher once per batch
+    rather than once per step, and once for several students trained on the same data."""
+    if not isinstance(data, (list, tuple)):
+        raise TypeError(f"The 'data' parameter of teacher_outputs must be a list or tuple "
+                        f"of batches. Got {type(data).__name__} instead.")
+    ref = next(iter(teacher.parameters()), None)
+    device = ref.device if ref is not None else None
+    mode = teacher.training
+    teacher.eval()
+    try:
+        extract = output or main_output
+        return [extract(call_model(teacher, batch, device)).detach() for batch in data]
+    finally:
+        teacher.train(mode)
+
+
+def recover(model: nn.Module, teacher: nn.Module | None, data: Iterable[Any], *,
+            steps: int = 200,
             lr: float = 1e-4, loss: str | Callable = "mse", temperature: float = 1.0,
             output: Callable[[Any], torch.Tensor] | None = None,
             optimizer: torch.optim.Optimizer | None = None,
             callback: Callable[[int, float], Any] | None = None, progress: bool = False,
-            log_every: int = 20, train_mode: bool = True) -> Recovery:
+            log_every: int = 20, train_mode: bool = True,
+            targets: Sequence[torch.Tensor] | None = None) -> Recovery:
     """Distil ``teacher`` into the regrouped ``model`` for ``steps`` steps, in place.
 
     Parameters
@@ -165,8 +187,9 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
     model : nn.Module
         A regrouped model: masked (regroup_model / Plan.apply, fold or runtime) or
         block-sparse (to_block_sparse). Its block masks stay fixed.
-    teacher : nn.Module
+    teacher : nn.Module or None
         The dense model (same inputs, same outputs); run in eval mode without gradients.
+        None when ``targets`` are given.
     data : iterable of batches
         Each batch is a tensor (``model(x)``), a tuple (``model(*x)``) or a dict
         (``model(**x)``, e.g. a tokenizer's output); cycled through when it can be
@@ -188,6 +211,10 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
     train_mode : bool, default=True
         Run the student in train mode (BatchNorm statistics follow the data; dropout on);
         its mode is restored afterwards, as is the teacher's.
+    targets : list of tensors, optional
+        The teacher's outputs on ``data`` (:func:`teacher_outputs`), one per batch, used
+        instead of running the teacher; ``data`` must then be the list or tuple they were
+        computed on (same order).
 
     Returns
     -------
@@ -202,6 +229,19 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
         An invalid parameter (named, with what is allowed).
     """
     _check(steps, lr, loss, temperature, log_every)
+    if targets is not None:
+        if not isinstance(data, (list, tuple)) or not isinstance(targets, (list, tuple)):
+            raise TypeError(f"With 'targets', the 'data' and 'targets' parameters of {_CALLER} "
+                            f"must be lists or tuples (batches and the teacher's outputs on "
+                            f"them, in order). Got {type(data).__name__} and "
+                            f"{type(targets).__name__} instead.")
+        if len(targets) != len(data) or not all(isinstance(t, torch.Tensor) for t in targets):
+            raise ValueError(f"The 'targets' parameter of {_CALLER} must hold one tensor per "
+                             f"batch of 'data' ({len(data)}). Got {len(targets)} entries "
+                             f"instead.")
+    elif not isinstance(teacher, nn.Module):
+        raise TypeError(f"The 'teacher' parameter of {_CALLER} must be an nn.Module (or None "
+                        f"with 'targets'). Got {type(teacher).__name__} instead.")
     if _masked_layers(model) == 0:
         raise RegroupError(f"{_CALLER}: no layer of {type(model).__name__} holds a mask "
                            "(torch.nn.utils.prune, torch.ao.pruning or a block-sparse module); "
@@ -217,19 +257,23 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
         optimizer = torch.optim.Adam(params, lr=float(lr))
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else None
-    modes = (model.training, teacher.training)
+    modes = (model.training, teacher.training if teacher is not None else False)
     model.train(train_mode)
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     done = Recovery(held=held)
     one_pass = isinstance(data, Iterator)       # a generator is spent after one pass
     t0 = time.perf_counter()
     try:
         while done.steps < steps:
             fresh = False
-            for batch in data:
+            for i, batch in enumerate(data):
                 fresh = True
-                with torch.no_grad():
-                    target = extract(call_model(teacher, batch, device)).detach()
+                if targets is not None:
+                    target = targets[i].to(device)
+                else:
+                    with torch.no_grad():
+                        target = extract(call_model(teacher, batch, device)).detach()
                 value = criterion(extract(call_model(model, batch, device)), target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
@@ -252,5 +296,6 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps:
     finally:
         done.seconds = time.perf_counter() - t0
         model.train(modes[0])
-        teacher.train(modes[1])
+        if teacher is not None:
+            teacher.train(modes[1])
     return done
