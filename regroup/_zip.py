@@ -23,9 +23,19 @@ field in both headers, an entry that starts at or beyond that offset gets it in 
 directory, and an archive with 65535 entries or more, or whose central directory is that
 large or starts that far, gets the zip64 end records. Everything written is a function of
 the entries' names and bytes alone, so equal content gives equal archives.
+
+A *sealed* archive (``ZipWriter(fp, seal=True)``, used for the one-layer parts of a
+streamed run, never for result files) ends with an archive comment holding the SHA-256 of
+every byte before it (:data:`SEAL_PREFIX` + 64 hex digits); :func:`check_seal` recomputes
+it. It tells a part regroup wrote from one changed since, whatever the change.
+
+For reading, :func:`directory_size` gives the size of the central directory as the end
+records declare it (what ``zipfile`` will read and parse), so that a reader can refuse a
+huge directory before ``zipfile`` holds it in memory.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 import zipfile
 import zlib
@@ -34,7 +44,7 @@ from typing import BinaryIO
 
 from ._validation import FormatError
 
-__all__ = ["ZipWriter", "raw_entry"]
+__all__ = ["ZipWriter", "raw_entry", "check_seal", "directory_size", "SEAL_PREFIX"]
 
 # A value this large (or larger) moves from its 4-byte (entry count: 2-byte) field to zip64,
 # and the field holds all ones instead. Thresholds apart from the all-ones values so that
@@ -54,6 +64,11 @@ _DOS_TIME, _DOS_DATE = 0, (0 << 9) | (1 << 5) | 1   # 00:00:00, 1980-01-01
 _MADE_BY = (3 << 8) | 45                            # Unix, APPNOTE 4.5
 _EXTERNAL_ATTR = 0o100644 << 16                     # regular file, rw-r--r--
 _UTF8 = 0x800                                       # general purpose flag: UTF-8 name
+
+# The archive comment of a sealed archive: this prefix, then the SHA-256 (hex) of every byte
+# of the archive before the comment (the end record, with the comment's length, included).
+SEAL_PREFIX = b"regroup-seal sha256:"
+_SEAL_SIZE = len(SEAL_PREFIX) + 64
 
 _CHUNK = 1 << 22          # bytes read from a part at a time
 _INFLATE_CHUNK = 1 << 24  # most bytes inflated at a time while checking a copied entry
@@ -78,9 +93,10 @@ class ZipWriter:
     incomplete, for :func:`regroup._atomic.atomic_write` to discard).
     """
 
-    def __init__(self, fp: BinaryIO) -> None:
+    def __init__(self, fp: BinaryIO, *, seal: bool = False) -> None:
         self._fp = fp
         self._pos = 0
+        self._hash = hashlib.sha256() if seal else None
         self._entries: list[tuple[bytes, int, int, int, int, int]] = []
         self._names: set[bytes] = set()
 
@@ -94,6 +110,8 @@ class ZipWriter:
     def _write(self, data: bytes) -> None:
         self._fp.write(data)
         self._pos += len(data)
+        if self._hash is not None:
+            self._hash.update(data)
 
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Add the entry ``name`` holding ``data``, deflated at level 6."""
@@ -153,8 +171,70 @@ class ZipWriter:
                                     count, count, cd_size, start))
             self._write(_LOCATOR64.pack(0x07064B50, 0, end64, 1))
         short_count = _ONES16 if count >= COUNT_LIMIT else count
+        comment = _SEAL_SIZE if self._hash is not None else 0
         self._write(_END.pack(0x06054B50, 0, 0, short_count, short_count, _field32(cd_size),
-                              _field32(start), 0))
+                              _field32(start), comment))
+        if self._hash is not None:     # the seal itself is outside what it hashes
+            self._fp.write(SEAL_PREFIX + self._hash.hexdigest().encode())
+
+
+def check_seal(fp: BinaryIO) -> str:
+    """The SHA-256 (hex) a sealed archive open as ``fp`` holds, once recomputed from its
+    bytes and found equal; :class:`~regroup.FormatError` for an archive without a seal or
+    whose bytes changed since it was sealed. Reads the whole file, in chunks."""
+    try:
+        size = fp.seek(0, 2)
+        if size < _SEAL_SIZE + _END.size:
+            raise FormatError("no content seal (too short)")
+        fp.seek(size - _SEAL_SIZE)
+        tail = fp.read(_SEAL_SIZE)
+        if not tail.startswith(SEAL_PREFIX):
+            raise FormatError("no content seal")
+        fp.seek(0)
+        h, left = hashlib.sha256(), size - _SEAL_SIZE
+        while left:
+            chunk = fp.read(min(left, _CHUNK))
+            if not chunk:
+                raise FormatError("truncated while checking the content seal")
+            h.update(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise FormatError(str(exc)) from None
+    digest = h.hexdigest()
+    if tail[len(SEAL_PREFIX):] != digest.encode():
+        raise FormatError("its content hash does not match its bytes (changed since it was "
+                          "written)")
+    return digest
+
+
+def directory_size(fp: BinaryIO) -> int | None:
+    """The size in bytes of the central directory of the zip archive open as ``fp``, as its
+    end record (or zip64 end record) declares it, found as ``zipfile`` finds it; None when
+    there is no end record (``zipfile`` will refuse the file)."""
+    size = fp.seek(0, 2)
+    if size < _END.size:
+        return None
+    fp.seek(size - _END.size)
+    data = fp.read(_END.size)
+    if data[:4] == b"PK\x05\x06" and data[-2:] == b"\0\0":
+        end = size - _END.size
+    else:       # an archive comment: the last signature in the last 64 KiB (as zipfile)
+        low = max(size - (1 << 16) - _END.size, 0)
+        fp.seek(low)
+        tail = fp.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _END.size:
+            return None
+        end, data = low + at, tail[at:at + _END.size]
+    cd_size = _END.unpack(data)[5]
+    if end >= _LOCATOR64.size + _END64.size:
+        fp.seek(end - _LOCATOR64.size)
+        if fp.read(4) == b"PK\x06\x07":     # zip64: its end record's size replaces it
+            fp.seek(end - _LOCATOR64.size - _END64.size)
+            rec = fp.read(_END64.size)
+            if len(rec) == _END64.size and rec[:4] == b"PK\x06\x06":
+                cd_size = _END64.unpack(rec)[8]
+    return cd_size
 
 
 def raw_entry(fp: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:

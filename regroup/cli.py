@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from . import __version__
 from .options import DENSE_ABOVE
@@ -61,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", help="mask or checkpoint (.smtx .mtx .npy .npz "
                    ".safetensors .pt .pth .bin .ckpt), a sharded safetensors directory, or "
                    "its model.safetensors.index.json")
-    p.add_argument("-o", "--output", help="result file (default: INPUT_STEM.regroup.npz)")
+    p.add_argument("-o", "--output", help="result file (default: INPUT_NAME.regroup.npz, "
+                   "e.g. model.pt.regroup.npz, in the current directory)")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file that "
+                   "is not a regroup result (a regroup result is always replaced)")
     p.add_argument("--report", help="JSON report path")
     p.add_argument("--objective", default="auto", choices=("auto", "count", "magnitude"))
     p.add_argument("--edge", default="partial", choices=("partial", "error"),
@@ -200,6 +202,7 @@ def _options(args, **extra):
 
 
 def cmd_run(args) -> int:
+    from ._outputs import check_outputs, default_output
     from .partitioners import available_partitioners, get_partitioner, list_partitioners
     from .pipeline import regroup_checkpoint
     from .report import format_table, write_json
@@ -215,14 +218,16 @@ def cmd_run(args) -> int:
     if not args.input:
         raise _Usage("the following arguments are required: input")
     options = _options(args)
-    out = args.output or f"{Path(args.input).name.split('.')[0]}.regroup.npz"
+    out = args.output or default_output(args.input)
+    check_outputs({"-o": out, "--report": args.report}, "regroup run",
+                  inputs={"input": args.input}, results=("-o",), force=args.force)
     progress = _Progress.for_stderr(not args.quiet, "layer")
     try:
         # Streamed: one layer in memory per worker, finished layers kept in OUT.parts so
         # that an interrupted run resumes; the same bytes as regroup_file.
         run = regroup_checkpoint(args.input, out, options=options, jobs=args.jobs,
                                  engine=args.engine, scheduler=args.scheduler,
-                                 progress=progress)
+                                 progress=progress, force=args.force)
     finally:
         progress.close()
     report = run.report()
@@ -245,16 +250,23 @@ def cmd_inspect(args) -> int:
     from .report import format_table
 
     path = args.input
+    if args.hgr:
+        from ._outputs import check_outputs
+        check_outputs({"--hgr": args.hgr}, "regroup inspect", inputs={"input": path},
+                      directories=("--hgr",))
     if path.endswith(".regroup.npz") or _is_result(path):
-        from .result import load_result
-        res = load_result(path)
-        rows = [{"name": r.name, "shape": list(r.shape), "format": r.format,
-                 "block": list(r.block_shape), "method": r.method,
-                 "chosen": r.metrics.get("chosen"), "retained": r.metrics["retained"],
-                 "kept_blocks": r.metrics["kept_blocks"]} for r in res.values()]
+        # Checked whole, a few mask rows at a time (the masks are not kept). Plans and API
+        # saves may lack options, versions and metrics: those print as "-".
+        from .result import check_result
+        doc = check_result(path)
+        rows = [{"name": r["name"], "shape": r["shape"], "format": r["format"],
+                 "block": r["block_shape"], "method": r["method"],
+                 "chosen": r["metrics"].get("chosen"), "retained": r["metrics"].get("retained"),
+                 "kept_blocks": r["metrics"].get("kept_blocks")} for r in doc["layers"]]
         print(format_table(rows, list(rows[0]) if rows else ["name"]))
-        print(f"\nresult file, format version {res.meta['format_version']}, seed "
-              f"{res.meta['options']['seed']}, regroup {res.meta['versions']['regroup']}")
+        print(f"\nresult file, format version {doc['format_version']}, seed "
+              f"{doc.get('options', {}).get('seed', '-')}, regroup "
+              f"{doc.get('versions', {}).get('regroup', '-')}")
         return EXIT_OK
     from .io import read_patterns
     from .options import resolve_options
@@ -290,12 +302,15 @@ def _is_result(path: str) -> bool:
 
 
 def cmd_compare(args) -> int:
+    from ._outputs import check_outputs
     from .compare import COLUMNS, SUMMARY_COLUMNS, compare, summarize
     from .report import format_table, markdown_table, write_csv
 
     methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
                if m.strip()]
     options = _options(args)
+    check_outputs({"--csv": args.csv, "--markdown": args.markdown}, "regroup compare",
+                  inputs={f"input {i + 1}": p for i, p in enumerate(args.inputs)})
     progress = _Progress("bar" if sys.stderr.isatty() else None, "run")
     skipped: list[dict] = []
     try:
@@ -323,11 +338,14 @@ def cmd_compare(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from ._outputs import check_outputs
     from .engine import regroup_pattern
     from .io import read_patterns
     from .plot import plot_layer
 
     options = _options(args, layers=[args.layer] if args.layer else None)
+    check_outputs({"-o": args.output}, "regroup show",
+                  inputs={"input": args.input, "--result": args.result})
     # The first usable layer is one the block fits (a MobileNet's 32x27 stem is not).
     pats, _ = read_patterns(args.input, layers=options.layers, block=options.block,
                             dense_above=options.dense_above)
@@ -353,15 +371,14 @@ SWEEP_COLUMNS = ("method", "budget", "block_density", "retained", "retained_magn
 
 
 def cmd_sweep(args) -> int:
+    from ._outputs import check_outputs
     from .report import format_table, write_csv
     from .sweep import CSV_COLUMNS, sweep
 
     options = _options(args)
     outputs = [o for o in (args.csv, args.md, args.plot) if o]
-    for out in outputs:           # before the work, not after it
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"{out}: the output directory {parent} does not exist")
+    check_outputs({"--csv": args.csv, "--md": args.md, "--plot": args.plot}, "regroup sweep",
+                  inputs={"input": args.input})
     if args.plot:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:

@@ -7,14 +7,18 @@ tasks first (by ``costs``), so that no worker ends alone with a big layer.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._validation import RegroupError, missing_dependency
 
-__all__ = ["ENGINES", "execute", "capped_threads", "thread_limit", "THREADS_VARIABLE"]
+__all__ = ["ENGINES", "execute", "capped_threads", "thread_limit", "THREADS_VARIABLE",
+           "exit_with_parent", "child_sys_path"]
 
 ENGINES = ("local", "dask")
 _THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("regroup_threads",
@@ -47,6 +51,59 @@ def capped_threads(fn: Callable[..., Any], *args: Any, threads: int | None = Non
             return fn(*args)
     finally:
         _THREADS.reset(token)
+
+
+def exit_with_parent(parent: int, kernel: bool = True) -> None:
+    """End this process (a worker) when process ``parent`` ends, even by ``kill -9``: a
+    worker left behind would go on computing and writing parts for no one.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``);
+    it fires when the parent's *thread* that started this process ends, so ``kernel`` is
+    False when that was not the main thread. Otherwise a daemon thread checks the parent
+    every half second."""
+    if kernel and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+            libc = ctypes.CDLL(None, use_errno=True)
+            kernel = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0   # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            kernel = False
+    else:
+        kernel = False
+    if os.getppid() != parent:          # it died before the watch began
+        os._exit(1)
+    if not kernel:
+        def watch() -> None:
+            while os.getppid() == parent:
+                threading.Event().wait(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, name="regroup-parent-watch", daemon=True).start()
+
+
+def child_sys_path() -> list[str]:
+    """This process's import path without the entries that mean "the current directory"
+    (``''``): what a child process of regroup imports from, so that a ``json.py`` or
+    ``pickle.py`` where the command is run is never imported by it."""
+    return [p for p in sys.path if isinstance(p, str) and p]
+
+
+@contextlib.contextmanager
+def _no_cwd_imports() -> Iterator[None]:
+    """While worker processes start: ``PYTHONSAFEPATH`` (Python >= 3.11) keeps the
+    ``python -c`` bootstrap of a spawned worker (and of multiprocessing's resource
+    tracker) from putting the current directory first on its path before it takes this
+    process's path; the variable is restored afterwards, so this process's later children
+    are not affected."""
+    old = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONSAFEPATH", None)
+        else:
+            os.environ["PYTHONSAFEPATH"] = old
 
 
 def _largest_first(costs: Sequence[int]) -> list[int]:
@@ -82,10 +139,20 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
     import multiprocessing as mp
     threads = max(1, (os.cpu_count() or 1) // jobs)
     order = _largest_first(costs)
-    # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state.
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = {ex.submit(capped_threads, fn, *tasks[i], threads=threads): i
-                   for i in order}
+    # "spawn": workers never inherit the parent's threads (BLAS, torch) mid-state. They end
+    # with this process, and they are all started by the submissions below (a spawning pool
+    # starts workers as tasks arrive, never later without max_tasks_per_child).
+    main = threading.current_thread() is threading.main_thread()
+    with _no_cwd_imports():
+        ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=exit_with_parent, initargs=(os.getpid(), main))
+        try:
+            futures = {ex.submit(capped_threads, fn, *tasks[i], threads=threads): i
+                       for i in order}
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+    with ex:
         try:
             for fut in cf.as_completed(futures):
                 try:
@@ -127,9 +194,17 @@ def _worker_died(where: str, layers: list[str]) -> RegroupError:
 
 def _execute_dask(fn, tasks, jobs, scheduler, costs, labels, where):
     try:
-        from distributed import Client, KilledWorker, LocalCluster, as_completed
+        import distributed  # noqa: F401
     except ImportError:
         raise missing_dependency("distributed", "engine 'dask'") from None
+    # A local cluster's nannies may restart a worker at any time: no current-directory
+    # imports while it lives.
+    with _no_cwd_imports() if scheduler is None else contextlib.nullcontext():
+        yield from _run_on_dask(fn, tasks, jobs, scheduler, costs, labels, where)
+
+
+def _run_on_dask(fn, tasks, jobs, scheduler, costs, labels, where):
+    from distributed import Client, KilledWorker, LocalCluster, as_completed
     cluster = None
     threads = None
     if scheduler is None:

@@ -29,7 +29,6 @@ known once read (empty, fully or nearly dense: ``dense_above``) are reported to
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_write
+from ._outputs import PartsDir, check_outputs, same_file
 from ._validation import RegroupError, check_choice, check_int
 from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
@@ -50,8 +50,8 @@ from .io import layer_pattern, tensor_problem
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
 from .report import report_row, report_total
-from .result import (LayerResult, assemble_result, damaged_part, layer_record, load_result,
-                     read_meta, save_result)
+from .result import (LayerResult, assemble_result, damaged_part, layer_record, load_part,
+                     save_part, save_result)
 from .source import LayerRef, Source, open_source
 
 __all__ = ["Run", "regroup_file", "regroup_checkpoint"]
@@ -87,6 +87,8 @@ class Run:
         parts of an interrupted run).
     versions : dict
         Versions of regroup and the libraries that can shape a result.
+    input_path : str or None
+        The input file or directory, which :meth:`save` never overwrites.
     """
 
     source: dict[str, str]
@@ -98,6 +100,7 @@ class Run:
     output: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=tool_versions)
+    input_path: str | None = field(default=None, repr=False)
 
     def meta(self) -> dict[str, Any]:
         """The run information stored in the result file."""
@@ -105,15 +108,21 @@ class Run:
                 "versions": self.versions,
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the result file (deterministic bytes; no wall-clock times)."""
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> None:
+        """Write the result file (deterministic bytes; no wall-clock times).
+
+        ``path`` must not be the input; an existing file there is replaced only when it is
+        a regroup result file, or with ``force`` (:func:`regroup._outputs.check_outputs`).
+        """
+        target = check_outputs({"path": path}, "Run.save", inputs={"the input": self.input_path},
+                               results=("path",), force=force)["path"]
         if self.layers is not None:
-            save_result(path, self.layers, self.meta())
+            save_result(target, self.layers, self.meta())
             return
         if self.output is None:
             raise RegroupError("this Run holds neither its layers nor a result file")
-        if os.path.abspath(os.fspath(path)) != os.path.abspath(self.output):
-            with atomic_write(path, "wb") as f, open(self.output, "rb") as src:
+        if not same_file(target, self.output):
+            with atomic_write(target, "wb") as f, open(self.output, "rb") as src:
                 shutil.copyfileobj(src, f)
 
     def report(self) -> dict[str, Any]:
@@ -124,23 +133,31 @@ class Run:
 
 # -- tasks (run in workers: module level, picklable arguments) ------------------------------
 def _first_layer(part: Path, layer: str) -> LayerResult:
-    """The layout a pass-1 part holds (a damaged part is named, with what to do)."""
+    """The layout a pass-1 part holds, checked as :func:`load_part` checks it (a damaged
+    or changed part is named, with what to do)."""
     try:
-        layers = load_result(part)
+        return load_part(part, layer)[1]
     except (OSError, ValueError) as exc:
         raise damaged_part(part, layer, exc) from None
-    if len(layers) != 1:
-        raise damaged_part(part, layer, f"it holds {len(layers)} layers, not 1")
-    return next(iter(layers.values()))
 
 
-def _part_matches(part: Path | None, record: dict[str, Any]) -> dict | None:
+def _part_matches(part: Path | None, record: dict[str, Any], layer: str,
+                  shape: tuple[int, ...], opts: RegroupOptions
+                  ) -> tuple[dict, LayerResult] | None:
+    """The run information and layout of ``part`` when it can be reused: sealed and intact
+    (:func:`load_part`: nothing in it is trusted otherwise), made from the same input and
+    options (``record``), holding ``layer`` of ``shape`` at the block and format asked
+    for. None otherwise: a missing, stale, damaged or changed part is recomputed."""
     if part is None or not part.exists():
         return None
-    doc = read_meta(part)
-    if doc is None or any(doc.get(k) != v for k, v in record.items()):
+    try:
+        doc, r = load_part(part, layer)
+    except (OSError, ValueError):
         return None
-    return doc
+    if any(doc.get(k) != v for k, v in record.items()) or r.shape != tuple(shape) \
+            or r.block_shape != tuple(opts.block) or r.format != opts.format:
+        return None
+    return doc, r
 
 
 def _pattern(source: Source, ref: LayerRef, weight: Any, mask: Any, opts: RegroupOptions):
@@ -167,20 +184,19 @@ def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str
     part = Path(part) if part is not None else None
     weight, mask, digest = source.load(ref)
     record = {"input_sha256": digest, "key": key}
-    done = _part_matches(part, record)
-    if done is not None:
-        status = {"name": ref.name, "status": done["status"], "reason": done.get("reason"),
-                  "seconds": done.get("seconds"), "cached": True}
-        if offer and done["status"] == "done":
-            pat, _ = _pattern(source, ref, weight, mask, opts)
-            status["offer"] = layer_offer(pat, _first_layer(part, ref.name))
-        return status
+    # Whether to skip is decided from the input every time, never taken from a part (so
+    # skipped layers have no part).
     pat, reason = _pattern(source, ref, weight, mask, opts)
     del weight, mask
     if pat is None:
-        if part is not None:
-            save_result(part, [], {**record, "status": "skipped", "reason": reason})
         return {"name": ref.name, "status": "skipped", "reason": reason}
+    found = _part_matches(part, record, ref.name, pat.shape, opts)
+    if found is not None:
+        status = {"name": ref.name, "status": "done", "reason": None,
+                  "seconds": found[0].get("seconds"), "cached": True}
+        if offer:
+            status["offer"] = layer_offer(pat, found[1])
+        return status
     try:
         r = regroup_pattern(pat, options=opts.per_layer())
     except RegroupError as exc:
@@ -190,7 +206,7 @@ def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str
     if offer:
         status["offer"] = layer_offer(pat, r)
     if part is not None:
-        save_result(part, [r], {**record, "status": "done", "seconds": r.seconds})
+        save_part(part, [r], {**record, "status": "done", "seconds": r.seconds})
     else:
         status["result"] = r
     return status
@@ -212,14 +228,14 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
     part = Path(part) if part is not None else None
     weight, mask, digest = source.load(ref)
     record = {"input_sha256": digest, "key": key, "kept_sha256": _kept_sha256(kept)}
-    done = _part_matches(part, record)
-    if done is not None:
-        return {"name": ref.name, "status": "done", "seconds": done.get("seconds"),
-                "cached": True}
     pat, reason = _pattern(source, ref, weight, mask, opts)
     if pat is None:   # pass 1 found a layer here: the input changed in between
         raise RegroupError(f"{source.path}: layer {ref.name!r} is no longer usable ({reason});"
                            " the file changed during the run - run again")
+    found = _part_matches(part, record, ref.name, pat.shape, opts)
+    if found is not None:
+        return {"name": ref.name, "status": "done", "seconds": found[0].get("seconds"),
+                "cached": True}
     if first is None:
         first = _first_layer(Path(part_in), ref.name)
     r = apply_allotment(pat, first, kept, opts.budget, layer_min=opts.layer_min,
@@ -228,7 +244,7 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
     status = {"name": ref.name, "status": "done", "seconds": r.seconds,
               "retained": r.metrics["retained"]}
     if part is not None:
-        save_result(part, [r], {**record, "status": "done", "seconds": r.seconds})
+        save_part(part, [r], {**record, "status": "done", "seconds": r.seconds})
     else:
         status["result"] = r
     return status
@@ -237,25 +253,31 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
 # -- the run -------------------------------------------------------------------------------
 def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike | None, *,
          jobs: int, engine: str, scheduler: str | None, progress: Progress | None,
-         caller: str) -> Run:
+         caller: str, force: bool = False) -> Run:
     check_choice(engine, "engine", caller, set(ENGINES))
     jobs = check_int(jobs, "jobs", caller, low=1, high=1024)
     t0 = time.perf_counter()
-    source = open_source(path)
     where = os.fspath(path)
+    # The output is checked, and its parts directory claimed (locked for this run), before
+    # any work: a bad path fails at once, and two runs never write the same parts.
+    parts_dir: PartsDir | None = None
+    if out is not None:
+        target = check_outputs({"out": out}, caller, inputs={"path": path}, results=("out",),
+                               force=force)["out"]
+        parts_dir = PartsDir.claim(target)
+    try:
+        source = open_source(path)
+    except BaseException:
+        if parts_dir is not None:
+            parts_dir.keep()
+        raise
     refs = source.refs
-    if opts.layers is not None:
-        keep = set(opts.select([r.name for r in refs], where=where))
-        refs = [r for r in refs if r.name in keep]
     # Parts are reused only under the same options and the same library versions.
     key = options_key({**opts.record(), "versions": tool_versions()})
     scope_global = opts.budget_scope == "global"
-    parts_dir = Path(os.fspath(out) + ".parts") if out is not None else None
-    if parts_dir is not None:
-        parts_dir.mkdir(parents=True, exist_ok=True)
 
     def part(i: int, suffix: str = "") -> str | None:
-        return None if parts_dir is None else str(parts_dir / f"{i}{suffix}.npz")
+        return None if parts_dir is None else str(parts_dir.path / f"{i}{suffix}.npz")
 
     def run_pass(fn, tasks, idx, label):
         statuses: dict[int, dict] = {}
@@ -270,10 +292,13 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
                          {**info, "shape": refs[idx[j]].shape})
         return statuses
 
-    # Skips known from the index are settled here: such tensors are never loaded, and
-    # the progress total counts only the layers that may be regrouped.
-    early = {i: _index_problem(r, opts) for i, r in enumerate(refs)}
     try:
+        if opts.layers is not None:
+            keep = set(opts.select([r.name for r in refs], where=where))
+            refs = [r for r in refs if r.name in keep]
+        # Skips known from the index are settled here: such tensors are never loaded, and
+        # the progress total counts only the layers that may be regrouped.
+        early = {i: _index_problem(r, opts) for i, r in enumerate(refs)}
         idx = [i for i in range(len(refs)) if early[i] is None]
         first = run_pass(regroup_layer,
                          [(source.for_layer(refs[i]), refs[i], opts, part(i), key,
@@ -286,7 +311,8 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
             why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "it holds no tensor"
             more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""
             if parts_dir is not None:
-                shutil.rmtree(parts_dir, ignore_errors=True)
+                parts_dir.discard()
+                parts_dir = None
             raise RegroupError(f"{where}: no usable layer: {why}{more}")
         final = first
         final_part = {i: part(i) for i in done}
@@ -301,27 +327,27 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
             final_part = {i: part(i, ".global") for i in done}
             seconds = {i: (seconds[i] or 0.0) + (final[i].get("seconds") or 0.0)
                        for i in done}
+        run = Run(source=source.record(), options=opts, records=[],
+                  seconds=[seconds[i] for i in done], skipped=skipped,
+                  stats={"jobs": jobs, "engine": engine,
+                         "resumed": sum(bool(first[i].get("cached")) for i in done)},
+                  input_path=where)
+        if scope_global:
+            run.stats["resumed_global"] = sum(bool(final[i].get("cached")) for i in done)
+        if parts_dir is None:
+            run.layers = [final[i]["result"] for i in done]
+            run.records = [layer_record(r) for r in run.layers]
+        else:
+            run.records = assemble_result(target, [final_part[i] for i in done],
+                                          [refs[i].name for i in done], run.meta())
+            run.output = os.fspath(out)
+            parts_dir.discard()
     except BaseException:
-        # Nothing to resume from: leave nothing behind. The cleanup must not mask the
-        # error being raised, so a directory already gone (or not empty) is left as is.
+        # Finished parts stay for a rerun to resume from (an empty directory goes); the
+        # cleanup must not mask the error being raised.
         if parts_dir is not None:
-            with contextlib.suppress(OSError):
-                parts_dir.rmdir()
+            parts_dir.keep()
         raise
-    run = Run(source=source.record(), options=opts, records=[],
-              seconds=[seconds[i] for i in done], skipped=skipped,
-              stats={"jobs": jobs, "engine": engine,
-                     "resumed": sum(bool(first[i].get("cached")) for i in done)})
-    if scope_global:
-        run.stats["resumed_global"] = sum(bool(final[i].get("cached")) for i in done)
-    if parts_dir is None:
-        run.layers = [final[i]["result"] for i in done]
-        run.records = [layer_record(r) for r in run.layers]
-    else:
-        run.records = assemble_result(os.fspath(out), [final_part[i] for i in done],
-                                      [refs[i].name for i in done], run.meta())
-        run.output = os.fspath(out)
-        shutil.rmtree(parts_dir, ignore_errors=True)
     run.stats["wall_seconds"] = time.perf_counter() - t0
     return run
 
@@ -367,10 +393,16 @@ def regroup_file(path: str | os.PathLike, *, options: RegroupOptions | None = No
 def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
                        options: RegroupOptions | None = None, jobs: int = 1,
                        engine: str = "local", scheduler: str | None = None,
-                       progress: Progress | None = None, **kwargs: Any) -> Run:
+                       progress: Progress | None = None, force: bool = False,
+                       **kwargs: Any) -> Run:
     """Regroup every selected layer of a checkpoint into the result file ``out``,
     streamed: one layer in memory per worker, finished layers kept in ``OUT.parts`` so
     that an interrupted run resumes. Arguments as :func:`regroup_file`.
+
+    ``out`` is checked before any work: not the input, a regular file or a new one in an
+    existing directory, and, when it exists, a regroup result file (replaced) unless
+    ``force``. ``OUT.parts`` is created with an ownership marker and locked for the run; one
+    regroup did not create is refused, as is a second run on the same ``out``.
 
     Returns
     -------
@@ -381,11 +413,12 @@ def regroup_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *,
     Raises
     ------
     RegroupError
-        As :func:`regroup_file`.
+        As :func:`regroup_file`; a refused ``out`` or ``OUT.parts`` (named), or another
+        run writing ``out``.
     KeyboardInterrupt
         Propagated after stopping the workers; finished layers stay in ``OUT.parts``
         for the next run, no result file is written.
     """
     opts = resolve_options(options, "regroup_checkpoint", **kwargs)
     return _run(path, opts, out, jobs=jobs, engine=engine, scheduler=scheduler,
-                progress=progress, caller="regroup_checkpoint")
+                progress=progress, caller="regroup_checkpoint", force=force)

@@ -151,8 +151,8 @@ def test_resume_skips_finished_layers_and_recomputes_changed_ones(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         regroup_checkpoint(src, out, **OPTS, progress=stop_after_layer_0)
     assert not out.exists()                         # no partial result file
-    # conv.weight and layers.0 regrouped, dense.weight's skip recorded.
-    assert len(list((tmp_path / "out.npz.parts").glob("*.npz"))) == 3
+    # conv.weight and layers.0 regrouped (a skip has no part: it is decided from the input).
+    assert len(list((tmp_path / "out.npz.parts").glob("*.npz"))) == 2
     report = regroup_checkpoint(src, out, **OPTS).report()
     assert report["total"]["resumed"] == 2 and report["total"]["layers"] == 4
     fresh = tmp_path / "fresh.npz"
@@ -272,14 +272,14 @@ def test_a_global_run_resumes_both_passes(tmp_path):
 def test_a_damaged_part_is_named_and_leaves_no_result(tmp_path):
     import zipfile
 
-    from regroup import from_array, regroup_pattern, save_result
-    from regroup.result import assemble_result
+    from regroup import from_array, regroup_pattern
+    from regroup.result import assemble_result, save_part
 
     w = np.random.default_rng(0).standard_normal((64, 96)) * (
         np.random.default_rng(1).random((64, 96)) < 0.2)
     part = tmp_path / "0.npz"
-    save_result(part, [regroup_pattern(from_array(w, name="fc.weight"), block=16,
-                                       method="sort")], {"status": "done"})
+    save_part(part, [regroup_pattern(from_array(w, name="fc.weight"), block=16,
+                                     method="sort")], {"status": "done"})
     out = tmp_path / "out.npz"
     assemble_result(str(out), [part], ["fc.weight"], {})      # intact: assembles
     assert out.exists()
@@ -362,8 +362,10 @@ def test_a_file_changed_after_indexing_is_named(tmp_path):
         source.for_layer(ref).load(ref)
 
 
-def test_a_damaged_first_pass_part_is_named_when_a_global_run_resumes(tmp_path):
-    from regroup import FormatError, save_result
+def test_a_damaged_first_pass_part_is_recomputed_when_a_global_run_resumes(tmp_path):
+    """A part whose record still matches but whose content changed fails its seal: it is
+    recomputed, not trusted (and not an error)."""
+    from regroup import save_result
     from regroup.result import read_meta
     src = tmp_path / "m.safetensors"
     write_safetensors(_tensors(), src)
@@ -383,7 +385,8 @@ def test_a_damaged_first_pass_part_is_named_when_a_global_run_resumes(tmp_path):
     meta = {k: v for k, v in read_meta(victim).items() if k not in ("layers",
                                                                     "format_version")}
     save_result(victim, [], meta)          # its record still matches; its layout is gone
-    with pytest.raises(FormatError, match=rf"{victim.name}: the finished part of layer "
-                                          r"'.*' is damaged \(it holds 0 layers"):
-        regroup_checkpoint(src, out, **opts)
-    assert not out.exists()
+    run = regroup_checkpoint(src, out, **opts)
+    assert run.stats["resumed"] == 3
+    fresh = tmp_path / "fresh.npz"
+    regroup_checkpoint(src, fresh, **opts)
+    assert out.read_bytes() == fresh.read_bytes()

@@ -56,6 +56,19 @@ def test_smtx_huge_declared_shape_is_refused_before_allocating(tmp_path):
         read_patterns(p)
 
 
+@pytest.mark.parametrize("kind", ["mtx", "smtx"])
+@pytest.mark.parametrize("shape", [(10**9, 0), (0, 10**12)])
+def test_a_zero_size_dimension_does_not_hide_a_huge_one(tmp_path, kind, shape):
+    """Found by the fuzz suite: 10^9 x 0 passed the element limit (0 elements) and the
+    reader built a 10^9 + 1 long CSR index (8 GB) before the empty-layer skip."""
+    p = tmp_path / f"x.{kind}"
+    n, m = shape
+    p.write_text("%%MatrixMarket matrix coordinate real general\n"
+                 f"{n} {m} 0\n" if kind == "mtx" else f"{n}, {m}, 0\n\n\n")
+    with pytest.raises(FormatError, match=f"x.{kind}:[12]: declared shape {n}x{m} holds no"):
+        read_patterns(p)
+
+
 def test_safetensors_round_trip_and_bf16(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {"a.weight": rng.standard_normal((4, 6)).astype(np.float32),

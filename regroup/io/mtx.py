@@ -59,6 +59,9 @@ def parse_mtx(lines: Iterable[str], *, source: str = "<mtx>",
     if size.size != (3 if fmt == "coordinate" else 2) or np.any(size < 0):
         raise FormatError(f"{source}:{lineno}: bad size line {size_line.strip()[:40]!r}")
     n, m = int(size[0]), int(size[1])
+    if n == 0 or m == 0:
+        # refused before scipy builds a rows + 1 long index for a layer with no element
+        raise FormatError(f"{source}:{lineno}: declared shape {n}x{m} holds no element")
     if max_elements is not None and n * m > max_elements:
         raise FormatError(f"{source}:{lineno}: declared shape {n}x{m} exceeds the limit of "
                           f"{max_elements} elements")

@@ -51,6 +51,9 @@ def parse_smtx(lines: Iterable[str], *, source: str = "<smtx>",
     n, m, nnz = (int(v) for v in hdr)
     if n < 0 or m < 0 or nnz < 0:
         raise FormatError(f"{source}:1: negative size in header {n}, {m}, {nnz}")
+    if n == 0 or m == 0:
+        # refused before scipy builds a rows + 1 long index for a layer with no element
+        raise FormatError(f"{source}:1: declared shape {n}x{m} holds no element")
     if max_elements is not None and n * m > max_elements:
         raise FormatError(f"{source}:1: declared shape {n}x{m} exceeds the limit of "
                           f"{max_elements} elements")

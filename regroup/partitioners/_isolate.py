@@ -19,9 +19,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validation import PartitionerError
-from ..executors import THREADS_VARIABLE, thread_limit
+from ..executors import THREADS_VARIABLE, child_sys_path, thread_limit
 
 __all__ = ["run_isolated", "call_isolated"]
+
+# The child's first statement replaces its import path by this process's (argv[3:]): with
+# ``python -c`` (or ``-m``) the current directory would come first, and a ``json.py`` or
+# ``pickle.py`` there would run. ``sys`` is built in, so importing it reads no file.
+_BOOTSTRAP = ("import sys; sys.path[:] = sys.argv[3:]; "
+              "from regroup.partitioners._worker import run; "
+              "run(sys.argv[1], int(sys.argv[2]))")
 
 
 def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
@@ -43,7 +50,7 @@ def call_isolated(target: str, X, kwargs: dict[str, Any], seed: int,
                  data=X.data, shape=np.asarray(X.shape))
         with open(os.path.join(tmp, "job.json"), "w") as f:
             json.dump({"target": target, "kwargs": kwargs, "seed": int(seed)}, f)
-        cmd = [sys.executable, "-m", "regroup.partitioners._worker", tmp]
+        cmd = [sys.executable, "-c", _BOOTSTRAP, tmp, str(os.getpid()), *child_sys_path()]
         env = {**os.environ, THREADS_VARIABLE: str(thread_limit())}
         try:
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

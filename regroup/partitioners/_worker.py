@@ -1,4 +1,7 @@
-"""Child-process entry point of :func:`regroup.partitioners._isolate.call_isolated`."""
+"""Child-process entry point of :func:`regroup.partitioners._isolate.call_isolated`.
+
+Started by a bootstrap that sets ``sys.path`` to the parent's before any import (never
+the current directory), then :func:`run`."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +12,8 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+
+from ..executors import exit_with_parent
 
 
 def main(folder: str) -> int:
@@ -32,8 +37,10 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-if __name__ == "__main__":
-    folder = sys.argv[1]
+def run(folder: str, parent: int) -> None:
+    """The child's whole life: do the job in ``folder``, write ``report.json`` and exit;
+    the child ends with ``parent``, the process waiting for it."""
+    exit_with_parent(parent)
     # What the call warned about, and the exception it raised (with its class hierarchy,
     # so the parent can tell a documented failure from a bug), go back as JSON.
     with warnings.catch_warnings(record=True) as caught:
@@ -48,3 +55,7 @@ if __name__ == "__main__":
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump({"error": error, "warnings": [str(w.message) for w in caught]}, f)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
