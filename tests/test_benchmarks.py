@@ -119,3 +119,24 @@ def test_real_models_quick_compares_every_method(tmp_path, real_mobilenet, real_
         assert got == set(bench.METHODS), (model, got)
     for r in rows:
         assert -1.0 <= float(r["after"]) <= 1.0 and int(r["steps"]) == 2
+
+
+def test_nm_bench_quick_compares_plain_asp_and_regroup(tmp_path):
+    bench = _bench("nm_bench")
+    try:
+        bench.zoo.minilm_dir()
+        bench.zoo.mobilenet_v2_weights()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert bench.main(["--quick", "--nm", "2:4", "4:8", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "nm_bench_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["nm"] for r in rows] == ["2:4"] * 4 + ["4:8"] * 4
+    for r in rows:
+        plain, ceiling = float(r["plain"]), float(r["ceiling"])
+        assert plain <= float(r["regroup kept"]) <= ceiling
+        if r["nm"] == "2:4":
+            assert plain <= float(r["asp kept"]) <= ceiling
+        else:
+            assert r["asp kept"] == ""          # ASP's splits are for M <= 4
+    assert "### 2:4" in (tmp_path / "nm_bench_quick.md").read_text()
