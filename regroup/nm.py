@@ -38,6 +38,8 @@ from ._validation import RegroupError, as_rng, check_int
 __all__ = ["check_nm", "nm_values", "nm_mask", "nm_retained", "row_topk_retained",
            "efficacy", "NMSearch", "nm_search", "asp_search", "nm_optimum"]
 
+# Wider matrices are searched in consecutive windows of this many columns.
+_WINDOW_COLS = 2048
 # Each chunk of the all-pairs swap gain materialises at most this many floats.
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -385,6 +387,39 @@ def _greedy_start(A: np.ndarray, n: int, m: int) -> np.ndarray:
     return members.ravel()
 
 
+def _search_window(A: np.ndarray, n: int, m: int, rng: np.random.Generator, kicks: int,
+                   kick_swaps: int | None, eps: float, deadline: float, stats: dict
+                   ) -> np.ndarray:
+    """The column order :func:`nm_search` finds for ``A`` (at most ``_WINDOW_COLS`` wide):
+    greedy and identity starts climbed, then kicks from the best."""
+    cols = A.shape[1]
+    groups = cols // m
+    ident = np.arange(cols)
+    if groups < 2:
+        return ident
+    splits = _splits(m) if math.comb(2 * m, m) // 2 <= _PAIR_SPLITS_MAX else None
+    best_state = None
+    for name, start in (("greedy", _greedy_start(A, n, m)), ("identity", ident)):
+        state = _climb(_SwapState(A, start, n, m), splits, eps, deadline, stats)
+        if best_state is None or state.total() > best_state.total() + eps:
+            best_state, stats["start"] = state, name
+    # Kicks: a few random swaps between distinct groups, applied incrementally to a copy
+    # of the best state, then a climb; the best state is kept.
+    size = min(groups // 2, kick_swaps if kick_swaps is not None else max(2, groups // 16))
+    for _ in range(kicks):
+        if time.perf_counter() >= deadline or size < 1:
+            break
+        stats["kicks"] += 1
+        state = best_state.copy()
+        g = rng.choice(groups, 2 * size, replace=False) * m + rng.integers(m, size=2 * size)
+        state.apply(list(zip(g[:size].tolist(), g[size:].tolist())))
+        state = _climb(state, splits, eps, deadline, stats)
+        if state.total() > best_state.total() + eps:
+            best_state = state
+            stats["kicks_kept"] += 1
+    return best_state.perm
+
+
 def nm_search(A: Any, nm: Any = (2, 4), *, seed: Any = 0, kicks: int = 8,
               kick_swaps: int | None = None, time_limit: float | None = None) -> NMSearch:
     """regroup's N:M column permutation: keeps at least plain N:M, deterministic for a
@@ -406,39 +441,29 @@ def nm_search(A: Any, nm: Any = (2, 4), *, seed: Any = 0, kicks: int = 8,
     n, m = check_nm(nm, "nm_search")
     A = _scores(A, m, "nm_search")
     kicks = check_int(kicks, "kicks", "nm_search", low=0)
+    if kick_swaps is not None:
+        kick_swaps = check_int(kick_swaps, "kick_swaps", "nm_search", low=1)
     rng = as_rng(seed)
     t0 = time.perf_counter()
     deadline = math.inf if time_limit is None else t0 + float(time_limit)
     rows, cols = A.shape
-    groups = cols // m
-    ident = np.arange(cols)
     plain = float(_kept(A, n, m).sum())
     eps = 1e-12 * max(1.0, float(A.sum()))
     stats = {"rounds": 0, "swaps": 0, "pair_passes": 0, "kicks": 0, "kicks_kept": 0,
-             "start": "identity"}
-    if groups < 2:
-        return NMSearch(ident, plain, plain, time.perf_counter() - t0, stats)
-    splits = _splits(m) if math.comb(2 * m, m) // 2 <= _PAIR_SPLITS_MAX else None
-    best_state = None
-    for name, start in (("greedy", _greedy_start(A, n, m)), ("identity", ident)):
-        state = _climb(_SwapState(A, start, n, m), splits, eps, deadline, stats)
-        if best_state is None or state.total() > best_state.total() + eps:
-            best_state, stats["start"] = state, name
-    # Kicks: a few random swaps between distinct groups, applied incrementally to a copy
-    # of the best state, then a climb; the best state is kept.
-    size = min(groups // 2, kick_swaps if kick_swaps is not None else max(2, groups // 16))
-    for _ in range(kicks):
-        if time.perf_counter() >= deadline or size < 1:
-            break
-        stats["kicks"] += 1
-        state = best_state.copy()
-        g = rng.choice(groups, 2 * size, replace=False) * m + rng.integers(m, size=2 * size)
-        state.apply(list(zip(g[:size].tolist(), g[size:].tolist())))
-        state = _climb(state, splits, eps, deadline, stats)
-        if state.total() > best_state.total() + eps:
-            best_state = state
-            stats["kicks_kept"] += 1
-    best_perm = best_state.perm
+             "start": "identity", "windows": 1}
+    window = max(m, _WINDOW_COLS // m * m)
+    if cols <= window:
+        best_perm = _search_window(A, n, m, rng, kicks, kick_swaps, eps, deadline, stats)
+    else:
+        # Wide matrices: consecutive windows searched one after the other (the all-pairs
+        # gains cost cols^2 x rows per pass); columns never cross a window.
+        edges = list(range(0, cols, window)) + [cols]
+        stats["windows"] = len(edges) - 1
+        best_perm = np.concatenate([
+            lo + _search_window(A[:, lo:hi], n, m, rng, kicks, kick_swaps, eps, deadline,
+                                stats) for lo, hi in zip(edges[:-1], edges[1:])])
+        stats["start"] = "windows"
+    ident = np.arange(cols)
     retained = float(_kept(A[:, best_perm], n, m).sum())
     if retained < plain:                  # the identity climb cannot end below plain
         best_perm, retained = ident, plain

@@ -161,3 +161,15 @@ def test_asp_refuses_wide_groups():
 def test_optimum_refuses_large_cases():
     with pytest.raises(RegroupError, match="max_subsets"):
         nm_optimum(_scores(0, 4, 64), (2, 4), max_subsets=1000)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 3)])
+def test_wide_matrices_are_searched_window_by_window(monkeypatch, nm):
+    monkeypatch.setattr(nmod, "_WINDOW_COLS", 16)
+    A = _scores(5, 10, 48)
+    r = nm_search(A, nm, seed=0)
+    window = 16 // nm[1] * nm[1]
+    assert r.stats["windows"] == -(-48 // window)
+    # columns stay in their window, and the search still never loses
+    assert (r.col_perm // window == np.arange(48) // window).all()
+    assert r.retained >= r.plain and np.isclose(r.retained, nm_retained(A, nm, r.col_perm))
