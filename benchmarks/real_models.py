@@ -55,8 +55,9 @@ from _tables import write_outputs  # noqa: E402
 from regroup.blocks import build_layout, layout_mask  # noqa: E402
 
 from regroup import Budget  # noqa: E402
-from regroup.adapters.torch import (input_scales, recover, regroup_model,  # noqa: E402
-                                    teacher_outputs, to_block_sparse, write_mask)
+from regroup.adapters.torch import (input_scales, layer_masks, recover,  # noqa: E402
+                                    regroup_model, teacher_outputs, to_block_sparse,
+                                    write_mask)
 
 METHODS = ("unstructured", "naive blocks", "block magnitude", "block magnitude x act", "dsb",
            "auto", "auto |w|")
@@ -122,6 +123,27 @@ def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: 
     return model, plan
 
 
+def mask_metrics(model: nn.Module, dense: nn.Module, scales: dict) -> dict[str, float]:
+    """What the final masks keep of the DENSE model, mean over the pruned layers: |w|,
+    the activation-weighted score (|w_ij| ||x_j||)^2 (Wanda's, squared: the output energy
+    of each weight on the calibration data), and the share of output rows / input columns
+    left without any weight (dead features). Original coordinates: not for folded models."""
+    masks = layer_masks(model)
+    weights = dict(dense.named_parameters())
+    acc: dict[str, list[float]] = {"kept |w|": [], "kept act^2": [], "dead rows": [],
+                                   "dead cols": []}
+    for name, s in scales.items():
+        w = weights[name].detach().double()
+        w = w.reshape(w.shape[0], -1).abs()
+        mask = masks[name][1].reshape(w.shape).to(torch.float64)
+        act2 = (w * s) ** 2
+        acc["kept |w|"].append(float((w * mask).sum() / w.sum()))
+        acc["kept act^2"].append(float((act2 * mask).sum() / act2.sum()))
+        acc["dead rows"].append(float((mask.sum(1) == 0).double().mean()))
+        acc["dead cols"].append(float((mask.sum(0) == 0).double().mean()))
+    return {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+
+
 # -- fidelity ----------------------------------------------------------------------------
 @torch.no_grad()
 def top1_agreement(model, dense_top1, crops, batch=64) -> float:
@@ -169,7 +191,10 @@ def run_mobilenet(args, rows, lines):
                 continue          # needs auto's per-layer block counts: auto runs first
             t0 = time.perf_counter()
             model, plan = make_variant(dense, pointwise, method, sparsity, 16, example,
-                                       args.fold, counts, global_l1=True, scales=scales)
+                                       args.fold, counts, global_l1=True,
+                                       scales=scales if args.calibration else None)
+            folded = plan is not None and plan.mode == "fold"
+            kept = {} if folded else mask_metrics(model, dense, scales)
             plan_s = time.perf_counter() - t0
             if plan is not None and method == "auto":
                 counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
@@ -180,7 +205,7 @@ def run_mobilenet(args, rows, lines):
             row = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16, "method": method,
                    "metric": "top-1 agreement", "before": round(before, 4),
                    "after": round(after, 4), "plan_s": round(plan_s, 1),
-                   "recover_s": round(log.seconds, 1), "steps": log.steps}
+                   "recover_s": round(log.seconds, 1), "steps": log.steps, **kept}
             if plan is not None:
                 row["retained"] = round(float(np.mean([r.metrics["retained"]
                                                        for r in plan.layers.values()])), 4)
@@ -224,7 +249,9 @@ def run_bert(args, rows, lines):
                 t0 = time.perf_counter()
                 model, plan = make_variant(dense, encoder_linears, method, sparsity, block,
                                            example, args.fold, counts, global_l1=False,
-                                           scales=scales)
+                                           scales=scales if args.calibration else None)
+                folded = plan is not None and plan.mode == "fold"
+                kept = {} if folded else mask_metrics(model, dense, scales)
                 plan_s = time.perf_counter() - t0
                 if plan is not None and method == "auto":
                     counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
@@ -236,7 +263,7 @@ def run_bert(args, rows, lines):
                        "method": method, "metric": "embedding cosine",
                        "before": round(before, 4), "after": round(after, 4),
                        "plan_s": round(plan_s, 1), "recover_s": round(log.seconds, 1),
-                       "steps": log.steps}
+                       "steps": log.steps, **kept}
                 if plan is not None:
                     row["retained"] = round(float(np.mean([r.metrics["retained"]
                                                            for r in plan.layers.values()])), 4)
@@ -246,21 +273,24 @@ def run_bert(args, rows, lines):
 
 
 def _scales(args, dense, layers, batches):
-    """Input norms of the pruned layers on the recovery batches (None: no calibration)."""
-    if not args.calibration:
-        return None
+    """Input norms of the pruned layers on the recovery batches: for ranking blocks
+    (unless ``--no-calibration``) and for the kept-score columns."""
     names = [n + ".weight" for n, m in dense.named_modules() if any(m is c for c in layers(dense))]
     return input_scales(dense, batches, names)
 
 
 def _table(rows, model, lines):
     lines += [f"### {model}", "",
-              "| sparsity | block | method | mean retained | before recovery | after | "
-              "recovery s |", "|---|---|---|---|---|---|---|"]
+              "| sparsity | block | method | mean retained | kept abs w | kept act^2 | "
+              "dead rows | dead cols | before recovery | after | recovery s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["model"] == model:
-            lines.append(f"| {r['sparsity']} | {r['block']} | {r['method']} | "
-                         f"{r.get('retained', '')} | {r['before']:.4f} | {r['after']:.4f} | "
+            method = r["method"].replace("|", "\\|")        # "auto |w|" in a table
+            lines.append(f"| {r['sparsity']} | {r['block']} | {method} | "
+                         f"{r.get('retained', '')} | {r.get('kept |w|', '')} | "
+                         f"{r.get('kept act^2', '')} | {r.get('dead rows', '')} | "
+                         f"{r.get('dead cols', '')} | {r['before']:.4f} | {r['after']:.4f} | "
                          f"{r['recover_s']} |")
     lines.append("")
 
@@ -304,10 +334,10 @@ def main(argv=None) -> int:
                         "block magnitude", "block magnitude x act"]
     torch.manual_seed(0)
     rows, lines = [], []
-    if args.model in ("mobilenet", "all"):
-        run_mobilenet(args, rows, lines)
     if args.model in ("bert", "all"):
         run_bert(args, rows, lines)
+    if args.model in ("mobilenet", "all"):
+        run_mobilenet(args, rows, lines)
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                   if k in rows[0] else 99)
     rows = [{k: r.get(k, "") for k in keys} for r in rows]

@@ -119,6 +119,13 @@ def test_real_models_quick_compares_every_method(tmp_path, real_mobilenet, real_
         assert got == set(bench.METHODS), (model, got)
     for r in rows:
         assert -1.0 <= float(r["after"]) <= 1.0 and int(r["steps"]) == 2
+        # what each mask keeps of the dense model: shares of it
+        for key in ("kept |w|", "kept act^2", "dead rows", "dead cols"):
+            assert 0.0 <= float(r[key]) <= 1.0, (key, r)
+    # the unstructured mask keeps the largest |w| of the pruned layers: no block mask of
+    # (at most) as many weights keeps more |w| of a layer pruned per layer (MiniLM)
+    kept = {r["method"]: float(r["kept |w|"]) for r in rows if r["model"] == "minilm"}
+    assert kept["unstructured"] >= max(kept.values()) - 1e-9, kept
 
 
 def test_nm_bench_quick_compares_plain_asp_and_regroup(tmp_path):
