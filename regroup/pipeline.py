@@ -47,6 +47,7 @@ from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
 from .executors import ENGINES, execute
 from .io import layer_pattern, tensor_problem
+from .pattern import Pattern
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
 from .report import report_row, report_total
@@ -160,12 +161,15 @@ def _part_matches(part: Path | None, record: dict[str, Any], layer: str,
     return doc, r
 
 
-def _pattern(source: Source, ref: LayerRef, weight: Any, mask: Any, opts: RegroupOptions):
-    return layer_pattern(ref.name, weight, mask, source=source.path, block=opts.block,
-                         dense_above=opts.dense_above, skip_embeddings=not opts.named(ref.name))
+def usable_pattern(name: str, weight: Any, mask: Any, where: str, opts: RegroupOptions
+                   ) -> tuple[Pattern | None, str | None]:
+    """``(pattern, None)`` for a loaded tensor to regroup under ``opts``, or
+    ``(None, why not)`` (the pipeline's rule; :mod:`regroup.sweep` uses it too)."""
+    return layer_pattern(name, weight, mask, source=where, block=opts.block,
+                         dense_above=opts.dense_above, skip_embeddings=not opts.named(name))
 
 
-def _index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:
+def index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:
     """Why ``ref`` is no layer to regroup, known before loading it (None: load it)."""
     if ref.problem is not None or ref.shape is None:
         return ref.problem
@@ -186,7 +190,7 @@ def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str
     record = {"input_sha256": digest, "key": key}
     # Whether to skip is decided from the input every time, never taken from a part (so
     # skipped layers have no part).
-    pat, reason = _pattern(source, ref, weight, mask, opts)
+    pat, reason = usable_pattern(ref.name, weight, mask, source.path, opts)
     del weight, mask
     if pat is None:
         return {"name": ref.name, "status": "skipped", "reason": reason}
@@ -228,7 +232,7 @@ def allot_layer(source: Source, ref: LayerRef, opts: RegroupOptions, kept: np.nd
     part = Path(part) if part is not None else None
     weight, mask, digest = source.load(ref)
     record = {"input_sha256": digest, "key": key, "kept_sha256": _kept_sha256(kept)}
-    pat, reason = _pattern(source, ref, weight, mask, opts)
+    pat, reason = usable_pattern(ref.name, weight, mask, source.path, opts)
     if pat is None:   # pass 1 found a layer here: the input changed in between
         raise RegroupError(f"{source.path}: layer {ref.name!r} is no longer usable ({reason});"
                            " the file changed during the run - run again")
@@ -298,7 +302,7 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
             refs = [r for r in refs if r.name in keep]
         # Skips known from the index are settled here: such tensors are never loaded, and
         # the progress total counts only the layers that may be regrouped.
-        early = {i: _index_problem(r, opts) for i, r in enumerate(refs)}
+        early = {i: index_problem(r, opts) for i, r in enumerate(refs)}
         idx = [i for i in range(len(refs)) if early[i] is None]
         first = run_pass(regroup_layer,
                          [(source.for_layer(refs[i]), refs[i], opts, part(i), key,

@@ -27,10 +27,10 @@ from typing import Any
 from ._validation import RegroupError, check_distinct_list, check_int
 from .blocks import parse_budgets
 from .engine import regroup_budgets
-from .io import layer_pattern, tensor_problem
 from .kernel_speed import BATCH, speed_problem, time_layer, torch_versions
 from .options import RegroupOptions, resolve_options
 from .pattern import Pattern
+from .pipeline import index_problem, usable_pattern
 from .report import markdown_table
 from .source import Source, open_source
 
@@ -194,11 +194,6 @@ def _layers(source: Any, opts: RegroupOptions, caller: str):
     early)`` for every selected tensor, one layer loaded at a time, selected and skipped
     as the pipeline does (``early``: skipped from the index alone, never loaded nor
     counted in ``total``)."""
-    def usable(name, weight, mask, where):
-        return layer_pattern(name, weight, mask, source=where, block=opts.block,
-                             dense_above=opts.dense_above,
-                             skip_embeddings=not opts.named(name))
-
     if isinstance(source, Pattern):
         source = [source]
     if isinstance(source, (list, tuple)) and all(isinstance(p, Pattern) for p in source) \
@@ -206,7 +201,8 @@ def _layers(source: Any, opts: RegroupOptions, caller: str):
         where = "<patterns>"
         keep = set(opts.select([p.name for p in source], where=where))
         pats = [p for p in source if p.name in keep]
-        return where, len(pats), ((p.name, p.shape, *usable(p.name, p, None, where), False)
+        return where, len(pats), ((p.name, p.shape,
+                                   *usable_pattern(p.name, p, None, where, opts), False)
                                   for p in pats)
     if isinstance(source, (str, os.PathLike)):
         source = open_source(source)
@@ -220,21 +216,16 @@ def _layers(source: Any, opts: RegroupOptions, caller: str):
         keep = set(opts.select([r.name for r in refs], where=where))
         refs = [r for r in refs if r.name in keep]
 
-    def early(ref):
-        if ref.problem is not None or ref.shape is None:
-            return ref.problem
-        return tensor_problem(ref.name, ref.shape, block=opts.block,
-                              skip_embeddings=not opts.named(ref.name))
-
     def items():
         for ref in refs:
-            problem = early(ref)
+            problem = index_problem(ref, opts)
             if problem is not None:
                 yield ref.name, ref.shape, None, problem, True
                 continue
             weight, mask, _ = source.load(ref)
-            yield (ref.name, ref.shape, *usable(ref.name, weight, mask, where), False)
-    return where, sum(early(r) is None for r in refs), items()
+            yield (ref.name, ref.shape, *usable_pattern(ref.name, weight, mask, where, opts),
+                   False)
+    return where, sum(index_problem(r, opts) is None for r in refs), items()
 
 
 def _row(pat: Pattern, abs_weight: float | None, method: str, r) -> dict[str, Any]:
