@@ -5,8 +5,11 @@ what was expected and what arrived; they describe data (shape, dtype, nnz), neve
 """
 from __future__ import annotations
 
+import hashlib
 import numbers
-from typing import Any, Callable
+import os
+import stat
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -21,6 +24,10 @@ __all__ = [
     "as_rng",
     "native_seed",
     "missing_dependency",
+    "check_regular",
+    "open_regular",
+    "printable",
+    "safe_filename",
 ]
 
 
@@ -140,3 +147,100 @@ def missing_dependency(package: str, caller: str, pip_name: str | None = None) -
     pip_name = pip_name or package
     return ImportError(f"{caller} requires {package}. You can install it with "
                        f"`pip install {pip_name}`.")
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str, what: str, mode: int) -> FormatError:
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    return FormatError(f"{path}: the {what} is {kind}, not a regular file; regroup reads "
+                       "inputs from regular files only")
+
+
+def check_regular(path: str | os.PathLike, what: str = "input") -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), refusing anything but a regular file with
+    a :class:`FormatError` naming it and ``what`` it is: the file is not opened, so a
+    FIFO, device or socket never blocks nor is touched.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    RegroupError
+        ``path`` is a directory, a FIFO, a device or a socket.
+    """
+    text = os.fspath(path)
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{text}: no such file") from None
+    except (OSError, ValueError) as exc:      # a loop of links, a NUL byte, no permission
+        raise RegroupError(f"{text}: the {what} cannot be read "
+                           f"({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(text, what, st.st_mode)
+    return st
+
+
+def open_regular(path: str | os.PathLike, what: str = "input") -> BinaryIO:
+    """``path`` opened for binary reading, checked to be a regular file first without
+    opening it (:func:`check_regular`) and then through the handle itself (opened
+    non-blocking, so a file swapped for a FIFO in between never blocks)."""
+    text = os.fspath(path)
+    check_regular(text, what)
+    fd = os.open(text, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(text, what, mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+            else f"\\U{code:08x}")
+
+
+def printable(text: Any) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable
+    (control characters such as ESC, NUL and newlines, bidirectional overrides and other
+    format characters, separators other than the space) is written as a Python escape
+    (``\\x1b``, ``\\u202e``), so a tensor name can neither move the cursor, recolour the
+    screen nor hide text. Printable text is returned unchanged."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+_SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+MAX_FILENAME = 200     # bytes of a file name made from a tensor name, before its suffix
+
+
+def safe_filename(name: str) -> str:
+    """A file name for the tensor ``name``, the same on every file system: letters,
+    digits, ``.``, ``_`` and ``-`` are kept and every other byte of its UTF-8 encoding
+    (``/``, ``\\``, NUL, control characters, ``%`` itself) is written ``%XX``, so distinct
+    names give distinct file names (``"a/b"`` -> ``a%2Fb``, ``"a_b"`` stays ``a_b``; on a
+    case-insensitive file system names differing only in case still meet: callers that
+    write several files check that too); a name
+    that would encode longer than :data:`MAX_FILENAME` bytes is cut and ends with ``~``
+    and 16 hex digits of its SHA-256 (``~`` never appears otherwise). ``""``, ``"."`` and
+    ``".."`` are encoded whole (``%2E%2E``; ``""`` is ``%``), never a directory name."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if name in ("", ".", ".."):       # "%" alone is no other name's encoding
+        return "".join(f"%{b:02X}" for b in raw) or "%"
+    out = "".join(chr(b) if chr(b) in _SAFE_CHARS else f"%{b:02X}" for b in raw)
+    if len(out) > MAX_FILENAME:
+        out = out[:MAX_FILENAME - 17] + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return out

@@ -12,6 +12,8 @@ import os
 import sys
 
 from . import __version__
+from ._validation import (RegroupError, check_regular, missing_dependency, open_regular,
+                          printable, safe_filename)
 from .options import DENSE_ABOVE
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
@@ -150,6 +152,7 @@ class _Progress:
         return cls(None if not enabled else "bar" if sys.stderr.isatty() else "lines", unit)
 
     def __call__(self, name: str, index: int, total: int, info: dict) -> None:
+        name = printable(name)
         if self.mode == "lines":
             print(_progress_line(name, index, total, info or {}), file=sys.stderr, flush=True)
             return
@@ -171,17 +174,33 @@ class _Progress:
 
 def _progress_line(name: str, index: int, total: int, info: dict) -> str:
     """``[3/36] encoder.layer.0.attention.self.query.weight 384x384: 2.1 s, retained
-    0.4431`` (or ``resumed``, or ``skipped: reason``)."""
+    0.4431`` (or ``resumed``, or ``skipped: reason``); control characters escaped."""
     shape = "x".join(map(str, info["shape"])) if info.get("shape") else "?"
-    head = f"[{index}/{total}] {name} {shape}: "
+    head = f"[{index}/{total}] {printable(name)} {shape}: "
     if info.get("status") == "skipped":
-        return head + f"skipped: {info.get('reason')}"
+        return head + f"skipped: {printable(info.get('reason'))}"
     if info.get("cached"):
         return head + "resumed from an earlier run's part"
     seconds, retained = info.get("seconds"), info.get("retained")
     return head + ", ".join(
         ([f"{seconds:.2f} s"] if seconds is not None else [])
         + ([f"retained {retained:.4f}"] if retained is not None else []))
+
+
+def _shown(rows: list[dict]) -> list[dict]:
+    """``rows`` with every str value made safe for a terminal (tensor names and reasons
+    come from input files: their control characters are escaped, never printed raw)."""
+    return [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()}
+            for r in rows]
+
+
+def _check_inputs(paths: dict[str, str | None], directories: bool = False) -> None:
+    """Refuse, before any work, an input that is not a regular file (a FIFO or device
+    would block or be consumed when opened); ``directories``: a directory passes (a
+    sharded checkpoint), to be checked when it is opened."""
+    for what, path in paths.items():
+        if path is not None and not (directories and os.path.isdir(path)):
+            check_regular(path, what)
 
 
 def _options(args, **extra):
@@ -218,6 +237,7 @@ def cmd_run(args) -> int:
     if not args.input:
         raise _Usage("the following arguments are required: input")
     options = _options(args)
+    _check_inputs({"input": args.input}, directories=True)
     out = args.output or default_output(args.input)
     check_outputs({"-o": out, "--report": args.report}, "regroup run",
                   inputs={"input": args.input}, results=("-o",), force=args.force)
@@ -234,7 +254,7 @@ def cmd_run(args) -> int:
     if args.report:
         write_json(report, args.report)
     if not args.quiet:
-        print(format_table(report["layers"], RUN_COLUMNS))
+        print(format_table(_shown(report["layers"]), RUN_COLUMNS))
         t = report["total"]
         scope = "model" if options.budget_scope == "global" else "layer"
         print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
@@ -250,6 +270,8 @@ def cmd_inspect(args) -> int:
     from .report import format_table
 
     path = args.input
+    if not os.path.isdir(path):       # a directory is refused by the reader, by name
+        _check_inputs({"input": path})
     if args.hgr:
         from ._outputs import check_outputs
         check_outputs({"--hgr": args.hgr}, "regroup inspect", inputs={"input": path},
@@ -263,7 +285,7 @@ def cmd_inspect(args) -> int:
                  "block": r["block_shape"], "method": r["method"],
                  "chosen": r["metrics"].get("chosen"), "retained": r["metrics"].get("retained"),
                  "kept_blocks": r["metrics"].get("kept_blocks")} for r in doc["layers"]]
-        print(format_table(rows, list(rows[0]) if rows else ["name"]))
+        print(format_table(_shown(rows), list(rows[0]) if rows else ["name"]))
         print(f"\nresult file, format version {doc['format_version']}, seed "
               f"{doc.get('options', {}).get('seed', '-')}, regroup "
               f"{doc.get('versions', {}).get('regroup', '-')}")
@@ -277,28 +299,48 @@ def cmd_inspect(args) -> int:
     rows = [{"name": p.name, "shape": list(p.shape), "matrix": [p.n_rows, p.n_cols],
              "nnz": p.nnz, "density": p.density, "weights": "yes" if p.has_weights else "no"}
             for p in pats]
-    print(format_table(rows, ["name", "shape", "matrix", "nnz", "density", "weights"]))
+    targets = _hgr_targets(args.hgr, [p.name for p in pats]) if args.hgr else []
+    print(format_table(_shown(rows), ["name", "shape", "matrix", "nnz", "density",
+                                      "weights"]))
     if args.hgr:
         from .hypergraph import column_net, write_hgr
         os.makedirs(args.hgr, exist_ok=True)
-        for p in pats:
-            target = os.path.join(args.hgr, p.name.replace(os.sep, "_") + ".hgr")
+        for p, target in zip(pats, targets):
             write_hgr(column_net(p), target)
         print(f"\nwrote {len(pats)} .hgr files to {args.hgr}")
     if skipped:
         print(f"\nskipped {len(skipped)}:")
         for n, r in skipped:
-            print(f"  {n}: {r}")
+            print(f"  {printable(n)}: {printable(r)}")
     return EXIT_OK
 
 
+def _hgr_targets(folder: str, names: list[str]) -> list[str]:
+    """``folder/<name>.hgr`` for each layer, every file name made safe and distinct
+    (:func:`regroup._validation.safe_filename`) before anything is written; names that
+    would still meet on a case-insensitive file system are refused, naming them."""
+    files = [safe_filename(n) + ".hgr" for n in names]
+    seen: dict[str, str] = {}
+    for n, f in zip(names, files):
+        other = seen.setdefault(f.casefold(), n)
+        if other != n:
+            raise RegroupError(f"{folder}: layers {other!r} and {n!r} would be written to "
+                               "the same .hgr file on a case-insensitive file system; "
+                               "select one with --layers")
+    return [os.path.join(folder, f) for f in files]
+
+
 def _is_result(path: str) -> bool:
+    """Whether ``path`` is a zip archive holding ``meta.json`` (a result file); anything
+    but a regular file is refused before it is opened (a FIFO would block)."""
     import zipfile
-    try:
-        with zipfile.ZipFile(path) as z:
-            return "meta.json" in z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+
+    with open_regular(path, "input") as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                return "meta.json" in z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return False
 
 
 def cmd_compare(args) -> int:
@@ -309,6 +351,7 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
                if m.strip()]
     options = _options(args)
+    _check_inputs({f"input {i + 1}": p for i, p in enumerate(args.inputs)})
     check_outputs({"--csv": args.csv, "--markdown": args.markdown}, "regroup compare",
                   inputs={f"input {i + 1}": p for i, p in enumerate(args.inputs)})
     progress = _Progress("bar" if sys.stderr.isatty() else None, "run")
@@ -329,7 +372,7 @@ def cmd_compare(args) -> int:
             if skipped:
                 f.write("\nSkipped tensors:\n\n"
                         + markdown_table(skipped, ("file", "layer", "reason")) + "\n")
-    print(format_table(summary, SUMMARY_COLUMNS))
+    print(format_table(_shown(summary), SUMMARY_COLUMNS))
     # As run: the count here, the reasons in the report (--markdown; `inspect` lists them).
     print(f"\n{len(skipped)} tensors skipped" + (
         f"; reasons in {args.markdown}" if args.markdown and skipped else
@@ -344,6 +387,7 @@ def cmd_show(args) -> int:
     from .plot import plot_layer
 
     options = _options(args, layers=[args.layer] if args.layer else None)
+    _check_inputs({"input": args.input, "--result file": args.result})
     check_outputs({"-o": args.output}, "regroup show",
                   inputs={"input": args.input, "--result": args.result})
     # The first usable layer is one the block fits (a MobileNet's 32x27 stem is not).
@@ -354,14 +398,14 @@ def cmd_show(args) -> int:
         from .result import load_result
         res = load_result(args.result)
         if pat.name not in res:
-            from ._validation import RegroupError
             raise RegroupError(f"{args.result}: no layer {pat.name!r} (has: "
-                               f"{', '.join(list(res)[:8])})")
+                               f"{', '.join(map(repr, list(res)[:8]))})")
         result = res[pat.name]
     else:
         result = regroup_pattern(pat, options=options.per_layer())
     plot_layer(pat, result, args.output)
-    print(f"{args.output}: {pat.name}, retained {result.metrics['retained']:.4f} (identity "
+    print(f"{args.output}: {printable(pat.name)}, retained "
+          f"{result.metrics['retained']:.4f} (identity "
           f"{result.metrics['retained_identity']:.4f})")
     return EXIT_OK
 
@@ -375,14 +419,19 @@ def cmd_sweep(args) -> int:
     from .report import format_table, write_csv
     from .sweep import CSV_COLUMNS, sweep
 
+    from .options import check_budget
+
     options = _options(args)
+    for entry in args.budgets.split(","):
+        if entry.strip():        # empty and repeated entries: sweep names them
+            check_budget(entry.strip(), "budgets", "sweep")
+    _check_inputs({"input": args.input}, directories=True)
     outputs = [o for o in (args.csv, args.md, args.plot) if o]
     check_outputs({"--csv": args.csv, "--md": args.md, "--plot": args.plot}, "regroup sweep",
                   inputs={"input": args.input})
     if args.plot:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
-            from ._validation import missing_dependency
             raise missing_dependency("matplotlib", "regroup sweep --plot")
     progress = _Progress.for_stderr(not args.quiet, "run")
     try:
@@ -401,7 +450,7 @@ def cmd_sweep(args) -> int:
         from .plot import plot_sweep
         plot_sweep(result, args.plot)
     if not args.quiet:
-        print(format_table(result.model, SWEEP_COLUMNS))
+        print(format_table(_shown(result.model), SWEEP_COLUMNS))
         sp = result.speed
         speed = (f"speed-up: torch {sp['torch']} BSR vs dense, fp32, batch {sp['batch']}, "
                  f"{sp['threads']} threads" if sp["measured"]
@@ -426,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:          # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    from ._validation import RegroupError
 
     handler = {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare,
                "show": cmd_show, "sweep": cmd_sweep}[args.command]
@@ -435,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except _Usage as exc:
         parser.print_usage(sys.stderr)
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        print(f"{prefix}error: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (RegroupError, ValueError, TypeError, ImportError, OSError) as exc:
         msg = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
             msg = f"{exc.filename}: {msg}"
-        print(f"{prefix}error: {msg}", file=sys.stderr)
+        # One line, whatever a file put in the names it quotes.
+        print(f"{prefix}error: {printable(msg)}", file=sys.stderr)
         # Bad option values are usage errors; bad files, data and tools are failures.
         usage = isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, RegroupError)
         return EXIT_USAGE if usage else EXIT_FAILURE
@@ -454,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
             traceback.print_exc()
         where = "".join(f" ({note})" for note in getattr(exc, "__notes__", []))
-        print(f"{prefix}internal error: {type(exc).__name__}: {exc}{where} (rerun with "
-              "--traceback and please report it with the command line)", file=sys.stderr)
+        print(f"{prefix}internal error: {type(exc).__name__}: {printable(exc)}"
+              f"{printable(where)} (rerun with --traceback and please report it with the "
+              "command line)", file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -21,8 +21,8 @@ from ._validation import RegroupError, check_block
 from .blocks import FORMATS, Budget
 from .partitioners import format_method, get_partitioner, parse_method
 
-__all__ = ["RegroupOptions", "Constraint", "CONSTRAINTS", "OBJECTIVES", "EDGES",
-           "BUDGET_SCOPES", "DENSE_ABOVE", "resolve_options"]
+__all__ = ["RegroupOptions", "Constraint", "CONSTRAINTS", "BUDGET_RANGES", "OBJECTIVES",
+           "EDGES", "BUDGET_SCOPES", "DENSE_ABOVE", "resolve_options", "check_budget"]
 
 OBJECTIVES = ("auto", "count", "magnitude")
 EDGES = ("partial", "error")
@@ -72,7 +72,10 @@ def _number(low: float, high: float, *, low_open: bool = False, optional: bool =
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(v, bool) or not isinstance(v, kind):
             raise _Invalid(TypeError)
-        v = int(v) if integer else float(v)
+        try:
+            v = int(v) if integer else float(v)
+        except OverflowError:            # an int beyond the float range: 10**400
+            raise _Invalid(ValueError) from None
         if math.isnan(v) or v < low or v > high or (low_open and v == low):
             raise _Invalid(ValueError)
         return v
@@ -97,13 +100,45 @@ def _method(v: Any) -> str:
         raise _Invalid(ValueError, str(exc)) from None
 
 
+# The values each budget kind accepts: (low, high, low excluded, integer). An area factor
+# above 2**31 (MAX_ELEMENTS) keeps every block of any layer, as 2**31 does; a block count
+# above 2**53 is not exact as a float.
+BUDGET_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "iso": (0.0, float(2**31), True, False), "density": (0.0, 1.0, True, False),
+    "retained": (0.0, 1.0, True, False), "blocks": (1.0, float(2**53), False, True)}
+
+
+def _bound(x: float) -> str:
+    return f"2**{int(math.log2(x))}" if x >= 2**20 else f"{x:g}"
+
+
+def _range_text(kind: str) -> str:
+    low, high, low_open, integer = BUDGET_RANGES[kind]
+    what = "an integer" if integer else "a number"
+    return f"{what} in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+
+
 def _budget(v: Any) -> Budget:
     if not isinstance(v, (str, Budget)):
         raise _Invalid(TypeError)
     try:
-        return Budget.parse(v)
+        b = Budget.parse(v)
     except (TypeError, ValueError) as exc:
         raise _Invalid(ValueError, str(exc)) from None
+    except OverflowError:                 # 'blocks=1e400': an infinite count
+        kind = str(v).replace(":", "=").partition("=")[0].strip()
+        need = _range_text(kind) if kind in BUDGET_RANGES else "a finite value"
+        raise _Invalid(ValueError, f"budget {kind!r} needs {need}. Got {v!r} instead.") \
+            from None
+    if b.value is not None and b.kind in BUDGET_RANGES:
+        low, high, low_open, integer = BUDGET_RANGES[b.kind]
+        x = b.value
+        if (isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(x)
+                or not low <= x <= high or (low_open and x == low)
+                or (integer and x != int(x))):
+            raise _Invalid(ValueError, f"budget {b.kind!r} needs {_range_text(b.kind)}. "
+                           f"Got {x!r} instead.")
+    return b
 
 
 def _refine(v: Any) -> bool | None:
@@ -134,13 +169,17 @@ CONSTRAINTS: dict[str, Constraint] = {
     "method": Constraint("a partitioner name with optional options, e.g. 'auto' or "
                          "'metis:graph=jaccard' (see regroup.list_partitioners())",
                          _method, ("nope", "metis:colour=red", "metis:graph", 3, None)),
-    "budget": Constraint("a Budget or a str 'iso', 'iso=F', 'density=D', 'blocks=K' or "
-                         "'retained=R'", _budget, ("half", "density=2", "blocks=0", 0.5,
-                                                   None)),
+    "budget": Constraint("a Budget or a str 'iso', 'iso=F' (F in (0, 2**31]), "
+                         "'density=D' (D in (0, 1]), 'blocks=K' (K an integer in "
+                         "[1, 2**53]) or 'retained=R' (R in (0, 1])", _budget,
+                         ("half", "density=2", "blocks=0", 0.5, None, "blocks=1e400",
+                          "blocks=1e300", "blocks=inf", "iso=inf", "iso=1e400",
+                          "iso=1e300", "iso=nan", Budget("blocks", float("inf")),
+                          Budget("iso", float("nan")))),
     "budget_scope": Constraint(f"one of {', '.join(map(repr, BUDGET_SCOPES))}",
                                _choice(BUDGET_SCOPES), ("model", 1, None)),
     "layer_min": Constraint("a float in [0, 1]", _number(0.0, 1.0),
-                            (-0.1, 1.5, float("nan"), "0.5", None)),
+                            (-0.1, 1.5, float("nan"), "0.5", None, 10**400)),
     "seed": Constraint("an int in [0, 2**63 - 1]", _number(0, 2**63 - 1, integer=True),
                        (-1, 1.5, "0", None, 2**64)),
     "objective": Constraint(f"one of {', '.join(map(repr, OBJECTIVES))}",
@@ -149,12 +188,13 @@ CONSTRAINTS: dict[str, Constraint] = {
                        ("pad", None)),
     "refine": Constraint("None (auto: on for portfolio methods), True or False", _refine,
                          ("on", 1, 0.0)),
-    "time_limit": Constraint("None or a finite number of seconds > 0",
+    "time_limit": Constraint("None or a number of seconds in (0, 1e9]",
                              _number(0.0, 1e9, low_open=True, optional=True),
-                             (0, -1, float("inf"), float("nan"), "10", 1e400)),
-    "anneal": Constraint("None or a finite number of seconds > 0",
+                             (0, -1, float("inf"), float("nan"), "10", 1e400, 1e300,
+                              10**400)),
+    "anneal": Constraint("None or a number of seconds in (0, 1e6]",
                          _number(0.0, 1e6, low_open=True, optional=True),
-                         (0, -2.0, float("inf"), "5", True)),
+                         (0, -2.0, float("inf"), "5", True, 1e300, 10**400)),
     "layers": Constraint("None, a glob over weight names, or a non-empty list of them",
                          _layers, ("", [], [""], [3], 3, b"x")),
     "dense_above": Constraint("a float in (0, 1]", _number(0.0, 1.0, low_open=True),
@@ -326,6 +366,19 @@ def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
                              f"instead. ({exc})") from None
         out["params"] = None
     return out
+
+
+def check_budget(value: Any, name: str, caller: str) -> Budget:
+    """``value`` read as one budget under the ``budget`` constraint (its kind and range),
+    or a ``ValueError``/``TypeError`` naming the parameter ``name`` of ``caller``: for
+    entry points that take several budgets (``regroup sweep --budgets``)."""
+    c = CONSTRAINTS["budget"]
+    try:
+        return c.normalize(value)
+    except _Invalid as bad:
+        detail = f" ({bad.detail})" if bad.detail else ""
+        raise bad.kind(f"Each entry of the {name!r} parameter of {caller} must be "
+                       f"{c.allowed}. Got {value!r} instead.{detail}") from None
 
 
 def resolve_options(options: RegroupOptions | None, caller: str, **kwargs: Any

@@ -331,6 +331,10 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
             final_part = {i: part(i, ".global") for i in done}
             seconds = {i: (seconds[i] or 0.0) + (final[i].get("seconds") or 0.0)
                        for i in done}
+        # Every layer has been read: the input must still be the file that was hashed
+        # when it was opened (size, mtime, inode, SHA-256), or the result would mix old
+        # and new layers under the old hash. Checked before the result is written.
+        source.verify()
         run = Run(source=source.record(), options=opts, records=[],
                   seconds=[seconds[i] for i in done], skipped=skipped,
                   stats={"jobs": jobs, "engine": engine,

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import reprlib
-import stat
 import struct
 import zipfile
 import zlib
@@ -48,7 +47,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ._atomic import atomic_write
-from ._validation import FormatError
+from ._validation import FormatError, open_regular
 from ._zip import ZipWriter, check_seal, directory_size, raw_entry
 from .blocks import FORMATS, positions
 
@@ -212,21 +211,6 @@ _ENTRIES = {"grid": ("mask.npy", "row_perm.npy", "col_perm.npy"),
 def _short(value: Any) -> str:
     """``repr(value)``, cut short (a hostile value may be megabytes long)."""
     return reprlib.repr(value)
-
-
-def _open_regular(path: str) -> BinaryIO:
-    """``path`` opened for binary reading. Anything but a regular file is refused without
-    blocking (opening a FIFO would wait for a writer)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FormatError(f"{path}: not a regular file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 def _memory_limit() -> int:
@@ -702,7 +686,7 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     cannot be read."""
     path = os.fspath(path)
     try:
-        with _open_regular(path) as fp:
+        with open_regular(path, "result file") as fp:
             data = _Archive(fp, path).read_bytes("meta.json", path, MAX_META_BYTES)
         doc = json.loads(data)
     except (OSError, ValueError, RecursionError):    # (FormatError is a ValueError)
@@ -724,7 +708,7 @@ def load_result(path: str | os.PathLike) -> ResultFile:
     FileNotFoundError, FormatError
     """
     path = os.fspath(path)
-    with _open_regular(path) as fp:
+    with open_regular(path, "result file") as fp:
         return _read(fp, path, keep=True)[1]
 
 
@@ -737,7 +721,7 @@ def check_result(path: str | os.PathLike) -> dict:
     FileNotFoundError, FormatError
     """
     path = os.fspath(path)
-    with _open_regular(path) as fp:
+    with open_regular(path, "result file") as fp:
         return _read(fp, path, keep=False)[0]
 
 
@@ -767,7 +751,7 @@ def load_part(path: str | os.PathLike, layer: str) -> tuple[dict, LayerResult]:
     OSError, FormatError
     """
     path = os.fspath(path)
-    with _open_regular(path) as fp:
+    with open_regular(path, "result file") as fp:
         try:
             check_seal(fp)
         except FormatError as exc:
@@ -791,7 +775,7 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
     layer_docs, seals = [], []
     for i, p in enumerate(parts):
         try:
-            with _open_regular(os.fspath(p)) as fp:
+            with open_regular(p, "result file") as fp:
                 seals.append(check_seal(fp))
                 doc, _ = _read(fp, os.fspath(p), keep=False, exact=True)
             _check_part_doc(doc, os.fspath(p), names[i])
@@ -807,7 +791,7 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
             # Only reading the part is guarded: an error writing ``out`` (a full disk) is
             # not the part's fault and propagates as it is.
             try:
-                fp = _open_regular(os.fspath(p))
+                fp = open_regular(p, "result file")
             except (OSError, FormatError) as exc:
                 raise damaged_part(p, names[i], exc) from None
             with fp:

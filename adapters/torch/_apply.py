@@ -16,12 +16,20 @@ import torch
 from regroup import RegroupError
 from regroup.result import LayerResult
 
-from .masking import mask_target, write_mask
+from ._holders import refuse_meta
+from ._journal import atomic
+from .masking import journaled_write_mask, mask_target
 
 __all__ = ["apply_result"]
 
 
 def _split(name: str) -> tuple[str, str]:
+    """``(module, tensor attribute)`` of a layer named by any of its state-dict names:
+    ``fc.weight``, prune's ``fc.weight_orig`` / ``fc.weight_mask``, a parametrization's
+    ``fc.parametrizations.weight.original``."""
+    head, marker, tail = name.rpartition(".parametrizations.")
+    if marker and tail.endswith(".original") and tail.count(".") == 1:
+        return head, tail[:-len(".original")]
     for suffix in ("_mask", "_orig"):
         name = name.removesuffix(suffix)
     module, _, tensor = name.rpartition(".")
@@ -53,18 +61,31 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
     Raises
     ------
     RegroupError
-        A layer is missing from the model or its shape (or its rewind value's) differs;
-        nothing is changed then.
+        A layer is missing from the model, its shape (or its rewind value's) differs, it
+        cannot be masked (a parametrization other than torch.ao.pruning's), two result
+        layers name one tensor (``fc.weight`` and ``fc.parametrizations.weight.original``,
+        or one module reached by two paths), or a tensor is on the meta device; nothing
+        is changed then, nor after a failure part-way through (it is undone).
     """
+    refuse_meta(model, "apply_result")
     plan = []
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    seen: dict[tuple[int, str], str] = {}
     for name, layer in result.items():
         mod_name, tensor = _split(name)
         module = modules.get(mod_name)
         if module is None or not isinstance(getattr(module, tensor, None), torch.Tensor):
             raise RegroupError(f"result layer {name!r} has no matching tensor in the model "
                                f"(looked for module {mod_name!r}, attribute {tensor!r})")
-        shape = tuple(mask_target(module, tensor).shape)
+        other = seen.setdefault((id(module), tensor), name)
+        if other != name:
+            raise RegroupError(f"result layers {other!r} and {name!r} are one tensor of the "
+                               f"model ({mod_name}.{tensor}): one mask would silently replace "
+                               "the other; keep one of them")
+        try:
+            shape = tuple(mask_target(module, tensor).shape)
+        except RegroupError as exc:
+            raise RegroupError(f"result layer {name!r}: {exc}") from None
         if shape != tuple(layer.mask.shape):
             raise RegroupError(f"result layer {name!r} has shape {tuple(layer.mask.shape)}, "
                                f"the model's tensor {shape}")
@@ -73,6 +94,7 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
             raise RegroupError(f"rewind value of {name!r} has shape {tuple(values.shape)}, "
                                f"the model's tensor {shape}")
         plan.append((name, module, tensor, layer, values))
-    for _, module, tensor, layer, values in plan:
-        write_mask(module, tensor, layer.mask, values)
+    with atomic() as journal:
+        for _, module, tensor, layer, values in plan:
+            journaled_write_mask(journal, module, tensor, layer.mask, values)
     return [p[0] for p in plan]

@@ -23,6 +23,8 @@ from torch import nn
 
 from regroup import RegroupError
 
+from ._journal import training_flags
+
 __all__ = ["input_scales", "input_scales_targets", "check_scales", "call_model"]
 
 
@@ -100,9 +102,9 @@ def input_scales(model: nn.Module, data: Iterable[Any], layers: Iterable[str] | 
     Parameters
     ----------
     model : nn.Module
-        Run in eval mode without gradients (its mode is restored); a model holding an
-        ``nn.TransformerEncoderLayer`` runs with autograd recording (no backward), since
-        the layer's inference fast path would not call its Linear modules.
+        Run in eval mode without gradients (every submodule's mode is restored); a model
+        holding an ``nn.TransformerEncoderLayer`` runs with autograd recording (no
+        backward), since the layer's inference fast path would not call its Linear modules.
     data : iterable of batches
         As :func:`call_model` takes them (the batches a recovery would use do).
     layers : iterable of str, optional
@@ -164,11 +166,10 @@ def input_scales(model: nn.Module, data: Iterable[Any], layers: Iterable[str] | 
     fast_path = any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules())
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else None
-    was_training = model.training
-    model.eval()
     seen = 0
     try:
-        with torch.set_grad_enabled(fast_path):
+        with training_flags(model), torch.set_grad_enabled(fast_path):
+            model.eval()
             for batch in data:
                 call_model(model, batch, device)
                 seen += 1
@@ -177,7 +178,6 @@ def input_scales(model: nn.Module, data: Iterable[Any], layers: Iterable[str] | 
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if not seen:
         raise RegroupError("input_scales: the calibration data yielded no batch")
     out = {}

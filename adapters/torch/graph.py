@@ -12,7 +12,8 @@ additions - an addition joins the dimensions of its operands).
 inputs, and follows each feature axis through the graph. A dimension is foldable when
 every use is understood; otherwise it records why not (it reaches a model input or output,
 an op that reshapes or mixes features such as the head split of attention, a grouped
-convolution, a module called twice, ...), and its layers use runtime permutations.
+convolution, a module called twice, a layer's tensor read directly by the forward, ...),
+and its layers use runtime permutations.
 
 A model that torch.fx cannot trace as a whole (Hugging Face models, nn.TransformerEncoder)
 is analysed by parts: one forward pass records every submodule's inputs, and each child
@@ -43,6 +44,7 @@ _ELEMENTWISE_MODULES = (
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Mish, nn.CELU, nn.SELU,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
 )
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ELEMENTWISE_FUNCS = {
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu,
@@ -108,7 +110,9 @@ class DimAnalysis:
     ``nn.MultiheadAttention.out_proj``) to the reason; ``traced`` is False when the model
     could not be traced as a whole (``error`` says why); ``parts`` then says how each
     analysed submodule was handled (``"traced"``, why not, the rule applied; ``""`` is
-    the model itself).
+    the model itself); ``direct`` maps the layers and norms whose tensors the forward also
+    reads itself (``F.linear(x, self.fc.weight)``) to the reason (their dimensions do not
+    fold, and a block-sparse module would not have the tensor to read).
     """
 
     dims: list[HiddenDim]
@@ -117,6 +121,7 @@ class DimAnalysis:
     traced: bool = True
     error: str | None = None
     parts: dict[str, str] = field(default_factory=dict)
+    direct: dict[str, str] = field(default_factory=dict)
 
 
 class _UnionFind:
@@ -338,6 +343,7 @@ class _Walk:
         self.layer_dims: dict[str, tuple[int, int]] = {}
         self.channelwise: dict[str, int] = {}    # norm / depthwise conv -> its dim
         self.parts: dict[str, str] = {}
+        self.direct: dict[str, str] = {}         # module -> why its tensors are read directly
 
     # -- one traced graph ----------------------------------------------------------------
     def graph(self, gm: fx.GraphModule, prefix: str = "", boundary: str | None = None,
@@ -475,6 +481,8 @@ class _Walk:
                     continue
                 if _nodes_in((node.args, node.kwargs)):
                     opaque(node, f"{getattr(fn, '__name__', fn)}")
+            elif node.op == "get_attr":
+                self._direct_read(_join(prefix, node.target), node.name)
             elif node.op == "output":
                 outs = _nodes_in(node.args)
                 if keep_output and len(outs) == 1 and outs[0] in axis:
@@ -493,6 +501,18 @@ class _Walk:
                     self._flag_module(name, f"{name!r} is also called from outside "
                                             f"{prefix!r}")
         return found
+
+    def _direct_read(self, target: str, node: str) -> None:
+        """The forward reads tensor ``target`` itself (``F.linear(x, self.fc.weight)``): a
+        fold permuting the layer or norm that holds it would change that use too."""
+        owner = target
+        while "." in owner:
+            owner = owner.rpartition(".")[0]
+            if owner in self.layers or isinstance(self.modules.get(owner), _NORMS):
+                self.direct.setdefault(owner, f"its tensor {target!r} is read directly in the "
+                                              f"forward ({node}), not only by calling "
+                                              f"{owner!r}")
+                return
 
     def _leaf(self, name: str, mod: nn.Module, calls: _Calls | None) -> None:
         """A module torch.fx keeps whole (a torch.nn module such as nn.TransformerEncoder)
@@ -665,6 +685,8 @@ class _Walk:
     # -- the outcome ---------------------------------------------------------------------
     def result(self, traced: bool = True, error: str | None = None) -> DimAnalysis:
         uf = self.uf
+        for name, why in self.direct.items():     # known only once every part is walked
+            self._flag_module(name, why)
         uncalled = {}
         for name in self.layers:
             if name not in self.layer_dims:
@@ -682,7 +704,8 @@ class _Walk:
             d.norms = list(dict.fromkeys(d.norms))
         return DimAnalysis(dims, {k: (index[uf.find(i)], index[uf.find(o)])
                                   for k, (i, o) in self.layer_dims.items()}, uncalled,
-                           traced=traced, error=error, parts=self.parts)
+                           traced=traced, error=error, parts=self.parts,
+                           direct=dict(self.direct))
 
 
 def _flatten_keeps(xs, shape, ax: int) -> bool:

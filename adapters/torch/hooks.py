@@ -33,7 +33,8 @@ from regroup import RegroupError
 from regroup.options import RegroupOptions, resolve_options
 from regroup.result import LayerResult
 
-from .masking import read_mask, write_mask
+from ._journal import atomic
+from .masking import journaled_write_mask, read_mask, write_mask
 from .plan import Plan, check_mode, layer_masks, regroup_model
 
 __all__ = ["RegroupBlocks", "regroup_unstructured", "block_layout", "RegroupSparsifier",
@@ -280,11 +281,13 @@ def _load_rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     if misshapen:
         raise RegroupError(f"imp_regroup: the rewind state has tensors of other shapes: "
                            f"{'; '.join(misshapen[:8])}; pass a state dict of this model")
-    with torch.no_grad():
+    with atomic() as journal, torch.no_grad():    # a failure part-way undoes the copies
         for target, value in pairs:
+            journal.values(target)
             target.copy_(value)
-    for module, attr, value in masked:
-        write_mask(module, attr, getattr(module, attr + "_mask"), values=value)
+        for module, attr, value in masked:
+            journaled_write_mask(journal, module, attr, getattr(module, attr + "_mask"),
+                                 values=value)
 
 
 def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,

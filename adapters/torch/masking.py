@@ -15,6 +15,10 @@ re-enable positions an earlier mask pruned: they come back with their unmasked v
 (``<name>_orig`` / ``original``), or with ``values`` when given. Adding a second
 ``custom_from_mask`` to a pruned module would instead multiply the masks (a
 ``PruningContainer``), and the refilled positions would stay zero.
+
+A weight computed any other way (``weight_norm``'s magnitude and direction, a custom
+parametrization, a hook recomputing a plain attribute) is not masked values of one tensor:
+:func:`mask_problem` says why, and :func:`read_mask` / :func:`write_mask` refuse it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from torch.nn.utils import parametrize, prune
 from regroup import RegroupError
 
 __all__ = ["SOURCES", "mask_source", "ao_mask", "unmasked", "mask_target", "read_mask",
-           "write_mask", "stored_tensors"]
+           "write_mask", "stored_tensors", "stored_slots", "mask_problem", "permute_problem"]
 
 SOURCES = ("prune", "ao", "zeros")
 
@@ -41,6 +45,69 @@ def ao_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
             if isinstance(mask, torch.Tensor):
                 return mask
     return None
+
+
+def mask_problem(module: nn.Module, name: str = "weight") -> str | None:
+    """Why the mask of ``module.<name>`` cannot be read or set, or None.
+
+    A parametrized tensor is masked exactly only when it is ``mask * original``: every
+    parametrization on it holds a mask of its shape (torch.ao.pruning's FakeSparsity).
+    Others (``weight_norm``'s magnitude and direction, a scaling, an orthogonal map) compute
+    the weight from tensors a mask over the weight does not cover.
+    """
+    if not parametrize.is_parametrized(module, name):
+        t = getattr(module, name, None)
+        if _pruned(module, name) or not isinstance(t, torch.Tensor) or \
+                isinstance(module._parameters.get(name), nn.Parameter):
+            return None
+        return (f"it is {_not_a_parameter(module, name)}; torch.nn.utils.prune masks "
+                "parameters only")
+    plist = module.parametrizations[name]
+    kinds = ", ".join(type(p).__name__ for p in plist)
+    original = getattr(plist, "original", None)
+    if not isinstance(original, torch.Tensor):
+        return (f"it is computed by the parametrization {kinds} from several tensors "
+                f"({', '.join(n for n, _ in plist.named_parameters(recurse=False))}; "
+                "weight_norm keeps a magnitude and a direction), not masked values of one "
+                "tensor; remove it first (torch.nn.utils.parametrize."
+                f"remove_parametrizations(module, {name!r}))")
+    shape = tuple(original.shape)
+    for p in plist:
+        mask = getattr(p, "mask", None)
+        if not isinstance(mask, torch.Tensor):
+            within = f" (in {kinds})" if len(plist) > 1 else ""
+            return (f"it is parametrized by {type(p).__name__}{within}, which holds no "
+                    "mask (not torch.ao.pruning's FakeSparsity): its values are not "
+                    "mask * original; remove it first (torch.nn.utils.parametrize."
+                    f"remove_parametrizations(module, {name!r}))")
+        if tuple(mask.shape) != shape:
+            return (f"the mask of its parametrization {type(p).__name__} has shape "
+                    f"{tuple(mask.shape)}, the weight {shape}")
+    return None
+
+
+def _not_a_parameter(module: nn.Module, name: str) -> str:
+    if name in module._buffers:
+        return "a buffer, not a parameter"
+    if isinstance(getattr(module, name + "_g", None), torch.Tensor) and \
+            isinstance(getattr(module, name + "_v", None), torch.Tensor):
+        return (f"recomputed from {name}_g and {name}_v at every call "
+                "(torch.nn.utils.weight_norm), not a parameter")
+    return "a plain tensor attribute (recomputed by a hook?), not a parameter"
+
+
+def permute_problem(module: nn.Module, name: str) -> str | None:
+    """Why ``module.<name>`` cannot be permuted in place along an axis (None when it can):
+    a parametrization other than masks, or a hook recomputing it at every call
+    (torch.nn.utils.weight_norm), would compute it again from tensors left in their order.
+    """
+    if parametrize.is_parametrized(module, name):
+        return mask_problem(module, name)
+    t = getattr(module, name, None)
+    if not isinstance(t, torch.Tensor) or _pruned(module, name) or \
+            name in module._parameters or name in module._buffers:
+        return None
+    return f"it is {_not_a_parameter(module, name)}: permuting it would not last"
 
 
 def _pruned(module: nn.Module, name: str) -> bool:
@@ -76,19 +143,28 @@ def mask_target(module: nn.Module, name: str = "weight") -> torch.Tensor:
     Raises
     ------
     RegroupError
-        No tensor ``name``, or it is parametrized without a mask (not torch.ao.pruning).
+        No tensor ``name``, or it is parametrized other than by masks (see
+        :func:`mask_problem`).
     """
-    target = unmasked(module, name)
-    if parametrize.is_parametrized(module, name) and ao_mask(module, name) is None:
-        raise RegroupError(f"{type(module).__name__}.{name} is parametrized without a mask "
-                           "(not torch.ao.pruning): cannot set its mask")
-    return target
+    why = mask_problem(module, name)
+    if why is not None:
+        raise RegroupError(f"{type(module).__name__}.{name}: cannot set its mask: {why}")
+    return unmasked(module, name)
 
 
 def read_mask(module: nn.Module, name: str = "weight"
               ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(masked values, mask, source)`` of ``module.<name>``, detached; the mask is
-    boolean, the source one of :data:`SOURCES`."""
+    boolean, the source one of :data:`SOURCES`.
+
+    Raises
+    ------
+    RegroupError
+        It is parametrized other than by masks (see :func:`mask_problem`).
+    """
+    why = mask_problem(module, name)
+    if why is not None:
+        raise RegroupError(f"{type(module).__name__}.{name}: cannot read its mask: {why}")
     source = mask_source(module, name)
     with torch.no_grad():
         if source == "ao":
@@ -156,26 +232,49 @@ def write_mask(module: nn.Module, name: str, mask: Any, values: Any = None) -> N
     prune.custom_from_mask(module, name, keep)
 
 
-def stored_tensors(module: nn.Module, name: str = "weight") -> list[torch.Tensor]:
-    """Every tensor that stores ``module.<name>`` in its own shape: the weight (when it is
-    not computed by a parametrization), ``<name>_orig``, ``<name>_mask``, the
-    parametrization's ``original`` and masks; each once. Permuting them all permutes
-    the weight and its mask together."""
+def journaled_write_mask(journal: Any, module: nn.Module, name: str, mask: Any,
+                         values: Any = None) -> None:
+    """:func:`write_mask` through an undo ``journal``
+    (:class:`~regroup.adapters.torch._journal.Journal`): the module's structure (prune
+    adds ``<name>_orig``, ``<name>_mask`` and a hook) and every tensor it overwrites (the
+    mask; the unmasked values when ``values`` is given) are recorded first."""
+    journal.module(module)
+    source = mask_source(module, name)
+    if source == "ao":
+        journal.values(ao_mask(module, name))
+    elif source == "prune":
+        journal.values(getattr(module, name + "_mask"))
+    if values is not None:
+        journal.values(mask_target(module, name))
+    write_mask(module, name, mask, values)
+
+
+def stored_slots(module: nn.Module, name: str = "weight") -> list[tuple[nn.Module, str]]:
+    """Every ``(owner module, attribute)`` that stores ``module.<name>`` in its own shape:
+    the weight (when no parametrization computes it), ``<name>_orig``, ``<name>_mask``,
+    the parametrization's ``original`` and masks. Two slots may hold one tensor."""
     out = []
     parametrized = parametrize.is_parametrized(module, name)
     for key in ((name + "_orig", name + "_mask") if parametrized else
                 (name, name + "_orig", name + "_mask")):
-        t = getattr(module, key, None)
-        if isinstance(t, torch.Tensor):
-            out.append(t)
+        if isinstance(getattr(module, key, None), torch.Tensor):
+            out.append((module, key))
     if parametrized:
-        out.append(module.parametrizations[name].original)
-        for p in module.parametrizations[name]:
-            mask = getattr(p, "mask", None)
-            if isinstance(mask, torch.Tensor):
-                out.append(mask)
+        plist = module.parametrizations[name]
+        if isinstance(getattr(plist, "original", None), torch.Tensor):
+            out.append((plist, "original"))
+        for p in plist:
+            if isinstance(getattr(p, "mask", None), torch.Tensor):
+                out.append((p, "mask"))
+    return out
+
+
+def stored_tensors(module: nn.Module, name: str = "weight") -> list[torch.Tensor]:
+    """The tensors of :func:`stored_slots`, each once. Permuting them all permutes the
+    weight and its mask together."""
     seen, unique = set(), []
-    for t in out:
+    for owner, key in stored_slots(module, name):
+        t = getattr(owner, key)
         if id(t) not in seen:
             seen.add(id(t))
             unique.append(t)

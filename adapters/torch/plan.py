@@ -53,9 +53,12 @@ from regroup.provenance import tool_versions
 from regroup.refine import refine_shared
 from regroup.result import LayerResult, load_result, save_result
 
+from ._holders import Holders, refuse_meta
+from ._journal import Journal, atomic, training_flags
 from .calibration import check_scales, input_scales, input_scales_targets
 from .graph import DimAnalysis, hidden_dims
-from .masking import mask_target, read_mask, stored_tensors, write_mask
+from .masking import (journaled_write_mask, mask_problem, mask_target, permute_problem,
+                      read_mask, stored_slots)
 from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
 
 __all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES",
@@ -161,7 +164,8 @@ class Plan:
         parent module reads their weight directly (the ``out_proj`` of a
         MultiheadAttention that cannot become a BlockSparseMultiheadAttention; the
         ``linear1`` / ``linear2`` of a TransformerEncoderLayer whose fused fast path stays
-        on; in fold mode, a layer the trace never sees called as a module).
+        on; in fold mode, a layer the trace never sees called as a module, or whose
+        weight the forward reads itself).
     mode : {"fold", "runtime"}
         The mode of :func:`regroup_model` (a plan from a result file is "runtime").
     """
@@ -222,35 +226,60 @@ class Plan:
         replaces a torch.nn.utils.prune or torch.ao.pruning mask in place (refilled
         positions take the unmasked values), or prunes a plain weight.
 
+        All or nothing: every layer and fold is checked first, and a failure part-way
+        through (an exception of any kind) undoes what was done, so the model keeps its
+        tensors bit for bit, its parameters, buffers, hooks and module classes.
+
         Raises
         ------
         RegroupError
-            A layer or folded module is missing or has another shape, or the model's
-            parameters were already permuted by a folding plan (its fold marker is set,
-            also when loaded from a folded state dict, see :func:`prepare_for_load`);
-            nothing is changed then.
+            A layer or folded module is missing or has another shape, two layer names are
+            one tensor, a weight cannot be masked (a parametrization other than
+            torch.ao.pruning's, such as weight_norm) or permuted (tied to a tensor the fold
+            does not permute the same way), a fold's order is not a permutation, a tensor
+            is on the meta device, or the model's parameters were already permuted by a
+            folding plan (its fold marker is set, also when loaded from a folded state
+            dict, see :func:`prepare_for_load`); nothing is changed then.
         """
         self._check_unfolded(model)
-        modules = dict(model.named_modules())
+        refuse_meta(model, "Plan.apply")
+        modules = _all_paths(model)
         staged = []
+        where: dict[tuple[int, str], str] = {}
         for name, r in self.layers.items():
             module, attr = _layer_tensor(modules, name)
-            w = mask_target(module, attr)
+            if (id(module), attr) in where:
+                raise RegroupError(f"layers {where[(id(module), attr)]!r} and {name!r} of the "
+                                   "plan are one tensor of the model (a module reached by "
+                                   "two paths): one mask would replace the other")
+            where[(id(module), attr)] = name
+            try:
+                w = mask_target(module, attr)
+            except RegroupError as exc:
+                raise RegroupError(f"layer {name!r}: {exc}") from None
             if tuple(w.shape) != tuple(r.shape):
                 raise RegroupError(f"layer {name!r}: the plan has shape {tuple(r.shape)}, the "
                                    f"model's weight {tuple(w.shape)}")
+            if tuple(np.shape(r.mask)) != tuple(r.shape):
+                raise RegroupError(f"layer {name!r}: the plan's mask has shape "
+                                   f"{tuple(np.shape(r.mask))}, its layer {tuple(r.shape)}")
             src = None
             if rewind is not None:
                 src = _rewind_value(rewind, name)
                 if src is not None and tuple(src.shape) != tuple(r.shape):
                     raise RegroupError(f"rewind value of {name!r} has shape "
                                        f"{tuple(src.shape)}, expected {tuple(r.shape)}")
-            staged.append((module, attr, r, src))
-        self._check_fold_members(modules)
-        for module, attr, r, src in staged:
-            write_mask(module, attr, r.mask, src)
+            staged.append((name, module, attr, r, src, w))
+        _check_shared_rewinds(staged)
         if permute:
-            self.fold(model)
+            self._check_folds(model, modules)
+        else:
+            self._check_fold_members(modules)
+        with atomic() as journal:
+            for _, module, attr, r, src, _ in staged:
+                journaled_write_mask(journal, module, attr, r.mask, src)
+            if permute:
+                self._fold(model, journal)
 
     def fold(self, model: nn.Module) -> None:
         """Permute ``model``'s parameters by the plan's folds (masks follow), in place.
@@ -261,21 +290,37 @@ class Plan:
         :meth:`apply` or :meth:`fold` is refused, and :func:`to_block_sparse` checks
         that the model was folded by this plan. To reload a folded state dict into a
         fresh instance, register the buffer first with :func:`prepare_for_load`.
+
+        All or nothing, as :meth:`apply`: every fold is checked first (its members exist
+        and are of their kind and size, its order is a permutation, no tensor it permutes
+        is tied to one it does not permute the same way, none is parametrized other
+        than by masks or on the meta device; RegroupError otherwise), and any failure
+        after undoes every permutation.
         """
         self._check_unfolded(model)
-        modules = dict(model.named_modules())
-        self._check_fold_members(modules)
+        refuse_meta(model, "Plan.fold")
+        with atomic() as journal:
+            self._fold(model, journal)
+
+    def _fold(self, model: nn.Module, journal: Journal) -> None:
+        """Check the folds on the model as it is now, then permute through ``journal``."""
+        modules = _all_paths(model)
+        self._check_folds(model, modules)
         for f in self.folds:
-            perm = torch.from_numpy(f.perm.astype(np.int64))
-            for mod_name in f.producers:
-                _permute(modules[mod_name], perm, 0, with_bias=True)
-            for mod_name, _ in f.consumers:
-                _permute(modules[mod_name], perm, 1, with_bias=False)
-            for mod_name in f.norms:
-                _permute_norm(modules[mod_name], perm)
+            perm = torch.from_numpy(np.asarray(f.perm, dtype=np.int64))
+            touches, _ = _fold_touches(modules, f.producers, f.consumers, f.norms)
+            done: set[tuple[int, int]] = set()
+            for _, owner, key, axis in touches:
+                t = getattr(owner, key)
+                if (id(t), axis) not in done:         # tied slots: one tensor, once
+                    done.add((id(t), axis))
+                    journal.permute(t, axis, perm)
         if self.folds:
+            journal.module(model)
             prepare_for_load(model)
-            getattr(model, FOLD_MARKER).fill_(_fold_digest(self.folds))
+            marker = getattr(model, FOLD_MARKER)
+            journal.values(marker)
+            marker.fill_(_fold_digest(self.folds))
 
     def _check_unfolded(self, model: nn.Module) -> None:
         _refuse_folded(model)
@@ -287,6 +332,47 @@ class Plan:
             for mod_name in (*f.producers, *(c for c, _ in f.consumers), *f.norms):
                 if mod_name not in modules:
                     raise RegroupError(f"folded module {mod_name!r} is not in the model")
+
+    def _check_folds(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+        """Everything :meth:`fold` needs, checked before anything changes (RegroupError)."""
+        self._check_fold_members(modules)
+        if not self.folds:
+            return
+        holders = Holders(model)
+        seen: dict[tuple[int, int], str] = {}
+        for k, f in enumerate(self.folds):
+            what = f"fold {k} (producers {f.producers})"
+            perm = np.asarray(f.perm)
+            if perm.ndim != 1 or perm.dtype.kind not in "iu" or \
+                    not np.array_equal(np.sort(perm), np.arange(perm.size)):
+                raise RegroupError(f"{what}: its order is not a permutation of "
+                                   f"0..{perm.size - 1} (shape {perm.shape}, dtype "
+                                   f"{perm.dtype})")
+            roles = [(p, 0, "producer") for p in f.producers] + \
+                [(c, 1, "consumer") for c, _ in f.consumers] + [(n, 0, "norm") for n in f.norms]
+            for mod_name, axis, role in roles:
+                module = modules[mod_name]
+                if role == "norm":
+                    ok = isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) \
+                        or isinstance(module, nn.Conv2d) and module.groups > 1
+                else:
+                    ok = isinstance(module, (nn.Linear, nn.Conv2d))
+                if not ok:
+                    raise RegroupError(f"{what}: {role} {mod_name!r} is a "
+                                       f"{type(module).__name__}, not a module a fold permutes")
+                prev = seen.get((id(module), axis))
+                if prev is not None:
+                    raise RegroupError(f"{what}: {mod_name!r} is permuted along axis {axis} "
+                                       f"by {prev} too")
+                seen[(id(module), axis)] = what
+            for c, kk in f.consumers:
+                if kk != _kk(modules[c]):
+                    raise RegroupError(f"{what}: consumer {c!r} has kernel area "
+                                       f"{_kk(modules[c])}, the plan says {kk}")
+            problems = _fold_problems(modules, holders, f.producers, f.consumers, f.norms,
+                                      perm.size)
+            if problems:
+                raise RegroupError(f"{what}: cannot be folded: {problems[0]}")
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -391,21 +477,51 @@ def layer_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     The source is ``"prune"`` (torch.nn.utils.prune's ``weight_mask``), ``"ao"`` (a
     torch.ao.pruning parametrization's mask) or ``"zeros"`` (the weight's nonzeros); see
     :func:`~regroup.adapters.torch.masking.read_mask`.
+
+    Raises
+    ------
+    RegroupError
+        A tensor of the model is on the meta device, or a layer's weight is parametrized
+        other than by torch.ao.pruning's masks (``weight_norm``; see
+        :func:`~regroup.adapters.torch.masking.mask_problem`), naming it.
     """
+    refuse_meta(model, "layer_masks")
+    out = {}
+    for name, (m, attr) in _layer_modules(model).items():
+        why = mask_problem(m, attr)
+        if why is not None:
+            raise RegroupError(f"layer_masks: layer {name!r}: cannot read its mask: {why}")
+        out[name] = read_mask(m, attr)
+    return out
+
+
+def _all_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` under every path that reaches it (a plan may name a
+    module reached by two paths by either)."""
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def _layer_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{layer name: (module, tensor attribute)}`` of :func:`layer_masks`, in module
+    order (a module reached by two paths once, under its first)."""
     out = {}
     for name, m in model.named_modules():
         if not name:
             continue          # the model itself: to_block_sparse cannot replace it
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            out[name + ".weight"] = read_mask(m, "weight")
+            out[name + ".weight"] = (m, "weight")
         elif _packed_mha(m):
-            out[name + ".in_proj_weight"] = read_mask(m, "in_proj_weight")
+            out[name + ".in_proj_weight"] = (m, "in_proj_weight")
     return out
 
 
 def _not_regroupable(modules: Mapping[str, nn.Module], name: str) -> str | None:
     """Why layer ``name`` is not worth regrouping whatever its mask, or None."""
-    module = modules[name.rpartition(".")[0]]
+    mod_name, _, attr = name.rpartition(".")
+    module = modules[mod_name]
+    why = mask_problem(module, attr)
+    if why is not None:
+        return f"its mask cannot be read or set: {why}"
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return (f"{kind} convolution (groups={module.groups}): no block-sparse kernel runs "
@@ -482,33 +598,109 @@ def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> d
 
 
 def _rewind_value(rewind: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The rewind value of layer ``name`` under any of its state-dict names; two different
+    tensors under two of them are ambiguous (RegroupError naming both keys)."""
     mod, _, attr = name.rpartition(".")
-    for key in (name, name + "_orig", f"{mod}.parametrizations.{attr}.original"):
-        if key in rewind:
-            return rewind[key]
-    return None
+    keys = [k for k in (name, name + "_orig", f"{mod}.parametrizations.{attr}.original")
+            if k in rewind]
+    for k in keys[1:]:
+        if rewind[k] is not rewind[keys[0]]:
+            raise RegroupError(f"rewind has both {keys[0]!r} and {k!r}, two tensors for layer "
+                               f"{name!r}; keep the one to rewind to")
+    return rewind[keys[0]] if keys else None
 
 
-def _permute(module: nn.Module, perm: torch.Tensor, dim: int, with_bias: bool) -> None:
-    with torch.no_grad():
-        for t in stored_tensors(module, "weight"):
-            t.copy_(t.index_select(dim, perm.to(t.device)))
-        if with_bias and getattr(module, "bias", None) is not None:
-            b = module.bias
-            b.copy_(b.index_select(0, perm.to(b.device)))
+def _check_shared_rewinds(staged: list[tuple]) -> None:
+    """Two layers sharing one weight tensor (tied) with different rewind values: the
+    second would silently overwrite the first."""
+    first: dict[int, tuple[str, Any]] = {}
+    for name, _, _, _, src, target in staged:
+        if src is None:
+            continue
+        prev = first.setdefault(id(target), (name, src))
+        if prev[0] != name and not torch.equal(torch.as_tensor(prev[1]).cpu(),
+                                               torch.as_tensor(src).cpu()):
+            raise RegroupError(f"layers {prev[0]!r} and {name!r} share one weight tensor "
+                               "(tied), and their rewind values differ")
 
 
-def _permute_norm(module: nn.Module, perm: torch.Tensor) -> None:
-    """Permute a channel-wise module along its channels: a norm's parameters and running
-    stats, or a depthwise convolution's weight (C, 1, kh, kw) with its mask, and bias."""
-    if isinstance(module, nn.Conv2d):
-        _permute(module, perm, 0, with_bias=True)
-        return
-    with torch.no_grad():
+def _fold_touches(modules: Mapping[str, nn.Module], producers: Iterable[str],
+                  consumers: Iterable[tuple[str, int]], norms: Iterable[str]
+                  ) -> tuple[list[tuple[str, nn.Module, str, int]], list[str]]:
+    """``(member, owner module, attribute, axis)`` of every tensor slot a fold permutes
+    (producers' weights with their masks and bias along axis 0, consumers' weights along
+    axis 1, norms' parameters and running stats along axis 0), and why some cannot be
+    permuted in place (:func:`~regroup.adapters.torch.masking.permute_problem`)."""
+    out: list[tuple[str, nn.Module, str, int]] = []
+    problems: list[str] = []
+
+    def take(member: str, module: nn.Module, key: str, axis: int) -> None:
+        why = permute_problem(module, key)
+        if why is not None:
+            problems.append(f"{_join(member, key)!r}: {why}")
+        else:       # the tensor with its prune / ao.pruning storage (``_orig``, masks)
+            out.extend((member, owner, k, axis) for owner, k in stored_slots(module, key))
+
+    for name in producers:
+        take(name, modules[name], "weight", 0)
+        take(name, modules[name], "bias", 0)
+    for name, _ in consumers:
+        take(name, modules[name], "weight", 1)
+    for name in norms:
+        module = modules[name]
+        if isinstance(module, nn.Conv2d):            # depthwise: (C, 1, kh, kw) and bias
+            take(name, module, "weight", 0)
+            take(name, module, "bias", 0)
+            continue
         for key in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(module, key, None)
             if isinstance(t, torch.Tensor) and t.dim() == 1:
-                t.copy_(t.index_select(0, perm.to(t.device)))
+                take(name, module, key, 0)
+    return out, problems
+
+
+def _axes(axes: set[int]) -> str:
+    return f"along axis {' and '.join(map(str, sorted(axes)))}" if axes else "not at all"
+
+
+def _fold_problems(modules: Mapping[str, nn.Module], holders: Holders,
+                   producers: Iterable[str], consumers: Iterable[tuple[str, int]],
+                   norms: Iterable[str], size: int) -> list[str]:
+    """Why a hidden dimension of ``size`` features cannot be folded into the model as it
+    is: a tensor it would permute is parametrized other than by masks, on the meta device,
+    of another size, tied to a slot the fold does not permute the same way (``b.weight =
+    a.weight`` with ``a`` a producer and ``b`` a consumer, or an embedding tied to a head),
+    or shares memory with another tensor. Empty when it can."""
+    touches, problems = _fold_touches(modules, producers, consumers, norms)
+    effects: dict[int, dict[tuple[int, str], set[int]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for _, owner, key, axis in touches:
+        t = getattr(owner, key)
+        name = holders.names.get((id(owner), key), key)
+        if t.device.type == "meta":
+            problems.append(f"{name!r} is on the meta device (no data)")
+        elif t.dim() <= axis or t.shape[axis] != size:
+            problems.append(f"{name!r} has shape {tuple(t.shape)}, but the dimension has "
+                            f"{size} features along its axis {axis}")
+        tensors[id(t)] = t
+        effects.setdefault(id(t), {}).setdefault((id(owner), key), set()).add(axis)
+    for tid, got in effects.items():
+        t = tensors[tid]
+        want = set().union(*got.values())
+        for slot in holders.slots.get(tid, []):
+            mine = got.get(slot, set())
+            if mine != want:
+                other = next(s for s, a in got.items() if a != mine)
+                a, b = holders.names[slot], holders.names[other]
+                problems.append(
+                    f"{a!r} and {b!r} are one tensor (tied parameters): this dimension's "
+                    f"order would permute it {_axes(mine)} as {a!r} but {_axes(got[other])} "
+                    f"as {b!r}")
+                break
+        for u in holders.overlapping(t):
+            problems.append(f"{holders.name(t)!r} shares memory with {holders.name(u)!r}: "
+                            "permuting one in place would change the other")
+    return list(dict.fromkeys(problems))
 
 
 # -- planning ----------------------------------------------------------------------------
@@ -557,10 +749,19 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     place.
 
     Layers that cannot be regrouped go to ``plan.skipped`` with the reason: grouped and
-    depthwise convolutions (no block kernel runs them), and whatever
-    :func:`regroup.io.layer_pattern` refuses (empty, dense, smaller than the block, ...).
-    Layers whose weight a parent module reads directly are regrouped and masked but go
-    to ``plan.dense`` (:func:`to_block_sparse` leaves them dense modules).
+    depthwise convolutions (no block kernel runs them), weights a mask cannot cover
+    (parametrized other than by torch.ao.pruning's masks, as by ``weight_norm``; left
+    untouched), and whatever :func:`regroup.io.layer_pattern` refuses (empty, dense,
+    smaller than the block, ...). Layers whose weight a parent module (or the forward
+    itself) reads directly are regrouped and masked but go to ``plan.dense``
+    (:func:`to_block_sparse` leaves them dense modules).
+
+    In fold mode, a hidden dimension is left unfolded (its sides use runtime
+    permutations, ``plan.sides`` says why) when a tensor it would permute is tied to one
+    it would not permute the same way (``b.weight = a.weight``, a head tied to an
+    embedding), shares memory with another tensor, or is computed by a parametrization
+    or hook (``weight_norm``). Producers sharing one weight share one order: the tensor
+    is permuted once.
 
     Parameters
     ----------
@@ -607,7 +808,9 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     ------
     RegroupError
         No pruned layer, ``layers`` matching no weight, fold mode without example inputs,
-        a model already folded (see :meth:`Plan.fold`).
+        a model already folded (see :meth:`Plan.fold`), a tensor on the meta device
+        (named). The model is changed only once the whole plan is made, all or nothing
+        (:meth:`Plan.apply`); every submodule's training flag is kept.
     ValueError, TypeError
         Invalid options or mode (before anything is changed).
     """
@@ -615,9 +818,10 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     opts = resolve_options(options, caller, **kwargs)
     check_mode(mode, example_inputs, caller)
     _refuse_folded(model, caller)
+    refuse_meta(model, caller)
     where = type(model).__name__
     modules = dict(model.named_modules())
-    found = layer_masks(model)
+    found = _layer_modules(model)
     selected = opts.select(list(found), where=where)
     scales, notes = _calibration_scales(model, calibration, selected, caller)
     patterns: dict[str, regroup.Pattern] = {}
@@ -625,7 +829,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     for name in selected:
         pattern, why = None, _not_regroupable(modules, name)
         if why is None:
-            w, mask, _ = found[name]
+            w, mask, _ = read_mask(*found[name])
             w = w.cpu().double()
             if name in scales:
                 w2 = w.reshape(w.shape[0], -1)
@@ -649,12 +853,9 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     analysis: DimAnalysis | None = None
     if mode == "fold":
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        was_training = model.training
-        model.eval()      # tracing runs the model: keep BatchNorm statistics untouched
-        try:
+        with training_flags(model):
+            model.eval()      # tracing runs the model: keep BatchNorm statistics untouched
             analysis = hidden_dims(model, inputs)
-        finally:
-            model.train(was_training)
         if not analysis.traced:
             traced = sorted(k for k, v in analysis.parts.items() if v == "traced")
             msg = (f"torch.fx could not trace {where} as a whole ({analysis.error}); folding "
@@ -673,7 +874,14 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         for name, (i, o) in analysis.layer_dims.items():
             dim_of_side[(name, "cols")] = analysis.dims[i]
             dim_of_side[(name, "rows")] = analysis.dims[o]
+        holders = Holders(model)
         for dim in analysis.dims:
+            if dim.foldable:
+                # What the trace cannot see: tied or parametrized tensors (the reasons
+                # then say why these sides use runtime permutations).
+                dim.reasons.extend(_fold_problems(
+                    modules, holders, dim.producers,
+                    [(c, _kk(modules[c])) for c in dim.consumers], dim.norms, dim.size))
             if not dim.foldable:
                 continue
             joint = _joint_pattern(dim, patterns, modules)
@@ -737,6 +945,11 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
             # their children; its sides say why they are not folded).
             if not _in_known_parent(modules, m):
                 dense.setdefault(f"{m}.weight", why)
+                notes.append(f"{m}: {why}; its mask is applied, it stays dense")
+        for m, why in analysis.direct.items():
+            # A block-sparse module has no weight for the forward to read.
+            if f"{m}.weight" in results and f"{m}.weight" not in dense:
+                dense[f"{m}.weight"] = why
                 notes.append(f"{m}: {why}; its mask is applied, it stays dense")
     plan = Plan(results, folds, sides, skipped, notes, opts, dense, mode)
     plan.apply(model, rewind=rewind, permute=permute)
@@ -894,8 +1107,9 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
     Raises
     ------
     RegroupError
-        The fold marker does not match, or a planned layer is not in the model (nothing
-        is changed then).
+        The fold marker does not match, a planned layer is not in the model, or a tensor
+        is on the meta device. Nothing is changed then, nor when building a later
+        module fails: every block-sparse module is built before the first is swapped in.
     """
     marker, want = fold_marker(model), _fold_digest(plan.folds)
     if marker != want:
@@ -907,6 +1121,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                            + ("another folding plan" if want else "a folding plan, and this "
                               "plan keeps the original order")
                            + "; use the plan that folded it")
+    refuse_meta(model, "to_block_sparse")
     modules = dict(model.named_modules())
     sparse_types = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
     for name in plan.layers:                    # a plan of another model: change nothing
@@ -918,6 +1133,9 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
     # What the model's structure forbids now, and what the planning saw (a trace).
     dense = {**plan.dense, **_kept_dense(modules, plan.layers)}
     out: dict[str, str] = {}
+    # Every new module is built before the first is swapped in: a failure on a later
+    # layer leaves the model as it was.
+    swaps: list[tuple[str, nn.Module]] = []
     # Attention first: its out_proj is converted inside BlockSparseMultiheadAttention.
     for mod_name, module in modules.items():
         if not isinstance(module, nn.MultiheadAttention):
@@ -930,8 +1148,8 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                 out[w] = f"stays dense-masked: {dense[w]}"
         layouts = {k: plan.current_result(w) for k, w in names.items() if w not in dense}
         if layouts:
-            _replace(model, mod_name, module,
-                     BlockSparseMultiheadAttention(module, **layouts, backend=backend))
+            swaps.append((mod_name, _moved(module, BlockSparseMultiheadAttention(
+                module, **layouts, backend=backend))))
             out.update({names[k]: "BlockSparseMultiheadAttention" for k in layouts})
     for name in plan.layers:
         if name in out:
@@ -952,8 +1170,11 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                                                backend=backend)
         else:
             new = BlockSparseConv2d(r, module, backend=backend)
-        _replace(model, mod_name, module, new)
+        swaps.append((mod_name, _moved(module, new)))
         out[name] = type(new).__name__
+    for mod_name, new in swaps:
+        parent, _, leaf = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
     out.update(disable_nested_tensor(model))
     return out
 
@@ -975,11 +1196,7 @@ def disable_nested_tensor(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _replace(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` in place of submodule ``name`` (``old``), on ``old``'s device."""
+def _moved(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` on ``old``'s device (index buffers are built on the CPU)."""
     ref = next(old.parameters(), None)
-    if ref is not None:
-        new.to(ref.device)      # index buffers are built on the CPU
-    parent = name.rpartition(".")[0]
-    holder = model.get_submodule(parent) if parent else model
-    setattr(holder, name.rpartition(".")[2], new)
+    return new.to(ref.device) if ref is not None else new

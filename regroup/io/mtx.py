@@ -7,13 +7,14 @@ so files from outside are parsed here: ``coordinate`` (``real``, ``integer``, ``
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import FormatError
+from .._validation import FormatError, open_regular
 
 __all__ = ["parse_mtx", "read_mtx"]
 
@@ -100,11 +101,13 @@ def parse_mtx(lines: Iterable[str], *, source: str = "<mtx>",
     return mat, field != "pattern"
 
 
-def read_mtx(path: str | os.PathLike, *, max_elements: int | None = None
-             ) -> tuple[sp.csr_matrix, bool]:
-    """Read a ``.mtx`` file (see :func:`parse_mtx`)."""
+def read_mtx(path: str | os.PathLike, *, max_elements: int | None = None,
+             data: bytes | None = None) -> tuple[sp.csr_matrix, bool]:
+    """Read a ``.mtx`` file (see :func:`parse_mtx`): from ``path`` (a regular file only),
+    or from its bytes ``data`` already read (``path`` then names it in errors)."""
+    raw = open_regular(path, ".mtx file") if data is None else io.BytesIO(data)
     try:
-        with open(path, encoding="ascii") as f:
+        with io.TextIOWrapper(raw, encoding="ascii") as f:
             return parse_mtx(f, source=os.fspath(path), max_elements=max_elements)
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: not a text MatrixMarket file ({exc.reason} at byte "

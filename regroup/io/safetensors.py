@@ -7,6 +7,7 @@ huge allocation; bf16 is widened to float32.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -15,11 +16,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from .._atomic import atomic_write
-from .._validation import FormatError
-from ..provenance import update_digest
+from .._validation import FormatError, open_regular
+from ..provenance import FileRecord, checked_record, sha256_rest, update_digest
 
-__all__ = ["read_safetensors", "safetensors_index", "safetensors_metadata",
-           "write_safetensors", "DTYPES"]
+__all__ = ["read_safetensors", "safetensors_index", "safetensors_record",
+           "safetensors_metadata", "write_safetensors", "DTYPES"]
 
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
           "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
@@ -27,6 +28,18 @@ DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
 _NP_TO_ST = {np.dtype(v).str: k for k, v in DTYPES.items() if k not in ("BF16", "U16")}
 _NP_TO_ST[np.dtype("<u2").str] = "U16"
 MAX_HEADER = 100 * 1024 * 1024
+
+
+class _Hashing:
+    """A read-only view of a binary file that feeds every byte read into ``h``."""
+
+    def __init__(self, f, h) -> None:
+        self.f, self.h = f, h
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
 
 
 def _header(f, path, size: int) -> tuple[dict, int]:
@@ -41,32 +54,36 @@ def _header(f, path, size: int) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: corrupt safetensors header: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: corrupt safetensors header: JSON nested too deeply") \
+            from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n
 
 
-def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple], int]:
-    """The validated header of a ``.safetensors`` file, without reading any tensor:
-    ``{name: (dtype, shape, begin, end)}`` (file order; offsets absolute) and the file size.
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    out: dict[str, tuple] = {}
-    with open(path, "rb") as f:
-        header, start = _header(f, path, size)
+def _int(v) -> int:
+    # JSON integers only: 2.5, 1e400 (inf), true and "3" are refused, not rounded.
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(v)
+    return v
+
+
+def _index(f, path: str, size: int) -> dict[str, tuple]:
+    header, start = _header(f, path, size)
     data_size = size - start
+    out: dict[str, tuple] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = info["dtype"]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(v) for v in info["data_offsets"])
+            shape = [_int(s) for s in info["shape"]]
+            begin, end = (_int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: tensor {name!r} has an invalid header entry") \
                 from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
                               f"(supported: {', '.join(DTYPES)})")
         if any(s < 0 for s in shape):
@@ -78,15 +95,38 @@ def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple], int]:
                               f"has data offsets [{begin}, {end}] inconsistent with the "
                               f"file ({data_size} data bytes)")
         out[name] = (dtype, tuple(shape), start + begin, start + end)
-    return out, size
+    return out
+
+
+def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple], int]:
+    """The validated header of a ``.safetensors`` file, without reading any tensor:
+    ``{name: (dtype, shape, begin, end)}`` (file order; offsets absolute) and the file size.
+    Anything but a regular file is refused before it is opened.
+    """
+    path = os.fspath(path)
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _index(f, path, size), size
+
+
+def safetensors_record(path: str | os.PathLike) -> tuple[dict[str, tuple], FileRecord]:
+    """:func:`safetensors_index` and the file's :class:`~regroup.provenance.FileRecord`
+    (its SHA-256 included) from one pass through one handle: the header hashed as it is
+    parsed, then the data."""
+    path = os.fspath(path)
+    with open_regular(path, "safetensors file") as f:
+        before = os.fstat(f.fileno())
+        h = hashlib.sha256()
+        index = _index(_Hashing(f, h), path, before.st_size)
+        return index, checked_record(f, path, before, sha256_rest(f, h).hexdigest())
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a ``.safetensors`` file's header ({} when absent), checked
     to map strings to strings as the format requires."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        header, _ = _header(f, path, os.path.getsize(path))
+    with open_regular(path, "safetensors file") as f:
+        header, _ = _header(f, path, os.fstat(f.fileno()).st_size)
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
@@ -97,20 +137,28 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 def read_safetensors(path: str | os.PathLike, names=None, *,
                      index: dict[str, tuple] | None = None,
                      digest=None) -> dict[str, np.ndarray]:
-    """Read tensors of a ``.safetensors`` file into numpy arrays (file order kept):
-    all of them, or only ``names`` (one layer at a time for large checkpoints).
-    ``digest`` (a hashlib object) is updated with each tensor's name, header and bytes."""
+    """Read tensors of a ``.safetensors`` file into numpy arrays: all of them (in header
+    order), or only ``names`` (one layer at a time for large checkpoints; in data order,
+    looked up by name, so reading every layer of a file is linear in its tensor count).
+    Names the file lacks are left out. ``digest`` (a hashlib object) is updated with each
+    tensor's name, header and bytes."""
     path = os.fspath(path)
     if index is None:
         index, _ = safetensors_index(path)
-    if names is not None:
-        names = set(names)
-    wanted = index if names is None else {n: index[n] for n in index if n in names}
+    if names is None:
+        wanted = list(index)
+    else:
+        wanted = sorted({n for n in names if n in index},
+                        key=lambda n: (index[n][2], index[n][3], n))
     out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        for name, (dtype, shape, begin, end) in wanted.items():
+    with open_regular(path, "safetensors file") as f:
+        for name in wanted:
+            dtype, shape, begin, end = index[name]
             f.seek(begin)
             raw = f.read(end - begin)
+            if len(raw) != end - begin:
+                raise FormatError(f"{path}: tensor {name!r} is cut short (the file changed "
+                                  "since it was indexed - run again)")
             if digest is not None:
                 update_digest(digest, name, dtype, shape, raw)
             arr = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype])).reshape(shape)

@@ -1,6 +1,7 @@
 """DLMC ``.smtx``: ``nrows, ncols, nnz`` / CSR row offsets / column indices, pattern only."""
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable
@@ -9,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._atomic import atomic_write
-from .._validation import FormatError
+from .._validation import FormatError, open_regular
 
 __all__ = ["parse_smtx", "read_smtx", "write_smtx", "generate_smtx"]
 
@@ -92,9 +93,12 @@ def parse_smtx(lines: Iterable[str], *, source: str = "<smtx>",
     return mat
 
 
-def read_smtx(path: str | os.PathLike, *, max_elements: int | None = None) -> sp.csr_matrix:
-    """Read an ``.smtx`` file (see :func:`parse_smtx`)."""
-    with open(path, encoding="ascii", errors="strict") as f:
+def read_smtx(path: str | os.PathLike, *, max_elements: int | None = None,
+              data: bytes | None = None) -> sp.csr_matrix:
+    """Read an ``.smtx`` file (see :func:`parse_smtx`): from ``path`` (a regular file
+    only), or from its bytes ``data`` already read (``path`` then names it in errors)."""
+    raw = open_regular(path, ".smtx file") if data is None else io.BytesIO(data)
+    with io.TextIOWrapper(raw, encoding="ascii", errors="strict") as f:
         try:
             return parse_smtx(f, source=os.fspath(path), max_elements=max_elements)
         except UnicodeDecodeError as exc:
