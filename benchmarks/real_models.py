@@ -11,8 +11,11 @@ and the same recovery (knowledge distillation from the dense model, block masks 
                       layer as auto keeps (no unstructured step, no permutation)
 - ``dsb``             regroup with DSB's grouping (runtime orders)
 - ``auto``            regroup's portfolio (runtime orders: ``--fold`` folds them)
-- ``auto |w|``        auto ranking blocks by |w| alone (no calibration)
-- ``block magnitude x act``  block magnitude on |w| x input norm
+- ``auto |w|``        auto ranking blocks by |w| alone (no calibration; ``--methods``)
+- ``block magnitude x act``  block magnitude on |w| x input norm (``--methods``)
+
+``--seeds`` repeats everything per seed (the recovery data, dropout and regroup's seed;
+the evaluation data stays fixed) and the tables pair the methods by seed.
 
 With calibration (the default; ``--no-calibration`` turns it off), naive blocks, dsb and
 auto rank blocks by ``|w_ij| * ||x_j||`` (``regroup_model(calibration=...)``, input norms
@@ -21,8 +24,9 @@ measured once on the dense model with the recovery batches, as Wanda does).
 Fidelity to the dense model, before and after recovery:
 
 - MobileNetV2 (torchvision's ImageNet weights), 1x1 convs and classifier pruned by global
-  L1: top-1 agreement with the dense model on random crops of scikit-learn's two bundled
-  photographs (``--eval`` crops, disjoint seeds from the ``--train`` crops).
+  L1: top-1 agreement with the dense model on random crops of the colour photographs
+  bundled in wheels (``zoo.photos``: scikit-learn's, matplotlib's, scikit-image's; ``--eval``
+  crops, other seeds than the ``--train`` crops).
 - BERT (all-MiniLM-L6-v2), every encoder Linear pruned per layer by L1: cosine of the
   mean-pooled, normalised sentence embeddings to the dense model's, on English sentences
   from the standard library's docstrings (split into recovery and evaluation sets).
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -96,7 +101,7 @@ def block_magnitude(model: nn.Module, counts: dict[str, int], block: int,
 
 
 def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: int,
-                 example, fold: bool, counts: dict | None, global_l1: bool,
+                 example, fold: bool, counts: dict | None, global_l1: bool, seed: int = 0,
                  scales: dict | None = None):
     """(model, plan or None) for one method; ``global_l1`` ranks all layers' weights
     together (else each layer is pruned to ``sparsity``); ``scales`` (input norms) rank
@@ -118,7 +123,7 @@ def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: 
     names = [n + ".weight" for n, m in model.named_modules() if any(m is c for c in chosen)]
     plan = regroup_model(model, block=block, method=algo, format="grid", layers=names,
                          mode="fold" if fold and algo == "auto" else "runtime",
-                         example_inputs=example,
+                         example_inputs=example, seed=seed,
                          calibration=None if method == "auto |w|" else scales)
     return model, plan
 
@@ -173,103 +178,115 @@ def speed(model, x, reps=5) -> float:
 
 
 # -- runs --------------------------------------------------------------------------------
-def run_mobilenet(args, rows, lines):
+def _variant_rows(args, seed, build, fidelity, recover_kw, dense, scales, meta, rows):
+    """Build, measure, recover and measure every method of one configuration (one
+    sparsity and block size, one seed); ``build(method, counts)`` -> (model, plan)."""
+    counts = None
+    for method in args.methods:
+        if method.startswith("block magnitude") and counts is None:
+            continue          # needs auto's per-layer block counts: auto runs first
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        model, plan = build(method=method, counts=counts)
+        folded = plan is not None and plan.mode == "fold"
+        kept = {} if folded else mask_metrics(model, dense, scales)
+        plan_s = time.perf_counter() - t0
+        if plan is not None and method == "auto":
+            counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
+        before = fidelity(model)
+        log = recover(model, None, steps=args.steps, **recover_kw)
+        after = fidelity(model)
+        row = {**meta, "method": method, "seed": seed, "before": round(before, 4),
+               "after": round(after, 4), "plan_s": round(plan_s, 1),
+               "recover_s": round(log.seconds, 1), "steps": log.steps, **kept}
+        if plan is not None:
+            row["retained"] = round(float(np.mean([r.metrics["retained"]
+                                                   for r in plan.layers.values()])), 4)
+            row["folded_sides"] = sum(v == "fold" for s in plan.sides.values()
+                                      for v in (s.get("rows"), s.get("cols")))
+        yield row, model, plan
+        rows.append(row)
+        print(row, flush=True)
+
+
+def run_mobilenet(args, rows):
     dense = zoo.mobilenet_v2()
-    train = zoo.photo_crops(args.train, size=args.size, seed=1)
     evals = zoo.photo_crops(args.eval, size=args.size, seed=2)
     with torch.no_grad():
         dense_top1 = torch.cat([dense(evals[i:i + 64]).argmax(-1)
                                 for i in range(0, len(evals), 64)])
-    batches = [train[i:i + args.batch] for i in range(0, len(train), args.batch)]
     example = (evals[:1],)
-    scales = _scales(args, dense, pointwise, batches)
-    targets = teacher_outputs(dense, batches)       # the teacher runs once per batch
-    for sparsity in args.sparsities:
-        counts = None
-        for method in args.methods:
-            if method.startswith("block magnitude") and counts is None:
-                continue          # needs auto's per-layer block counts: auto runs first
-            t0 = time.perf_counter()
-            model, plan = make_variant(dense, pointwise, method, sparsity, 16, example,
-                                       args.fold, counts, global_l1=True,
-                                       scales=scales if args.calibration else None)
-            folded = plan is not None and plan.mode == "fold"
-            kept = {} if folded else mask_metrics(model, dense, scales)
-            plan_s = time.perf_counter() - t0
-            if plan is not None and method == "auto":
-                counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
-            before = top1_agreement(model, dense_top1, evals)
-            log = recover(model, None, batches, steps=args.steps, lr=args.lr_cnn, loss="kl",
-                          temperature=2.0, train_mode=args.bn_train, targets=targets)
-            after = top1_agreement(model, dense_top1, evals)
-            row = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16, "method": method,
-                   "metric": "top-1 agreement", "before": round(before, 4),
-                   "after": round(after, 4), "plan_s": round(plan_s, 1),
-                   "recover_s": round(log.seconds, 1), "steps": log.steps, **kept}
-            if plan is not None:
-                row["retained"] = round(float(np.mean([r.metrics["retained"]
-                                                       for r in plan.layers.values()])), 4)
-                row["folded_sides"] = sum(v == "fold" for s in plan.sides.values()
-                                          for v in (s.get("rows"), s.get("cols")))
-            if method == "auto" and args.speed:
-                x = evals[:args.batch]
-                t_dense = speed(dense, x)
-                bs = copy.deepcopy(model)
-                to_block_sparse(bs, plan, backend="auto")
-                row["speedup"] = round(t_dense / speed(bs, x), 3)
-            rows.append(row)
-            print(row, flush=True)
-    _table(rows, "mobilenet_v2", lines)
+    for seed in args.seeds:
+        # training crops differ per seed (the evaluation crops never change)
+        train = zoo.photo_crops(args.train, size=args.size, seed=1000 + seed)
+        batches = [train[i:i + args.batch] for i in range(0, len(train), args.batch)]
+        scales = _scales(args, dense, pointwise, batches)
+        targets = teacher_outputs(dense, batches)       # the teacher runs once per batch
+        kw = dict(data=batches, lr=args.lr_cnn, loss="kl", temperature=2.0,
+                  train_mode=args.bn_train, targets=targets)
+        for sparsity in args.sparsities:
+            build = functools.partial(make_variant, dense, pointwise, sparsity=sparsity,
+                                      block=16, example=example, fold=args.fold,
+                                      global_l1=True, seed=seed,
+                                      scales=scales if args.calibration else None)
+            meta = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16,
+                    "metric": "top-1 agreement"}
+            for row, model, plan in _variant_rows(
+                    args, seed, build, lambda m: top1_agreement(m, dense_top1, evals), kw,
+                    dense, scales, meta, rows):
+                if row["method"] == "auto" and args.speed:
+                    x = evals[:args.batch]
+                    t_dense = speed(dense, x)
+                    bs = copy.deepcopy(model)
+                    to_block_sparse(bs, plan, backend="auto")
+                    row["speedup"] = round(t_dense / speed(bs, x), 3)
 
 
-def run_bert(args, rows, lines):
+def _by_length(tok, sentences):
+    """Sentences sorted by token count (batches pad to their longest: sorted, much less)."""
+    lengths = [len(ids) for ids in tok(sentences, truncation=True, max_length=128)["input_ids"]]
+    return [sentences[i] for i in np.argsort(lengths, kind="stable")]
+
+
+def run_bert(args, rows):
     dense, tok = zoo.minilm()
     sentences = zoo.english_sentences(args.sentences)
     half = len(sentences) // 2
-    train, evals = sentences[:half], sentences[half:]
+    train, evals = sentences[:half], _by_length(tok, sentences[half:])
     with torch.no_grad():
         dense_emb = zoo.sentence_embeddings(dense, tok, evals)
-    batches = [dict(tok(train[i:i + args.batch], padding=True, truncation=True,
-                        max_length=128, return_tensors="pt"))
-               for i in range(0, len(train), args.batch)]
-    example = (batches[0]["input_ids"][:2],)
-    scales = _scales(args, dense, encoder_linears, batches)
-    targets = teacher_outputs(dense, batches)
     done_unstructured = set()
-    for block in args.blocks:
-        for sparsity in args.bert_sparsities:
-            counts = None
-            for method in args.methods:
-                if method.startswith("block magnitude") and counts is None:
-                    continue
-                if method == "unstructured":
-                    if sparsity in done_unstructured:
-                        continue          # the same model at every block size
-                    done_unstructured.add(sparsity)
-                t0 = time.perf_counter()
-                model, plan = make_variant(dense, encoder_linears, method, sparsity, block,
-                                           example, args.fold, counts, global_l1=False,
-                                           scales=scales if args.calibration else None)
-                folded = plan is not None and plan.mode == "fold"
-                kept = {} if folded else mask_metrics(model, dense, scales)
-                plan_s = time.perf_counter() - t0
-                if plan is not None and method == "auto":
-                    counts = {n: int(r.metrics["kept_blocks"]) for n, r in plan.layers.items()}
-                before = embedding_cosine(model, tok, evals, dense_emb)
-                log = recover(model, None, batches, steps=args.steps, lr=args.lr_bert,
-                              targets=targets)
-                after = embedding_cosine(model, tok, evals, dense_emb)
-                row = {"model": "minilm", "sparsity": sparsity, "block": block,
-                       "method": method, "metric": "embedding cosine",
-                       "before": round(before, 4), "after": round(after, 4),
-                       "plan_s": round(plan_s, 1), "recover_s": round(log.seconds, 1),
-                       "steps": log.steps, **kept}
-                if plan is not None:
-                    row["retained"] = round(float(np.mean([r.metrics["retained"]
-                                                           for r in plan.layers.values()])), 4)
-                rows.append(row)
-                print(row, flush=True)
-    _table(rows, "minilm", lines)
+    for seed in args.seeds:
+        # each seed shuffles the recovery sentences, then sorts each run of 8 batches by
+        # length (little padding, different batches per seed)
+        order = np.random.default_rng(seed).permutation(len(train))
+        group = 8 * args.batch
+        shuffled = [s for i in range(0, len(order), group)
+                    for s in _by_length(tok, [train[j] for j in order[i:i + group]])]
+        batches = [dict(tok(shuffled[i:i + args.batch], padding=True, truncation=True,
+                            max_length=128, return_tensors="pt"))
+                   for i in range(0, len(shuffled), args.batch)]
+        example = (batches[0]["input_ids"][:2],)
+        scales = _scales(args, dense, encoder_linears, batches)
+        targets = teacher_outputs(dense, batches)
+        kw = dict(data=batches, lr=args.lr_bert, targets=targets)
+        for block in args.blocks:
+            for sparsity in args.bert_sparsities:
+                methods = args.methods
+                if (sparsity, seed) in done_unstructured:    # the same model at every block
+                    methods = [m for m in methods if m != "unstructured"]
+                done_unstructured.add((sparsity, seed))
+                build = functools.partial(make_variant, dense, encoder_linears,
+                                          sparsity=sparsity, block=block, example=example,
+                                          fold=args.fold, global_l1=False, seed=seed,
+                                          scales=scales if args.calibration else None)
+                meta = {"model": "minilm", "sparsity": sparsity, "block": block,
+                        "metric": "embedding cosine"}
+                sub = argparse.Namespace(**{**vars(args), "methods": methods})
+                for _ in _variant_rows(sub, seed, build,
+                                       lambda m: embedding_cosine(m, tok, evals, dense_emb),
+                                       kw, dense, scales, meta, rows):
+                    pass
 
 
 def _scales(args, dense, layers, batches):
@@ -279,20 +296,58 @@ def _scales(args, dense, layers, batches):
     return input_scales(dense, batches, names)
 
 
+STATS = ("retained", "kept |w|", "kept act^2", "dead rows", "dead cols", "before", "after",
+         "recover_s")
+
+
 def _table(rows, model, lines):
-    lines += [f"### {model}", "",
+    """Per configuration and method: means over the seeds (after: mean +- sd), then auto's
+    paired differences (same seed) to every other method."""
+    rows = [r for r in rows if r["model"] == model]
+    if not rows:
+        return
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [f"### {model} ({len(seeds)} seed{'s' * (len(seeds) > 1)}: "
+              f"{', '.join(map(str, seeds))})", "",
               "| sparsity | block | method | mean retained | kept abs w | kept act^2 | "
-              "dead rows | dead cols | before recovery | after | recovery s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["model"] == model:
-            method = r["method"].replace("|", "\\|")        # "auto |w|" in a table
-            lines.append(f"| {r['sparsity']} | {r['block']} | {method} | "
-                         f"{r.get('retained', '')} | {r.get('kept |w|', '')} | "
-                         f"{r.get('kept act^2', '')} | {r.get('dead rows', '')} | "
-                         f"{r.get('dead cols', '')} | {r['before']:.4f} | {r['after']:.4f} | "
-                         f"{r['recover_s']} |")
+              "dead rows | dead cols | before recovery | after | after sd | recovery s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    configs = sorted({(r["sparsity"], r["block"]) for r in rows})
+    for sparsity, block in configs:
+        here = [r for r in rows if (r["sparsity"], r["block"]) == (sparsity, block)
+                or (r["method"] == "unstructured" and r["sparsity"] == sparsity)]
+        for method in dict.fromkeys(r["method"] for r in here):
+            mine = [r for r in here if r["method"] == method]
+            mean = {k: _mean([r.get(k) for r in mine]) for k in STATS}
+            sd = float(np.std([r["after"] for r in mine], ddof=1)) if len(mine) > 1 else None
+            lines.append(f"| {sparsity} | {block} | {method.replace('|', chr(92) + '|')} | "
+                         + " | ".join(_fmt(mean[k]) for k in STATS[:-1]) + " | "
+                         + (_fmt(sd) if sd is not None else "") + f" | {mean['recover_s']:.1f} |")
+    lines += ["", "auto's lead after recovery, paired by seed (mean; min and max over seeds):",
+              "", "| sparsity | block | vs | mean | min | max |", "|---|---|---|---|---|---|"]
+    for sparsity, block in configs:
+        auto = {r["seed"]: r["after"] for r in rows if r["method"] == "auto"
+                and (r["sparsity"], r["block"]) == (sparsity, block)}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            if method == "auto":
+                continue
+            other = {r["seed"]: r["after"] for r in rows if r["method"] == method
+                     and r["sparsity"] == sparsity
+                     and (r["block"] == block or method == "unstructured")}
+            diff = [auto[s] - other[s] for s in auto if s in other]
+            if diff:
+                lines.append(f"| {sparsity} | {block} | {method.replace('|', chr(92) + '|')} | "
+                             f"{np.mean(diff):+.4f} | {min(diff):+.4f} | {max(diff):+.4f} |")
     lines.append("")
+
+
+def _mean(values):
+    values = [v for v in values if v not in (None, "")]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(v):
+    return "" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def main(argv=None) -> int:
@@ -302,13 +357,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bert-sparsities", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="subset of " + ", ".join(METHODS) + " (block magnitude needs auto)")
-    ap.add_argument("--steps", type=int, default=100)
+                    help="subset of " + ", ".join(METHODS) + " (default: the first five; "
+                    "block magnitude needs auto)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="recovery data order, dropout and regroup's seed (paired)")
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=160, help="crop size (MobileNetV2)")
-    ap.add_argument("--train", type=int, default=1024)
+    ap.add_argument("--size", type=int, default=112, help="crop size (MobileNetV2)")
+    ap.add_argument("--train", type=int, default=640)
     ap.add_argument("--eval", type=int, default=2000)
-    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--sentences", type=int, default=1200)
     ap.add_argument("--lr-cnn", type=float, default=1e-3)
     ap.add_argument("--bn-eval", dest="bn_train", action="store_false",
                     help="recover MobileNetV2 with BatchNorm in eval mode (default: train)")
@@ -324,20 +382,27 @@ def main(argv=None) -> int:
         args.sparsities, args.bert_sparsities, args.blocks = [0.9], [0.8], [32]
         args.steps, args.train, args.eval, args.sentences, args.size = 2, 16, 32, 64, 96
         args.batch = 8
+        args.methods = args.methods or list(METHODS)
+    unknown = set(args.methods or ()) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     if args.methods is not None and any(m.startswith("block magnitude") for m in args.methods) \
             and "auto" not in args.methods:
         ap.error("--methods: 'block magnitude' takes its block counts from 'auto'")
     if args.methods is not None:      # auto first: block magnitude needs its counts
-        args.methods = sorted(args.methods, key=lambda m: m != "auto")
+        args.methods = sorted(dict.fromkeys(args.methods), key=lambda m: m != "auto")
     else:
-        args.methods = ["unstructured", "naive blocks", "dsb", "auto", "auto |w|",
-                        "block magnitude", "block magnitude x act"]
-    torch.manual_seed(0)
+        args.methods = ["unstructured", "auto", "naive blocks", "block magnitude", "dsb"]
+    t0 = time.perf_counter()
     rows, lines = [], []
     if args.model in ("bert", "all"):
-        run_bert(args, rows, lines)
+        run_bert(args, rows)
+        _table(rows, "minilm", lines)
     if args.model in ("mobilenet", "all"):
-        run_mobilenet(args, rows, lines)
+        run_mobilenet(args, rows)
+        _table(rows, "mobilenet_v2", lines)
+    lines.append(f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min; photographs: "
+                 f"{', '.join(zoo.photos())}.")
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                   if k in rows[0] else 99)
     rows = [{k: r.get(k, "") for k in keys} for r in rows]

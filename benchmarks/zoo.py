@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 __all__ = ["mobilenet_v2", "mobilenet_v2_weights", "minilm", "minilm_dir",
-           "minilm_torch_encoder", "sentence_embeddings", "photo_crops", "english_sentences"]
+           "minilm_torch_encoder", "sentence_embeddings", "photos", "photo_crops",
+           "english_sentences"]
 
 
 # -- MobileNetV2 (torchvision layout) ----------------------------------------------------
@@ -176,20 +177,53 @@ def minilm_torch_encoder(layers: int | None = None) -> nn.TransformerEncoder:
 
 
 # -- real data ---------------------------------------------------------------------------
-def photo_crops(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """``n`` random crops (ImageNet-normalised, (n, 3, size, size)) of scikit-learn's two
-    bundled photographs, resized at random scales and flipped at random."""
+# Colour photographs shipped inside wheels: scikit-learn's two sample images (always),
+# matplotlib's portrait of Grace Hopper and scikit-image's colour photos (read as files:
+# scikit-image is installed with --no-deps and never imported).
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
+                  "motorcycle_left.png", "rocket.jpg")
+
+
+def photos() -> dict[str, torch.Tensor]:
+    """The bundled colour photographs found on this machine, name -> (3, H, W) in [0, 1],
+    in a fixed order (scikit-learn's first)."""
+    import importlib.util
+
+    import numpy as np
     from sklearn.datasets import load_sample_images
+    sample = load_sample_images()
+    found = {Path(f).stem: im for f, im in zip(sample.filenames, sample.images)}
+    files = []
+    mpl = importlib.util.find_spec("matplotlib")
+    if mpl is not None and mpl.submodule_search_locations:
+        files.append(Path(mpl.submodule_search_locations[0]) / "mpl-data" / "sample_data"
+                     / "grace_hopper.jpg")
+    ski = importlib.util.find_spec("skimage")
+    if ski is not None and ski.submodule_search_locations:
+        files += [Path(ski.submodule_search_locations[0]) / "data" / f for f in SKIMAGE_PHOTOS]
+    if any(f.is_file() for f in files):
+        from PIL import Image
+        for f in files:
+            if f.is_file():
+                with Image.open(f) as im:
+                    found[f.stem] = np.asarray(im.convert("RGB"))
+    return {k: torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255
+            for k, v in found.items()}
+
+
+def photo_crops(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """``n`` random crops (ImageNet-normalised, (n, 3, size, size)) of the bundled
+    photographs (:func:`photos`, taken in turn), resized at random scales and flipped at
+    random."""
     gen = torch.Generator().manual_seed(seed)
-    photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255
-              for im in load_sample_images().images]
+    pics = list(photos().values())
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     out = torch.empty(n, 3, size, size)
     for i in range(n):
-        im = photos[i % len(photos)]
+        im = pics[i % len(pics)]
         h, w = im.shape[1:]
-        side = int(torch.randint(size, min(h, w) + 1, (1,), generator=gen))
+        side = int(torch.randint(min(size, h, w), min(h, w) + 1, (1,), generator=gen))
         top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
         left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
         crop = im[None, :, top:top + side, left:left + side]

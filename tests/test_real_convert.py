@@ -259,3 +259,22 @@ def test_a_plan_for_another_model_or_a_converted_one_changes_nothing(encoder):
     with pytest.raises(RegroupError, match="'layers.0.self_attn.in_proj_weight' is already a "
                                            "BlockSparseMultiheadAttention"):
         to_block_sparse(model, encoder.plan)
+
+
+def test_bundled_photographs_are_real_and_distinct(zoo, real_mobilenet):
+    """real_models' evaluation crops: colour photographs from three wheels, each a different
+    ImageNet subject to the dense MobileNetV2 (so top-1 agreement is not one label)."""
+    photos = zoo.photos()
+    assert {"china", "flower"} <= set(photos)          # scikit-learn's, always there
+    for name, im in photos.items():
+        assert im.dim() == 3 and im.shape[0] == 3 and min(im.shape[1:]) >= 256, name
+        assert 0.0 <= float(im.min()) and float(im.max()) <= 1.0, name
+        assert float(im.std()) > 0.05, name            # a photograph, not a flat image
+    crops = zoo.photo_crops(2 * len(photos), size=112, seed=0)
+    assert crops.shape == (2 * len(photos), 3, 112, 112) and torch.isfinite(crops).all()
+    assert torch.equal(crops, zoo.photo_crops(2 * len(photos), size=112, seed=0))
+    with torch.no_grad():
+        labels = real_mobilenet()(crops).argmax(-1)
+    # crop i shows photo i % len(photos): most photos get their own label
+    per_photo = [set(labels[i::len(photos)].tolist()) for i in range(len(photos))]
+    assert len(set.union(*per_photo)) >= min(len(photos), 6) - 1, per_photo
