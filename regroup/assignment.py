@@ -19,15 +19,21 @@ only ``k`` sinks, far fewer than the ``n`` items, and this module solves it that
   objective, about 10x faster.
 - :func:`assign_greedy`: pairs by decreasing value, each taken while the item is free and
   the group has room. Not optimal; :func:`assign` starts from it when given no start.
+- :func:`assign_within`: :func:`assign` with a bound on its work (cells of the value and
+  gain tables visited, counted, so the bound is deterministic): it stops between two
+  improving steps once the bound is spent, and says so. Many groups (a tall matrix in
+  small blocks) can otherwise take thousands of cycles of ``O(k^2)`` each.
 
 Both return ``perm`` with ``perm[slot] = item`` (items of group 0 first, each group's
 items in increasing index order), as the orders elsewhere in regroup.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["assign", "assign_greedy", "group_sizes"]
+__all__ = ["assign", "assign_within", "Assigned", "assign_greedy", "group_sizes"]
 
 
 def group_sizes(n: int, size: int) -> np.ndarray:
@@ -153,9 +159,10 @@ def _predecessor_cycle(pred: np.ndarray, node: int) -> list[int] | None:
     return walk[seen[node]:][::-1]
 
 
-def _positive_cycle(gain: np.ndarray, eps: float) -> list[int] | None:
+def _positive_cycle(gain: np.ndarray, eps: float) -> tuple[list[int] | None, int]:
     """A cycle of total gain > 0 in the complete digraph with edge gains ``gain`` (as
-    node list, edges node[j] -> node[j + 1] and back to node[0]), or None.
+    node list, edges node[j] -> node[j + 1] and back to node[0]), or None; and the
+    number of Bellman-Ford rounds it took (each visits the k x k gains).
 
     Bellman-Ford for the longest paths from a virtual source joined to every node. A
     cycle in the predecessor graph has positive gain, so each round checks for one
@@ -165,19 +172,27 @@ def _positive_cycle(gain: np.ndarray, eps: float) -> list[int] | None:
     dist = np.zeros(k)
     pred = np.full(k, -1, np.intp)
     cols = np.arange(k)
-    for _ in range(k + 1):
+    for rounds in range(1, k + 2):
         through = dist[:, None] + gain
         arg = through.argmax(axis=0)
         reach = through[arg, cols]
         up = reach > dist + eps
         if not up.any():
-            return None
+            return None, rounds
         dist = np.where(up, reach, dist)
         pred = np.where(up, arg, pred)
         cycle = _predecessor_cycle(pred, int(np.flatnonzero(up)[0]))
         if cycle is not None:
-            return cycle
+            return cycle, rounds
     raise AssertionError("Bellman-Ford: distances rose for k + 1 rounds without a cycle")
+
+
+class Assigned(NamedTuple):
+    """What :func:`assign_within` returns."""
+
+    perm: np.ndarray    # perm[slot] = item
+    work: int           # cells of the value and gain tables visited
+    optimal: bool       # False: stopped when the work bound was spent
 
 
 def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np.ndarray:
@@ -186,6 +201,15 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
 
     ``start`` (an order in the same form, e.g. the current one) is where the search
     begins (default: the greedy order); the result is never worse than it."""
+    return assign_within(values, size, start).perm
+
+
+def assign_within(values: np.ndarray, size: int, start: np.ndarray | None = None, *,
+                  work_limit: int | None = None) -> Assigned:
+    """:func:`assign`, stopping between two improving steps once ``work_limit`` cells of
+    the value and gain tables have been visited (None: no bound, always optimal). The
+    work is counted, not timed, so where it stops does not depend on the machine. The
+    order returned is never worse than ``start``."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 2 or not np.isfinite(values).all():
         raise ValueError("The 'values' parameter of assign must be a 2-D array of finite "
@@ -198,17 +222,24 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
     # was measured no faster on DLMC's refinement steps.
     perm = (assign_greedy(values, size) if start is None
             else np.array(start, dtype=np.intp, copy=True))
+    work = n * k
     if k < 2:
-        return _order(_groups(perm, size))
+        return Assigned(_order(_groups(perm, size)), work, True)
     slot_of = np.empty(n, np.intp)
     slot_of[perm] = np.arange(n)
     # Gains below this are rounding noise, not improvements; it also bounds the number of
     # cycles, as each one raises the total by more than it.
     eps = 8 * np.finfo(float).eps * max(float(np.abs(values).max()), 1.0)
     best, item = _best_moves(values, perm, size)
+    work += n * k
+    optimal = True
     while True:
+        if work_limit is not None and work >= work_limit:
+            optimal = False
+            break
         # Swaps first (many at once, disjoint), then one longer cycle at a time.
         pairs = _positive_swaps(best, eps)
+        work += k * k
         if pairs:
             touched = [g for pair in pairs for g in pair]
             ps, qs = np.array(pairs).T
@@ -217,7 +248,8 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
             perm[slot_a], perm[slot_b] = b, a
             slot_of[a], slot_of[b] = slot_b, slot_a
         else:
-            cycle = _positive_cycle(best, eps)
+            cycle, rounds = _positive_cycle(best, eps)
+            work += rounds * k * k
             if cycle is None:
                 break
             heads = cycle[1:] + cycle[:1]
@@ -231,4 +263,5 @@ def assign(values: np.ndarray, size: int, start: np.ndarray | None = None) -> np
             slot_of[moved] = slots
             touched = cycle
         _update_moves(values, perm, size, touched, best, item)
-    return _order(_groups(perm, size))
+        work += len(touched) * size * k
+    return Assigned(_order(_groups(perm, size)), work, optimal)

@@ -288,6 +288,9 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
     if not scored:   # identity is a member of every portfolio and cannot fail
         raise RegroupError(f"{pattern.describe()}: every candidate of {opts.method!r} failed")
     do_refine = opts.refines
+    # Why a size bound left part of the search out (regroup.refine.step_bounds): recorded
+    # in metrics["bounds"], never silent.
+    notes: list[str] = []
 
     def finish(cand: str, lay: Layout) -> tuple[float, Layout]:
         """A candidate as a direct run of its method leaves it: full column step (grid;
@@ -300,7 +303,8 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
         start = lay.kept_mass / total
         if do_refine:
             lay = local_search(V, lay, budget, nnz, rows=row_perm is None,
-                               cols=col_perm is None, time_limit=opts.time_limit)
+                               cols=col_perm is None, time_limit=opts.time_limit,
+                               notes=notes)
         return start, lay
 
     refined: dict[str, float] = {}
@@ -331,7 +335,7 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
             cols = clustered_columns(V, lay.row_perm, block[0], block[1])
             alt = local_search(V, build_layout(V, lay.row_perm, cols, block, format, budget,
                                                nnz), budget, nnz, rows=row_perm is None,
-                               time_limit=opts.time_limit)
+                               time_limit=opts.time_limit, notes=notes)
             polish_gain = max(alt.kept_mass - lay.kept_mass, 0.0) / total
             if alt.kept_mass > lay.kept_mass:
                 lay = alt
@@ -352,7 +356,7 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
         if lay.kept_mass > before and do_refine:
             # Annealing moved the rows; refinement re-fits the columns and tiles to them.
             lay = local_search(V, lay, budget, nnz, cols=col_perm is None,
-                               time_limit=opts.time_limit)
+                               time_limit=opts.time_limit, notes=notes)
         anneal_gain = (lay.kept_mass - before) / total
     metrics = layer_metrics(pattern, lay, identity)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),
@@ -361,6 +365,8 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
         metrics["anneal_gain"] = anneal_gain
     if said:
         metrics["warnings"] = said
+    if notes:
+        metrics["bounds"] = notes
     if spec.portfolio:
         metrics["candidates"] = scores
         if refined:

@@ -4,6 +4,17 @@
 ``(task index, value)`` as tasks finish. Every task depends only on its own input and
 the seed, so the order of completion never changes a result. Workers get the largest
 tasks first (by ``costs``), so that no worker ends alone with a big layer.
+
+A dask scheduler given by address must answer within dask's connect timeout
+(``distributed.comm.timeouts.connect``, default 30 s; set it with the environment variable
+``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=10s``): one that accepts the connection and
+never answers, or answers with something other than dask's protocol, is a
+:class:`RegroupError` naming the address, never a hang.
+
+Worker processes never import from the current directory: on Python >= 3.11 through
+``PYTHONSAFEPATH``; on 3.10, where that variable does not exist, the interpreters that
+multiprocessing starts (spawned workers, dask's nannies' workers, the resource tracker) run
+in isolated mode (``-I``), and take this process's import path once started.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ from typing import Any
 from ._validation import RegroupError, missing_dependency
 
 __all__ = ["ENGINES", "execute", "capped_threads", "thread_limit", "THREADS_VARIABLE",
-           "exit_with_parent", "child_sys_path"]
+           "exit_with_parent", "child_sys_path", "connect_scheduler", "connect_timeout"]
 
 ENGINES = ("local", "dask")
 _THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("regroup_threads",
@@ -27,6 +38,8 @@ _THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("regroup_t
 
 # A partitioner's subprocess (--time-limit) inherits its parent's cap through this.
 THREADS_VARIABLE = "REGROUP_THREADS"
+# Seconds past dask's connect timeout before a scheduler that has not answered is given up.
+CONNECT_GRACE = 2.0
 
 
 def thread_limit() -> int:
@@ -94,16 +107,41 @@ def _no_cwd_imports() -> Iterator[None]:
     ``python -c`` bootstrap of a spawned worker (and of multiprocessing's resource
     tracker) from putting the current directory first on its path before it takes this
     process's path; the variable is restored afterwards, so this process's later children
-    are not affected."""
+    are not affected. Python 3.10 ignores the variable: there the interpreters
+    multiprocessing starts get ``-I`` (:func:`_isolated_interpreters`)."""
     old = os.environ.get("PYTHONSAFEPATH")
     os.environ["PYTHONSAFEPATH"] = "1"
     try:
-        yield
+        with _isolated_interpreters() if sys.version_info < (3, 11) else \
+                contextlib.nullcontext():
+            yield
     finally:
         if old is None:
             os.environ.pop("PYTHONSAFEPATH", None)
         else:
             os.environ["PYTHONSAFEPATH"] = old
+
+
+@contextlib.contextmanager
+def _isolated_interpreters() -> Iterator[None]:
+    """Python 3.10: the interpreters multiprocessing starts (spawned workers, the resource
+    tracker, a forkserver: all through ``multiprocessing.util._args_from_interpreter_flags``)
+    get ``-I``, so their ``-c`` bootstrap, which imports pickle, socket, subprocess ... before
+    it takes this process's ``sys.path``, never finds them in the current directory. Once
+    started, a spawned worker's path is this process's (multiprocessing's ``prepare``), so
+    ``-I`` ignoring ``PYTHONPATH`` does not matter."""
+    import multiprocessing.util as mp_util
+    original = mp_util._args_from_interpreter_flags
+
+    def isolated_flags() -> list[str]:
+        flags = original()
+        return flags if "-I" in flags else ["-I", *flags]
+
+    mp_util._args_from_interpreter_flags = isolated_flags
+    try:
+        yield
+    finally:
+        mp_util._args_from_interpreter_flags = original
 
 
 def _largest_first(costs: Sequence[int]) -> list[int]:
@@ -176,9 +214,14 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], *, jobs: int = 1,
 
 
 def _name_the_task(exc: BaseException, where: str, label: str) -> None:
-    """Say which layer an unexpected error came from (regroup's own errors name it)."""
+    """Say which layer an unexpected error came from (regroup's own errors name it), as a
+    note (``__notes__``, which Python 3.10 has no ``add_note`` for)."""
     if not isinstance(exc, RegroupError):
-        exc.add_note(f"{where}: while regrouping layer {label!r}")
+        note = f"{where}: while regrouping layer {label!r}"
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]
 
 
 def _worker_died(where: str, layers: list[str]) -> RegroupError:
@@ -203,6 +246,53 @@ def _execute_dask(fn, tasks, jobs, scheduler, costs, labels, where):
         yield from _run_on_dask(fn, tasks, jobs, scheduler, costs, labels, where)
 
 
+def connect_timeout() -> float:
+    """Seconds a dask scheduler has to answer: dask's ``distributed.comm.timeouts.connect``
+    (default 30 s; ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT`` in the environment)."""
+    import dask
+    from dask.utils import parse_timedelta
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+
+
+def connect_scheduler(address: str, where: str = "") -> Any:
+    """A ``distributed.Client`` connected to the scheduler at ``address``, or a
+    :class:`RegroupError` naming the address within :func:`connect_timeout` seconds (plus
+    ``CONNECT_GRACE``).
+
+    distributed's own timeout covers the TCP connection but not every read of its
+    handshake: a server that accepts and never answers kept ``Client()`` waiting forever,
+    and one that answers with other bytes raised ValueError or a MemoryError (frame sizes
+    read from garbage). The client is therefore started in a daemon thread that is given
+    up on at the deadline; every failure becomes a RegroupError."""
+    from distributed import Client
+    timeout = connect_timeout()
+    box: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            box["client"] = Client(address, timeout=timeout)
+        except BaseException as exc:   # reported below, in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=start, name="regroup-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + CONNECT_GRACE)
+    prefix = f"{where}: " if where else ""
+    if thread.is_alive():
+        raise RegroupError(
+            f"{prefix}dask scheduler {address!r} did not answer within {timeout:g} s "
+            "(it accepted the connection, or is unreachable); check the --scheduler address, "
+            "or raise dask's distributed.comm.timeouts.connect "
+            "(DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT)")
+    error = box.get("error")
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        raise error
+    if error is not None:
+        raise RegroupError(f"{prefix}cannot use dask scheduler {address!r}: "
+                           f"{type(error).__name__}: {error}") from None
+    return box["client"]
+
+
 def _run_on_dask(fn, tasks, jobs, scheduler, costs, labels, where):
     from distributed import Client, KilledWorker, LocalCluster, as_completed
     cluster = None
@@ -216,7 +306,7 @@ def _run_on_dask(fn, tasks, jobs, scheduler, costs, labels, where):
             cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
                                    dashboard_address=None)
         threads = max(1, (os.cpu_count() or 1) // jobs)
-    client = Client(scheduler if scheduler is not None else cluster)
+    client = Client(cluster) if scheduler is None else connect_scheduler(scheduler, where)
     try:
         order = _largest_first(costs)
         futures = [client.submit(capped_threads, fn, *tasks[i], threads=threads,

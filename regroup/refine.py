@@ -11,6 +11,12 @@ Block-coordinate ascent with exact sub-steps:
 
 Each step can only keep or raise the objective, so the search never ends below its start;
 it stops when a round gains nothing or the time limit is reached.
+
+Bounds (tall or thin matrices in small blocks have many panels): a step whose value table
+(rows x row panels, or columns x column groups) has more than ``MAX_STEP_CELLS`` cells is
+left out, and the assignments of one :func:`refine` call stop once they have visited
+``REFINE_WORK`` cells (counted, so deterministic). Either is said in ``notes`` (the engine
+records them in the layer's ``metrics["bounds"]``); neither happens on the DLMC matrices.
 """
 from __future__ import annotations
 
@@ -20,10 +26,18 @@ from collections.abc import Collection, Hashable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .assignment import assign
+from .assignment import Assigned, assign_within
 from .blocks import Budget, Layout, build_layout, positions
 
-__all__ = ["refine", "refine_shared"]
+__all__ = ["refine", "refine_shared", "step_bounds", "MAX_STEP_CELLS", "REFINE_WORK"]
+
+# A step's value table and the assignment's working copies of it (about five) must stay
+# small: 2**24 cells is 128 MiB a copy. 65536 rows in panels of 16 would need 2**28.
+MAX_STEP_CELLS = 1 << 24
+# Cells the assignments of one refine() call may visit (their work, counted): 6-12 s on
+# 2 cores (11-23 ns a cell measured); the largest DLMC refinement measured visits 1.25e8,
+# a quarter of it (rn50 final_dense, b=16).
+REFINE_WORK = 1 << 29
 
 
 def _panel_column_indicator(lay: Layout, m: int) -> sp.csr_matrix:
@@ -58,17 +72,42 @@ def _col_values(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
     return _group_sums(coo, 1, lay.row_perm, lay.block_shape[0]) @ lay.kept.astype(float)
 
 
-def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
-    return assign(_row_values(V, coo, lay), lay.block_shape[0], start=lay.row_perm)
+def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout, work: int) -> Assigned:
+    return assign_within(_row_values(V, coo, lay), lay.block_shape[0], start=lay.row_perm,
+                         work_limit=work)
 
 
-def _cols_step(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
-    return assign(_col_values(coo, lay), lay.block_shape[1], start=lay.col_perm)
+def _cols_step(coo: sp.coo_matrix, lay: Layout, work: int) -> Assigned:
+    return assign_within(_col_values(coo, lay), lay.block_shape[1], start=lay.col_perm,
+                         work_limit=work)
+
+
+def step_bounds(shape: tuple[int, int], block: tuple[int, int], fmt: str
+                ) -> dict[str, str]:
+    """The refinement steps left out for size, ``{"rows" or "cols": why}``: those whose
+    value table (items x groups) has more than ``MAX_STEP_CELLS`` cells."""
+    out = {}
+    sides = (("rows", shape[0], block[0], "row panels"),
+             ("cols", shape[1], block[1], "column groups"))
+    for step, items, size, groups in sides:
+        if step == "cols" and fmt != "grid":
+            continue                         # shuffled panels pick their own columns
+        k = -(-items // size)
+        if items * k > MAX_STEP_CELLS:
+            out[step] = (f"refine: the {step} step is left out: {items} {step} x {k} "
+                         f"{groups} = {items * k} cells, above the limit of "
+                         f"{MAX_STEP_CELLS} (regroup.refine.MAX_STEP_CELLS)")
+    return out
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None and text not in notes:
+        notes.append(text)
 
 
 def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
            time_limit: float | None = None, max_rounds: int = 20,
-           rows: bool = True, cols: bool = True) -> Layout:
+           rows: bool = True, cols: bool = True, notes: list[str] | None = None) -> Layout:
     """Improve ``layout`` for the objective ``V`` (values = mass) under ``budget``.
 
     Returns a layout whose kept mass is >= the input's (the input itself when nothing
@@ -76,6 +115,8 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
     stops it between steps, which makes the result depend on the machine's speed.
     ``rows`` / ``cols`` False keep that order fixed (a permutation folded into a
     neighbouring layer must not move); only the kept blocks are re-picked then.
+    Steps above ``MAX_STEP_CELLS`` are left out and the work stops at ``REFINE_WORK``
+    (:func:`step_bounds`); why is appended to ``notes`` when given.
     """
     V = sp.csr_matrix(V)
     coo = V.tocoo()
@@ -83,24 +124,37 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
     block = layout.block_shape
     deadline = None if time_limit is None else time.perf_counter() + time_limit
     best, best_score = layout, layout.kept_mass
+    wanted = (["rows"] if rows else []) + (["cols"] if cols and layout.format == "grid"
+                                           else [])
+    bounded = step_bounds((n, m), block, layout.format)
+    for step in wanted:
+        if step in bounded:
+            _note(notes, bounded[step])
+    steps = [step for step in wanted if step not in bounded]
+    work = REFINE_WORK
     for _ in range(max_rounds):
         improved = False
-        steps = (["rows"] if rows else []) + (["cols"] if cols and layout.format == "grid"
-                                              else [])
         if not steps:
             break
         for step in steps:
             if deadline is not None and time.perf_counter() > deadline:
                 return best
             if step == "rows":
-                cand = build_layout(coo, _rows_step(V, coo, best), best.col_perm, block,
-                                    best.format, budget, nnz)
+                done = _rows_step(V, coo, best, work)
+                cand = build_layout(coo, done.perm, best.col_perm, block, best.format,
+                                    budget, nnz)
             else:
-                cand = build_layout(coo, best.row_perm, _cols_step(coo, best), block,
-                                    best.format, budget, nnz)
+                done = _cols_step(coo, best, work)
+                cand = build_layout(coo, best.row_perm, done.perm, block, best.format,
+                                    budget, nnz)
+            work -= done.work
             score = cand.kept_mass
             if score > best_score * (1 + 1e-12) + 1e-12:
                 best, best_score, improved = cand, score, True
+            if work <= 0:
+                _note(notes, f"refine: stopped when its work bound was spent ({REFINE_WORK} "
+                             "cells visited by its assignments, regroup.refine.REFINE_WORK)")
+                return best
         if not improved:
             break
     return best
@@ -109,7 +163,8 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
 def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
                   rows: Sequence[Hashable | None], cols: Sequence[Hashable | None], *,
                   frozen: Collection[Hashable] = (), max_rounds: int = 10,
-                  time_limit: float | None = None) -> list[Layout]:
+                  time_limit: float | None = None, notes: list[str] | None = None
+                  ) -> list[Layout]:
     """Improve orders that several layers share (a hidden dimension folded into all of
     them), for the sum of the layers' retained fractions.
 
@@ -127,6 +182,10 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
     layer re-picks its blocks, and a layer's own sides are refined after it. A step is
     kept only when the sum rises, so the result never ends below its start (a single
     layer may). Returns the layouts, in the order of ``layers``.
+
+    Bounds as :func:`refine`: a shared order whose value table has more than
+    ``MAX_STEP_CELLS`` cells stays as it is, and its assignments stop after ``REFINE_WORK``
+    cells visited in all; why is appended to ``notes`` when given.
     """
     n_layers = len(layers)
     if not (len(rows) == len(cols) == n_layers):
@@ -163,15 +222,34 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
         if own_rows or own_cols:
             left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
             new = refine(Vs[i], new, budget, nnz, rows=own_rows, cols=own_cols, max_rounds=2,
-                         time_limit=left)
+                         time_limit=left, notes=notes)
         return new
 
+    n_items = {}
+    for i, lay in enumerate(lays):
+        for key, axis in ((rows[i], 0), (cols[i], 1)):
+            if key is not None:
+                n_items[key] = lay.shape[axis]
+    too_big = set()
+    for key, (_, size) in keys.items():
+        k = -(-n_items[key] // size)
+        if key not in frozen and n_items[key] * k > MAX_STEP_CELLS:
+            too_big.add(key)
+            _note(notes, f"refine_shared: order {key!r} is left as it is: {n_items[key]} "
+                         f"items x {k} groups = {n_items[key] * k} cells, above the limit "
+                         f"of {MAX_STEP_CELLS} (regroup.refine.MAX_STEP_CELLS)")
+    work = REFINE_WORK
     best = score(lays)
     for _ in range(max_rounds):
         improved = False
         for key, (_, size) in list(keys.items()):
-            if key in frozen:
+            if key in frozen or key in too_big:
                 continue
+            if work <= 0:
+                _note(notes, f"refine_shared: stopped when its work bound was spent "
+                             f"({REFINE_WORK} cells visited by its assignments, "
+                             "regroup.refine.REFINE_WORK)")
+                return lays
             if deadline is not None and time.perf_counter() > deadline:
                 return lays
             members = [(i, 0) for i in range(n_layers) if rows[i] == key] + \
@@ -179,7 +257,9 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
             values = sum(weights[i] * (_row_values(Vs[i], coos[i], lays[i]) if axis == 0
                                        else _col_values(coos[i], lays[i]))
                          for i, axis in members)
-            perm = assign(values, size, start=keys[key][0])
+            done = assign_within(values, size, start=keys[key][0], work_limit=work)
+            work -= done.work
+            perm = done.perm
             if np.array_equal(perm, keys[key][0]):
                 continue
             trial = list(lays)

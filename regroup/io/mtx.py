@@ -18,6 +18,10 @@ from .._validation import FormatError, open_regular
 
 __all__ = ["parse_mtx", "read_mtx"]
 
+# No weight matrix has a side this long (vocabularies are ~256k); a declared one is refused
+# before its index is allocated.
+MAX_SIDE = 1 << 24
+
 FIELDS = ("real", "integer", "pattern")
 SYMMETRIES = ("general", "symmetric", "skew-symmetric")
 
@@ -66,6 +70,11 @@ def parse_mtx(lines: Iterable[str], *, source: str = "<mtx>",
     if max_elements is not None and n * m > max_elements:
         raise FormatError(f"{source}:{lineno}: declared shape {n}x{m} exceeds the limit of "
                           f"{max_elements} elements")
+    if max(n, m) > MAX_SIDE:
+        # A coordinate file declares its shape, not its size: scipy would build an index of
+        # max(n, m) + 1 entries (8 GB for 1e9x1) before regroup sees the layer.
+        raise FormatError(f"{source}:{lineno}: declared shape {n}x{m} has a side longer "
+                          f"than {MAX_SIDE} (regroup.io.mtx.MAX_SIDE)")
     body = "".join(line for line in it if not line.lstrip().startswith("%"))
     values = _numbers(body, np.float64, source, lineno + 1)
     if fmt == "array":

@@ -1,12 +1,18 @@
 """Turning part labels into panel permutations with exact panel sizes."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 
 from .._validation import PartitionerError
 
-__all__ = ["n_panels", "panel_sizes", "labels_to_perm", "check_perm"]
+__all__ = ["n_panels", "panel_sizes", "labels_to_perm", "check_perm", "AFFINITY_CELLS"]
+
+# labels_to_perm places over-full parts' items by affinity up to this many (item x part)
+# affinities (128 MiB); above, in index order (with a RuntimeWarning).
+AFFINITY_CELLS = 1 << 24
 
 
 def n_panels(n: int, size: int) -> int:
@@ -107,25 +113,40 @@ def labels_to_perm(labels, size: int, X: sp.spmatrix | None = None, *,
             return np.zeros((len(items), k))
     assign = labels.copy()
     overflow = []
+    by_label = np.argsort(labels, kind="stable")           # each part's items, in index order
+    first = np.concatenate([[0], np.cumsum(counts)])
     for p in over:
-        members = np.flatnonzero(labels == p)
+        members = by_label[first[p]:first[p + 1]]
         # Least attached first; stable on index for ties.
         order = np.lexsort((members, own_affinity(members, p)))
         overflow.append(members[order[: counts[p] - caps[p]]])
     room = caps - np.minimum(counts, caps)
     if overflow:
         items = np.concatenate(overflow)
-        aff = affinity(items)
-        best = aff[:, room > 0].max(axis=1) if (room > 0).any() else np.zeros(len(items))
-        for j in np.lexsort((items, -best)):
-            cand = np.flatnonzero(room > 0)
-            p = cand[np.argmax(aff[j, cand])]
-            assign[items[j]] = p
-            room[p] -= 1
+        if items.size * k <= AFFINITY_CELLS:
+            aff = affinity(items)
+            best = aff[:, room > 0].max(axis=1) if (room > 0).any() else np.zeros(len(items))
+            for j in np.lexsort((items, -best)):
+                cand = np.flatnonzero(room > 0)
+                p = cand[np.argmax(aff[j, cand])]
+                assign[items[j]] = p
+                room[p] -= 1
+        else:
+            # Too many (item x part) affinities to hold (a tool that ignored the balance,
+            # or tiny parts): items go, in index order, to the parts with room in label
+            # order - what the loop above does with no affinities.
+            warnings.warn(f"{who}: {items.size} rows overflow their parts; {items.size} x "
+                          f"{k} affinities are more than {AFFINITY_CELLS} (regroup."
+                          "partitioners._panels.AFFINITY_CELLS), so they fill the parts "
+                          "with room in index order", RuntimeWarning, stacklevel=2)
+            open_parts = np.flatnonzero(room > 0)
+            assign[np.sort(items)] = np.repeat(open_parts, room[open_parts])[:items.size]
     # Slot order: full panels by label, the short one last.
     final_counts = np.bincount(assign, minlength=k)
-    slots = [p for p in range(k) if final_counts[p] == size]
-    slots += [p for p in range(k) if 0 < final_counts[p] != size]
-    perm = np.concatenate([np.flatnonzero(assign == p) for p in slots]) if slots else \
-        np.zeros(0, np.intp)
+    full = final_counts == size
+    slots = np.concatenate([np.flatnonzero(full), np.flatnonzero(~full & (final_counts > 0))])
+    slot_of = np.empty(k, np.intp)
+    slot_of[slots] = np.arange(slots.size)
+    # Items by slot, each part's in increasing index (a stable sort).
+    perm = np.argsort(slot_of[assign], kind="stable").astype(np.intp)
     return check_perm(perm, n, who)

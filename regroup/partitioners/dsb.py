@@ -37,10 +37,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validation import PartitionerError
-from .registry import PartitionerSpec, register
+from ..similarity import DENSE_LIMIT, condensed_rows
 from .hierarchical import MAX_ROWS
+from .registry import PartitionerSpec, register
 
-__all__ = ["dsb", "dsb_clusters", "cosine_distance", "DSBDegenerateWarning"]
+__all__ = ["dsb", "dsb_clusters", "cosine_distance", "condensed_cosine_distance",
+           "DSBDegenerateWarning"]
 
 
 class DSBDegenerateWarning(RuntimeWarning):
@@ -81,17 +83,35 @@ def cosine_distance(X) -> np.ndarray:
     An empty row has cosine 0 to every row (distance 1), as ``torch.cosine_similarity``
     gives. The diagonal is 0; rounding below 0 is clipped.
     """
+    B, norms = _binary_rows(X)
+    D = _cosine_rows(B, norms, 0, B.shape[0])
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def _binary_rows(X) -> tuple[sp.csr_matrix, np.ndarray]:
     B = sp.csr_matrix(X, dtype=np.float64, copy=True)
     B.data[:] = 1.0
-    norms = np.sqrt(np.asarray(B.sum(axis=1)).ravel())
-    D = (B @ B.T).toarray()
-    denom = np.outer(norms, norms)
+    return B, np.sqrt(np.asarray(B.sum(axis=1)).ravel())
+
+
+def _cosine_rows(B: sp.csr_matrix, norms: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start..stop-1`` of the distance matrix (diagonal not cleared)."""
+    D = (B[start:stop] @ B.T).toarray()
+    denom = np.outer(norms[start:stop], norms)
     np.divide(D, denom, out=D, where=denom > 0)      # empty rows: S is 0 already
     del denom
     np.subtract(1.0, D, out=D)
     np.maximum(D, 0.0, out=D)
-    np.fill_diagonal(D, 0.0)
     return D
+
+
+def condensed_cosine_distance(X) -> np.ndarray:
+    """:func:`cosine_distance` for every pair ``i < j`` in scipy's condensed order (equal
+    to ``squareform(cosine_distance(X), checks=False)`` bit for bit), built a block of rows
+    at a time: memory ``n (n - 1) / 2`` float64, never ``n x n``."""
+    B, norms = _binary_rows(X)
+    return condensed_rows(B.shape[0], lambda start, stop: _cosine_rows(B, norms, start, stop))
 
 
 def dsb_clusters(X, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,12 +138,15 @@ def _clusters(X, size: int) -> tuple[np.ndarray, np.ndarray, int]:
 
     n = X.shape[0]
     if n > MAX_ROWS:
-        raise PartitionerError(f"dsb needs O(n^2) memory and is limited to {MAX_ROWS} rows "
-                               f"(got {n})")
+        raise PartitionerError(f"dsb needs O(n^2) memory and time and is limited to "
+                               f"{MAX_ROWS} rows (regroup.partitioners.hierarchical.MAX_ROWS; "
+                               f"got {n})")
     k = max(n // size, 1)
     if k <= 1 or n < 2:
         return np.zeros(n, dtype=np.intp), np.zeros(1 if n else 0), 1 if n else 0
-    Z = linkage(squareform(cosine_distance(X), checks=False), method="complete")
+    condensed = (squareform(cosine_distance(X), checks=False) if n <= DENSE_LIMIT
+                 else condensed_cosine_distance(X))
+    Z = linkage(condensed, method="complete")
     # Keep the first n - k merges (undo the last k - 1): every node's root, top down.
     root = np.arange(2 * n - 1, dtype=np.intp)
     children = Z[:, :2].astype(np.intp)

@@ -26,9 +26,12 @@ def metis(X, size: int, *, rng: np.random.Generator, graph: str = "shared", knn:
     """Partition the row graph (``w_ij`` = shared mass or Jaccard) into ``ceil(n/size)``
     parts with k-way METIS, then repair part sizes to exactly ``size``.
 
-    ``knn=0`` uses the dense graph up to 4096 rows and a 64-NN graph above; a positive
-    ``knn`` always sparsifies. A graph without edges carries no information about which
-    rows belong together, so the natural order is returned.
+    ``knn=0`` uses the dense graph up to 4096 rows and a 64-NN graph above (exact up to
+    ``regroup.similarity.EXACT_KNN_ROWS`` rows, approximate above); a positive ``knn``
+    always sparsifies. A graph without edges carries no information about which rows
+    belong together, so the natural order is returned; so it is for panels of one row,
+    which are the same panels in any order (and METIS, asked for as many parts as
+    vertices, fails printing to stdout).
     """
     try:
         import pymetis
@@ -36,7 +39,7 @@ def metis(X, size: int, *, rng: np.random.Generator, graph: str = "shared", knn:
         raise missing_dependency("pymetis", "partitioner 'metis'") from None
     n = X.shape[0]
     k = n_panels(n, size)
-    if k <= 1:
+    if k <= 1 or size == 1:
         return np.arange(n, dtype=np.intp)
     G = similarity_graph(X, graph, knn=knn or None)
     G.eliminate_zeros()
