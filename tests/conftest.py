@@ -1,6 +1,7 @@
 """Shared fixtures: the DLMC data beside the project, a real pretrained model, helpers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,27 @@ def real_minilm(zoo):
     except ModuleNotFoundError as exc:
         pytest.skip(str(exc))
     return zoo.minilm
+
+
+# -- processes (Linux /proc) -------------------------------------------------------------
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -21,7 +21,7 @@ from regroup import RegroupError, regroup_checkpoint, regroup_file
 from regroup._outputs import PARTS_MARKER, PartsDir, default_output
 from regroup.cli import main
 
-from .conftest import EXAMPLE
+from .conftest import EXAMPLE, child_pids, process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,27 +274,6 @@ def test_children_never_import_from_the_working_directory(tmp_path, options):
     assert not marker.exists(), marker.read_text()
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_die_with_their_parent(tmp_path):
     _masks(tmp_path)
@@ -308,16 +287,16 @@ def test_workers_die_with_their_parent(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(workers) < 3:   # 2 workers + the tracker
             time.sleep(0.2)
-            workers = _children(proc.pid)
+            workers = child_pids(proc.pid)
         assert len(workers) >= 2, "the workers never started"
         time.sleep(2.0)                   # past their start-up, inside a layer
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(map(_alive, workers)):
+        while time.monotonic() < deadline and any(map(process_alive, workers)):
             time.sleep(0.1)
-        assert not [p for p in workers if _alive(p)]
+        assert not [p for p in workers if process_alive(p)]
     finally:
         for p in [proc.pid, *workers]:
-            if _alive(p):
+            if process_alive(p):
                 os.kill(p, signal.SIGKILL)

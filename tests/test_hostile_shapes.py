@@ -39,7 +39,7 @@ from regroup.partitioners._panels import labels_to_perm
 from regroup.partitioners.metis import metis
 from regroup.pattern import from_sparse
 
-from .conftest import EXAMPLE
+from .conftest import EXAMPLE, child_pids, process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -459,26 +459,6 @@ def test_a_task_error_is_named_without_add_note():
     assert info.value.__notes__ == ["m.npz: while regrouping layer 'fc1.weight'"]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_dask_local_workers_die_with_their_parent(tmp_path):
     pytest.importorskip("distributed")
@@ -491,18 +471,18 @@ def test_dask_local_workers_die_with_their_parent(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(workers) < 2:
             time.sleep(0.3)
-            workers = [p for p in _children(proc.pid)
+            workers = [p for p in child_pids(proc.pid)
                        if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
         assert len(workers) >= 2, "the dask workers never started"
         time.sleep(3.0)                   # inside a layer
-        everyone = _children(proc.pid)
+        everyone = child_pids(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(map(_alive, everyone)):
+        while time.monotonic() < deadline and any(map(process_alive, everyone)):
             time.sleep(0.2)
-        assert not [p for p in everyone if _alive(p)]
+        assert not [p for p in everyone if process_alive(p)]
     finally:
         for p in [proc.pid, *workers]:
-            if _alive(p):
+            if process_alive(p):
                 os.kill(p, signal.SIGKILL)
