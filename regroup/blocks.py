@@ -24,12 +24,18 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._validation import RegroupError, check_choice, check_distinct_list
+from .nm import check_nm_mask
 
-__all__ = ["FORMATS", "Budget", "Candidates", "Layout", "assemble", "build_layout", "candidates",
-           "check_layout", "group_indicator", "layout_mask", "parse_budgets", "positions",
-           "select", "select_blocks"]
+__all__ = ["FORMATS", "MAX_TABLE_CELLS", "Budget", "Candidates", "Layout", "assemble",
+           "build_layout", "candidates", "check_layout", "group_indicator", "layout_mask",
+           "parse_budgets", "positions", "select", "select_blocks", "table_cells"]
 
 FORMATS = ("grid", "shuffled")
+# Candidate blocks one layout may hold in its tables (mass, area, the choice and its
+# order: about 30 bytes each): at 2**24 a run stays under 1 GB (0.73-0.83 GB measured,
+# 4096 x 4096 at 1x1, method sort). 1x1 blocks over an 8192 x 8192 layer (67M cells,
+# 3.3 GB) are refused instead: they are unstructured sparsity anyway.
+MAX_TABLE_CELLS = 1 << 24
 BUDGET_KINDS = ("iso", "density", "blocks", "retained")
 
 
@@ -152,8 +158,10 @@ def select_blocks(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, 
     """Greedy choice of candidate blocks by decreasing mass within the budget."""
     flat_mass, flat_area = mass.ravel(), area.ravel()
     keep = np.zeros(flat_mass.size, dtype=bool)
-    order = np.lexsort((np.arange(flat_mass.size), -flat_mass))
-    order = order[flat_mass[order] > 0]
+    # Blocks holding mass, by decreasing mass (lower index first on ties): sorting only
+    # these keeps the work and memory at the nonzero blocks, not the whole grid.
+    order = np.flatnonzero(flat_mass > 0)
+    order = order[np.lexsort((order, -flat_mass[order]))]
     area_limit, count_limit = _budget_limits(budget, nnz, n, m)
     if budget.kind == "retained":
         target = budget.value * mass.sum()
@@ -168,8 +176,10 @@ def select_blocks(mass: np.ndarray, area: np.ndarray, budget: Budget, nnz: int, 
         j = int(np.searchsorted(cum, area_limit, side="right"))
         keep[order[:j]] = True
         left = area_limit - (cum[j - 1] if j else 0)
-        # Only short edge blocks can still fit after the first one that did not.
-        for idx in order[j:]:
+        # Only short edge blocks can still fit after the first one that did not (and
+        # only those fitting what is left now: it only shrinks).
+        rest = order[j:]
+        for idx in rest[flat_area[rest] <= left]:
             if flat_area[idx] <= left:
                 keep[idx] = True
                 left -= flat_area[idx]
@@ -212,6 +222,14 @@ def group_indicator(perm, size: int) -> sp.csr_matrix:
     n = perm.size
     return sp.csr_matrix((np.ones(n), (np.arange(n), positions(perm) // size)),
                          shape=(n, -(-n // size)))
+
+
+def table_cells(shape: tuple[int, int], block: tuple[int, int], fmt: str) -> int:
+    """Cells of a layout's candidate tables: panels x column groups ("grid"), panels x
+    columns ("shuffled": each panel ranks every column)."""
+    n, m = shape
+    P = -(-n // block[0])
+    return P * (-(-m // block[1]) if fmt == "grid" else m)
 
 
 def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],
@@ -295,14 +313,27 @@ def layout_mask(layout: Layout) -> np.ndarray:
 
 
 def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
-                 col_perm=None, panel_cols=None) -> None:
+                 col_perm=None, panel_cols=None, *, nm: Any = None) -> None:
     """Raise :class:`RegroupError` unless ``mask`` (2-D) is exactly a union of whole blocks
-    of the given layout. This is the check a loaded result must pass."""
+    of the given layout. This is the check a loaded result must pass.
+
+    ``fmt="nm"`` (with ``nm``, ``block`` ``(1, M)`` and the identity ``row_perm``: N:M
+    does not move rows): every row keeps at most N of each M-group of the columns
+    permuted by ``col_perm`` (:func:`regroup.nm.check_nm_mask`)."""
     n, m = mask.shape
     br, bc = block
     row_perm = np.asarray(row_perm)
     if sorted(row_perm.tolist()) != list(range(n)):
         raise RegroupError("row_perm is not a permutation of the rows")
+    if fmt == "nm":
+        if nm is None or tuple(block) != (1, nm[1]):
+            raise RegroupError(f"an N:M layout needs nm=(N, M) and block (1, M); got nm "
+                               f"{nm!r}, block {tuple(block)}")
+        if not np.array_equal(row_perm, np.arange(n)):
+            raise RegroupError("an N:M layout does not move rows: row_perm must be the "
+                               "identity")
+        check_nm_mask(mask, nm, col_perm)
+        return
     if fmt == "grid":
         col_perm = np.asarray(col_perm)
         if sorted(col_perm.tolist()) != list(range(m)):

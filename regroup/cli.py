@@ -9,26 +9,40 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import __version__
 from ._validation import (RegroupError, check_regular, missing_dependency, open_regular,
                           printable, safe_filename)
-from .options import DENSE_ABOVE
+from .options import DENSE_ABOVE, LAYOUT_FORMATS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_identity",
                "kept_blocks", "fill", "seconds")
+# N:M layers have no blocks: the kept |w| against plain N:M, and the share of the gap to
+# unstructured at the same density that the permutation closes.
+NM_RUN_COLUMNS = ("name", "matrix_shape", "nnz", "chosen", "retained", "retained_identity",
+                  "retained_magnitude", "retained_magnitude_identity", "efficacy", "seconds")
+# The default --methods of compare, per kind of format.
+COMPARE_METHODS = "identity,sort,hierarchical,metis,auto"
+COMPARE_NM_METHODS = "auto,asp"
 
 
 def _add_layout_options(p: argparse.ArgumentParser, *, method: bool = True,
                         budget: bool = True) -> None:
-    p.add_argument("--block", default="32", help="block shape: 32 or 32x16 (rows x cols)")
-    p.add_argument("--format", default="grid", choices=("grid", "shuffled"),
-                   help="grid: BSR after row+column permutation; shuffled: per-panel tiles")
+    p.add_argument("--block", default="32", help="block shape: 32 or 32x16 (rows x cols); "
+                   "not with --format nm (its group, 1xM, is the block)")
+    p.add_argument("--format", default="grid", choices=LAYOUT_FORMATS,
+                   help="grid: BSR after row+column permutation; shuffled: per-panel tiles; "
+                   "nm: input-column permutation + N:M mask (see --nm)")
+    p.add_argument("--nm", default=None, metavar="N:M",
+                   help="with --format nm: keep N of every M input columns (default 2:4; "
+                   "also 1:4, 4:8, 2:8, ...)")
     if method:
         p.add_argument("--method", default="auto", help="partitioner, e.g. auto, metis, "
-                       "hierarchical:linkage=complete (see `regroup run --list-methods`)")
+                       "hierarchical:linkage=complete (see `regroup run --list-methods`); "
+                       "with --format nm: auto (regroup's search) or asp")
     if budget:
         p.add_argument("--budget", default="iso",
                        help="iso | density=D | blocks=K | retained=R (default: iso)")
@@ -96,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare methods on files (CSV and Markdown)")
     p.add_argument("inputs", nargs="+")
-    p.add_argument("--methods", default="identity,sort,hierarchical,metis,auto",
-                   help="comma-separated method specs")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated method specs (default: {COMPARE_METHODS}; with "
+                   f"--format nm: {COMPARE_NM_METHODS})")
     p.add_argument("--csv", help="per-layer CSV output")
     p.add_argument("--markdown", help="Markdown summary output")
     _add_layout_options(p, method=False)
@@ -207,7 +222,7 @@ def _options(args, **extra):
     """The one RegroupOptions of a command, from its arguments."""
     from .options import resolve_options
 
-    fields = dict(block=args.block, format=args.format, seed=args.seed,
+    fields = dict(block=args.block, format=args.format, nm=args.nm, seed=args.seed,
                   layers=args.layers, time_limit=args.time_limit, anneal=args.anneal,
                   refine={"auto": None, "on": True, "off": False}[args.refine],
                   dense_above=args.dense_above)
@@ -254,12 +269,15 @@ def cmd_run(args) -> int:
     if args.report:
         write_json(report, args.report)
     if not args.quiet:
-        print(format_table(_shown(report["layers"]), RUN_COLUMNS))
+        nm = options.nm
+        print(format_table(_shown(report["layers"]),
+                           NM_RUN_COLUMNS if nm is not None else RUN_COLUMNS))
         t = report["total"]
         scope = "model" if options.budget_scope == "global" else "layer"
+        how = (f"nm {nm[0]}:{nm[1]}, method {options.method}" if nm is not None else
+               f"{options.format} {args.block}, budget {options.budget} per {scope}")
         print(f"\n{t['layers']} layers, nnz {t['nnz']}: retained {t['retained']:.4f} vs "
-              f"identity {t['retained_identity']:.4f} ({options.format} {args.block}, budget "
-              f"{options.budget} per {scope}, seed {options.seed}); "
+              f"identity {t['retained_identity']:.4f} ({how}, seed {options.seed}); "
               f"{len(report['skipped'])} tensors skipped; {t['seconds']:.1f} s"
               + (f"; {t['resumed']} layers resumed" if t.get("resumed") else ""))
         print(f"result: {out}" + (f"   report: {args.report}" if args.report else ""))
@@ -281,9 +299,12 @@ def cmd_inspect(args) -> int:
         # saves may lack options, versions and metrics: those print as "-".
         from .result import check_result
         doc = check_result(path)
+        # An N:M layer shows its pattern where a block layer shows its block.
         rows = [{"name": r["name"], "shape": r["shape"], "format": r["format"],
-                 "block": r["block_shape"], "method": r["method"],
-                 "chosen": r["metrics"].get("chosen"), "retained": r["metrics"].get("retained"),
+                 "block": (":".join(map(str, r["nm"])) if r["format"] == "nm"
+                           else r["block_shape"]),
+                 "method": r["method"], "chosen": r["metrics"].get("chosen"),
+                 "retained": r["metrics"].get("retained"),
                  "kept_blocks": r["metrics"].get("kept_blocks")} for r in doc["layers"]]
         print(format_table(_shown(rows), list(rows[0]) if rows else ["name"]))
         print(f"\nresult file, format version {doc['format_version']}, seed "
@@ -348,9 +369,9 @@ def cmd_compare(args) -> int:
     from .compare import COLUMNS, SUMMARY_COLUMNS, compare, summarize
     from .report import format_table, markdown_table, write_csv
 
-    methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")
-               if m.strip()]
     options = _options(args)
+    spec = args.methods or (COMPARE_NM_METHODS if options.format == "nm" else COMPARE_METHODS)
+    methods = [m.strip() for m in spec.split(";" if ";" in spec else ",") if m.strip()]
     _check_inputs({f"input {i + 1}": p for i, p in enumerate(args.inputs)})
     check_outputs({"--csv": args.csv, "--markdown": args.markdown}, "regroup compare",
                   inputs={f"input {i + 1}": p for i, p in enumerate(args.inputs)})
@@ -393,6 +414,9 @@ def cmd_show(args) -> int:
     # The first usable layer is one the block fits (a MobileNet's 32x27 stem is not).
     pats, _ = read_patterns(args.input, layers=options.layers, block=options.block,
                             dense_above=options.dense_above)
+    if options.nm is not None:     # and, for N:M, one whose columns M divides
+        from .nm import nm_problem
+        pats = [p for p in pats if not nm_problem(p.n_rows, p.n_cols, options.nm)] or pats
     pat = pats[0]
     if args.result:
         from .result import load_result
@@ -468,6 +492,23 @@ class _Usage(Exception):
     pass
 
 
+def _as_option(msg: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A usage error of the API (``The 'time_limit' parameter of regroup_checkpoint
+    must be ...``) as the command line spells it (``The '--time-limit' option of regroup
+    run must be ...``), when the parameter is an option of ``command``."""
+    match = re.match(r"(The|Each entry of the) '(\w+)' parameter of (.+?) must be ", msg)
+    if match is None:
+        return msg
+    sub = next(a for a in parser._actions                    # noqa: SLF001 - no public API
+               if isinstance(a, argparse._SubParsersAction)).choices[command]
+    option = next((max(a.option_strings, key=len) for a in sub._actions
+                   if a.dest == match.group(2) and a.option_strings), None)
+    if option is None:
+        return msg
+    return f"{match.group(1)} {option!r} option of regroup {command} must be " \
+        + msg[match.end():]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``regroup`` console script; returns the exit code."""
     parser = _parser()
@@ -489,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
             msg = f"{exc.filename}: {msg}"
-        # One line, whatever a file put in the names it quotes.
-        print(f"{prefix}error: {printable(msg)}", file=sys.stderr)
         # Bad option values are usage errors; bad files, data and tools are failures.
         usage = isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, RegroupError)
+        if usage:
+            msg = _as_option(msg, parser, args.command)
+        # One line, whatever a file put in the names it quotes.
+        print(f"{prefix}error: {printable(msg)}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prefix}interrupted; no result file was written (finished layers are kept "

@@ -17,9 +17,12 @@ import scipy.sparse as sp
 
 from ._validation import PartitionerError, RegroupError
 from .anneal import anneal
-from .blocks import Budget, Layout, build_layout, layout_mask, parse_budgets
+from .blocks import (MAX_TABLE_CELLS, Budget, Layout, build_layout, layout_mask,
+                     parse_budgets, table_cells)
 from .columns import PROFILE_CLUSTER_LIMIT, clustered_columns, group_columns
-from .metrics import layer_metrics
+from .metrics import layer_metrics, nm_metrics
+from .nm import (NM_METHODS, efficacy, nm_mask, nm_problem, nm_retained, row_topk_retained,
+                 run_nm_method)
 from .options import DENSE_ABOVE, RegroupOptions, resolve_options
 from .partitioners import (check_perm, format_method, get_partitioner, parse_method,
                           run_partitioner)
@@ -102,7 +105,8 @@ def _fixed_perm(perm: Any, n: int, what: str, caller: str) -> np.ndarray:
 
 
 
-def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str) -> None:
+def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
+                      nm: tuple[int, int] | None = None, fmt: str = "grid") -> None:
     n, m = pattern.n_rows, pattern.n_cols
     br, bc = block
     if pattern.nnz == 0:
@@ -110,9 +114,17 @@ def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str) -> No
     if pattern.nnz == n * m:
         raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
                            "nothing to regroup")
+    problem = None if nm is None else nm_problem(n, m, nm)
+    if problem:     # N:M groups are never padded (the pipeline skips such layers)
+        raise RegroupError(f"{pattern.describe()}: {problem}")
     if br > n or bc > m:
         raise RegroupError(f"block {br}x{bc} is larger than {pattern.describe()}; use a "
                            "smaller --block")
+    cells = None if nm is not None else table_cells((n, m), block, fmt)
+    if cells is not None and cells > MAX_TABLE_CELLS:
+        raise RegroupError(f"{pattern.describe()} at block {br}x{bc} ({fmt}) makes "
+                           f"{cells} candidate blocks, above the limit of {MAX_TABLE_CELLS} "
+                           "(regroup.blocks.MAX_TABLE_CELLS); use a larger --block")
     if edge == "error" and (n % br or m % bc):
         raise RegroupError(f"{pattern.describe()} is not divisible by block {br}x{bc}; use "
                            "edge='partial' (--edge partial) to allow short edge blocks")
@@ -138,7 +150,8 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         are then not partitioned or refined, only the other side and the kept blocks are
         chosen. This is how a permutation shared with a neighbouring layer (folded into
         it) is respected. With ``row_perm`` given, the method is not run for the rows and
-        ``metrics["chosen"]`` is ``"fixed"``.
+        ``metrics["chosen"]`` is ``"fixed"``. Format "nm" takes ``col_perm`` only: no
+        search is run, the N:M mask of those columns is taken (``chosen`` "fixed").
     **kwargs
         Fields of :class:`regroup.RegroupOptions`, applied on top of ``options``.
 
@@ -157,12 +170,18 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     opts = _layer_options(pattern, options, caller, kwargs)
     n, m = pattern.n_rows, pattern.n_cols
     if row_perm is not None:
+        if opts.format == "nm":
+            raise ValueError(f"The 'row_perm' parameter of {caller} applies to the grid "
+                             "and shuffled formats only (N:M keeps rows in place).")
         row_perm = _fixed_perm(row_perm, n, "row_perm", caller)
     if col_perm is not None:
-        if opts.format != "grid":
+        if opts.format == "shuffled":
             raise ValueError(f"The 'col_perm' parameter of {caller} applies to the grid "
-                             f"format only (shuffled panels pick their own columns).")
+                             "format only, and to nm (shuffled panels pick their own "
+                             "columns).")
         col_perm = _fixed_perm(col_perm, m, "col_perm", caller)
+    if opts.format == "nm":
+        return _regroup_nm(pattern, opts, col_perm)
     return _regroup(pattern, opts, row_perm, col_perm, caller, None)
 
 
@@ -200,6 +219,7 @@ def regroup_budgets(pattern: Pattern, budgets: Any, *, options: RegroupOptions |
     """
     caller = "regroup_budgets"
     opts = _layer_options(pattern, options, caller, kwargs)
+    opts.require_blocks(caller, "N:M keeps N/M of every row whatever the budget")
     memo: dict[str, tuple] = {}
     return [_regroup(pattern, dataclasses.replace(opts, budget=b), None, None, caller, memo)
             for b in parse_budgets(budgets, "budgets", caller)]
@@ -218,7 +238,7 @@ def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str
     if not isinstance(pattern, Pattern):
         raise TypeError(f"The 'pattern' parameter of {caller} must be a Pattern. Got "
                         f"{type(pattern).__name__} instead.")
-    _validate_pattern(pattern, opts.block, opts.edge)
+    _validate_pattern(pattern, opts.block, opts.edge, opts.nm, opts.format)
     return opts
 
 
@@ -380,3 +400,38 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
         row_perm=lay.row_perm, col_perm=lay.col_perm, panel_cols=lay.panel_cols,
         block_shape=block, format=format, method=opts.method, params=params,
         seed=seed, metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+def _regroup_nm(pattern: Pattern, opts: RegroupOptions, col_perm: np.ndarray | None
+                ) -> LayerResult:
+    """:func:`regroup_pattern` for format "nm": the N:M search ``opts.method`` on the
+    scores (``|w|``, or the 0/1 pattern under the count objective), deterministic for the
+    seed (unless ``time_limit`` cuts it short), then the N:M mask of the permuted columns
+    in original coordinates."""
+    t0 = time.perf_counter()
+    nm, objective = opts.nm, opts.objective
+    use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
+    if objective == "magnitude" and not pattern.has_weights:
+        raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
+                           "them (use objective 'count')")
+    A = (pattern.matrix if use_mag else pattern.binary()).toarray()
+    if col_perm is None:
+        found = run_nm_method(opts.method, A, nm, seed=opts.seed, time_limit=opts.time_limit)
+        perm, kept, plain = found.col_perm.astype(np.intp), found.retained, found.plain
+        chosen, search = NM_METHODS[opts.method].__name__, found.stats
+    else:
+        perm, kept, plain = col_perm, nm_retained(A, nm, col_perm), nm_retained(A, nm)
+        chosen, search = "fixed", None
+    mask2d = nm_mask(A, nm, perm)
+    metrics = nm_metrics(pattern, mask2d, nm_mask(A, nm))
+    gap_closed = efficacy(kept, plain, row_topk_retained(A, nm))
+    metrics.update({"objective": "magnitude" if use_mag else "count", "chosen": chosen,
+                    # NaN (no gap to close) is not JSON: None
+                    "efficacy": None if np.isnan(gap_closed) else gap_closed})
+    if search is not None:
+        metrics["search"] = search
+    return LayerResult(
+        name=pattern.name, shape=pattern.shape, mask=pattern.unflatten(mask2d),
+        row_perm=np.arange(pattern.n_rows, dtype=np.intp), col_perm=perm, panel_cols=None,
+        block_shape=opts.block, format="nm", method=opts.method, params={}, seed=opts.seed,
+        metrics=metrics, seconds=time.perf_counter() - t0, nm=nm)

@@ -13,6 +13,11 @@ fill
     kept positions that are refilled zeros).
 km1
     Connectivity-minus-one of the row panels on the column-net hypergraph.
+
+N:M layers (format "nm", :func:`nm_metrics`) have no blocks nor panels: ``retained``,
+``retained_magnitude``, ``retained_identity`` (plain N:M, no permutation),
+``retained_magnitude_identity``, ``kept_area`` (N/M of the matrix) and ``fill`` as above;
+the engine adds ``efficacy`` (:func:`regroup.nm.efficacy`).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .blocks import Layout, group_indicator, layout_mask
 from .hypergraph import column_net, km1
 from .pattern import Pattern
 
-__all__ = ["retained", "fill", "panel_km1", "layer_metrics"]
+__all__ = ["retained", "fill", "panel_km1", "layer_metrics", "nm_metrics"]
 
 
 def retained(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
@@ -69,4 +74,21 @@ def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, 
         "fill": fill(B, mask2d),
         "km1": panel_km1(B, lay.row_perm, br),
         "km1_identity": panel_km1(B, identity.row_perm, br),
+    }
+
+
+def nm_metrics(pattern: Pattern, mask2d: np.ndarray, identity2d: np.ndarray) -> dict[str, Any]:
+    """The metrics of an N:M mask ``mask2d`` of ``pattern`` (original coordinates), and of
+    plain N:M, ``identity2d`` (the same N:M without a column permutation)."""
+    B = pattern.binary()
+    mag = pattern.has_weights
+    return {
+        "nnz": pattern.nnz,
+        "density": pattern.density,
+        "retained": retained(B, mask2d),
+        "retained_magnitude": retained(pattern.matrix, mask2d) if mag else None,
+        "retained_identity": retained(B, identity2d),
+        "retained_magnitude_identity": retained(pattern.matrix, identity2d) if mag else None,
+        "kept_area": int(np.count_nonzero(mask2d)),
+        "fill": fill(B, mask2d),
     }

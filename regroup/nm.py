@@ -35,8 +35,9 @@ import numpy as np
 
 from ._validation import RegroupError, as_rng, check_int
 
-__all__ = ["check_nm", "nm_values", "nm_mask", "nm_retained", "row_topk_retained",
-           "efficacy", "NMSearch", "nm_search", "asp_search", "nm_optimum"]
+__all__ = ["check_nm", "nm_problem", "check_nm_mask", "nm_values", "nm_mask", "nm_retained",
+           "row_topk_retained", "efficacy", "NMSearch", "nm_search", "asp_search",
+           "nm_optimum", "NM_METHODS", "nm_method_problem", "run_nm_method"]
 
 # Wider matrices are searched in consecutive windows of this many columns.
 _WINDOW_COLS = 2048
@@ -62,6 +63,37 @@ def check_nm(nm: Any, caller: str, name: str = "nm") -> tuple[int, int]:
         raise ValueError(f"The {name!r} parameter of {caller} must be {allowed}. "
                          f"Got {n}:{m} instead.")
     return n, m
+
+
+def nm_problem(rows: int, cols: int, nm: tuple[int, int]) -> str | None:
+    """Why a ``rows x cols`` matrix takes no N:M grouping (None when it does): the groups
+    of M run along the columns and are never padded, so ``cols`` must be a multiple of M."""
+    m = nm[1]
+    if cols % m:
+        return (f"N:M groups of {m} columns need a column count divisible by {m}; the "
+                f"matrix is {rows}x{cols}")
+    return None
+
+
+def check_nm_mask(mask: Any, nm: Any, col_perm: Any) -> None:
+    """Raise :class:`RegroupError` unless ``mask`` (2-D, original coordinates) has the N:M
+    structure of ``col_perm``: every row keeps at most N of each M-group of permuted
+    columns. The check a loaded N:M result must pass (the block formats' is
+    :func:`regroup.blocks.check_layout`)."""
+    n, m = check_nm(nm, "check_nm_mask")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise RegroupError(f"check_nm_mask: expected a 2-D mask, got {mask.ndim}-D")
+    rows, cols = mask.shape
+    problem = nm_problem(rows, cols, (n, m))
+    if problem:
+        raise RegroupError(f"check_nm_mask: {problem}")
+    perm = _perm(col_perm, cols, "check_nm_mask")
+    kept = np.count_nonzero(mask[:, perm].reshape(rows, -1, m), axis=-1)
+    if (kept > n).any():
+        r, g = np.argwhere(kept > n)[0]
+        raise RegroupError(f"the mask is not {n}:{m} after col_perm (row {r} keeps "
+                           f"{kept[r, g]} of the {m} columns of group {g})")
 
 
 def _scores(A: Any, m: int, caller: str) -> np.ndarray:
@@ -614,3 +646,30 @@ def nm_optimum(A: Any, nm: Any = (2, 4), *, max_subsets: int = 200_000,
     plain = float(_kept(A, n, m).sum())
     return NMSearch(perm, float(_kept(A[:, perm], n, m).sum()), plain,
                     time.perf_counter() - t0, {"subsets": int(count)})
+
+
+#: The N:M searches by method name (``RegroupOptions(format="nm", method=...)``): one table
+#: for dispatch and validation. ``auto`` is regroup's search; ``asp`` the ASP baseline.
+NM_METHODS: dict[str, Any] = {"auto": nm_search, "asp": asp_search}
+
+
+def nm_method_problem(method: str, nm: tuple[int, int]) -> str | None:
+    """Why ``method`` cannot search ``nm`` groupings (None when it can)."""
+    if method not in NM_METHODS:
+        return f"not an N:M search (those are {', '.join(map(repr, NM_METHODS))})"
+    if method == "asp" and math.comb(2 * nm[1], nm[1]) // 2 > _PAIR_SPLITS_MAX:
+        return (f"'asp' scores every split of two groups of M columns and runs for "
+                f"M <= 4 (ASP itself searches 2:4 only); got {nm[0]}:{nm[1]}")
+    return None
+
+
+def run_nm_method(method: str, A: Any, nm: Any, *, seed: Any = 0,
+                  time_limit: float | None = None) -> NMSearch:
+    """Run the N:M search ``method`` (a key of :data:`NM_METHODS`) on the scores ``A``;
+    the same result for the same seed (unless ``time_limit`` cuts it short)."""
+    n, m = check_nm(nm, "run_nm_method")
+    problem = nm_method_problem(method, (n, m))
+    if problem:
+        raise ValueError(f"The 'method' parameter of run_nm_method must be an N:M search "
+                         f"valid for {n}:{m}. Got {method!r} instead. ({problem})")
+    return NM_METHODS[method](A, (n, m), seed=seed, time_limit=time_limit)

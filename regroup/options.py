@@ -19,10 +19,12 @@ from typing import Any
 
 from ._validation import RegroupError, check_block
 from .blocks import FORMATS, Budget
-from .partitioners import format_method, get_partitioner, parse_method
+from .nm import NM_METHODS, check_nm, nm_method_problem
+from .partitioners import format_method, get_partitioner, list_partitioners, parse_method
 
 __all__ = ["RegroupOptions", "Constraint", "CONSTRAINTS", "BUDGET_RANGES", "OBJECTIVES",
-           "EDGES", "BUDGET_SCOPES", "DENSE_ABOVE", "resolve_options", "check_budget"]
+           "EDGES", "BUDGET_SCOPES", "DENSE_ABOVE", "LAYOUT_FORMATS", "NM_DEFAULT",
+           "resolve_options", "check_budget"]
 
 OBJECTIVES = ("auto", "count", "magnitude")
 EDGES = ("partial", "error")
@@ -34,6 +36,10 @@ BUDGET_SCOPES = ("layer", "global")
 # and a layer this dense gains nothing from block sparsity while it is the slowest input
 # a partitioner gets (every row shares columns with every other).
 DENSE_ABOVE = 0.95
+# Every format: the block layouts of regroup.blocks, and N:M (regroup.nm): a column
+# permutation and the N:M mask of the permuted weight.
+LAYOUT_FORMATS = (*FORMATS, "nm")
+NM_DEFAULT = (2, 4)
 
 
 class _Invalid(Exception):
@@ -94,6 +100,8 @@ def _block(v: Any) -> tuple[int, int]:
 def _method(v: Any) -> str:
     if not isinstance(v, str):
         raise _Invalid(TypeError)
+    if v in NM_METHODS:      # whether it fits the format is checked with the format
+        return v
     try:
         return format_method(*parse_method(v))
     except ValueError as exc:
@@ -141,6 +149,17 @@ def _budget(v: Any) -> Budget:
     return b
 
 
+def _nm(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    try:
+        return check_nm(v, "")
+    except TypeError:
+        raise _Invalid(TypeError) from None
+    except ValueError:
+        raise _Invalid(ValueError) from None
+
+
 def _refine(v: Any) -> bool | None:
     if v is None or isinstance(v, bool):
         return v
@@ -164,10 +183,15 @@ def _layers(v: Any) -> tuple[str, ...] | None:
 CONSTRAINTS: dict[str, Constraint] = {
     "block": Constraint("an int in [1, 65536], a pair (rows, cols) or a str like '32x16'",
                         _block, (0, -4, "4y4", (4, 0), 2.5, True, None)),
-    "format": Constraint(f"one of {', '.join(map(repr, FORMATS))}", _choice(FORMATS),
-                         ("csr", "", 3, None)),
+    "format": Constraint(f"one of {', '.join(map(repr, LAYOUT_FORMATS))}",
+                         _choice(LAYOUT_FORMATS), ("csr", "", 3, None, "NM")),
+    "nm": Constraint("None, or with format='nm' N:M with 1 <= N < M <= 64, as '2:4' or "
+                     "(2, 4)", _nm, ("2:2", "4:2", "0:4", "2-4", (2, 4, 8), 2.5, "1:65",
+                                     (2.0, 4), True)),
     "method": Constraint("a partitioner name with optional options, e.g. 'auto' or "
-                         "'metis:graph=jaccard' (see regroup.list_partitioners())",
+                         "'metis:graph=jaccard' (see regroup.list_partitioners()), or "
+                         "with format='nm' an N:M search: "
+                         f"{', '.join(map(repr, NM_METHODS))}",
                          _method, ("nope", "metis:colour=red", "metis:graph", 3, None)),
     "budget": Constraint("a Budget or a str 'iso', 'iso=F' (F in (0, 2**31]), "
                          "'density=D' (D in (0, 1]), 'blocks=K' (K an integer in "
@@ -210,12 +234,26 @@ class RegroupOptions:
     Parameters
     ----------
     block : int, (int, int) or str, default=32
-        Block shape ``br x bc`` (``"32x16"``); rows are output features.
-    format : {"grid", "shuffled"}, default="grid"
-        grid: BSR after row and column permutations; shuffled: per-panel column tiles.
+        Block shape ``br x bc`` (``"32x16"``); rows are output features. With
+        ``format="nm"`` the block is the N:M group: leave it at its default (or give
+        ``(1, M)``) and it is stored as ``(1, M)``; any other block is refused.
+    format : {"grid", "shuffled", "nm"}, default="grid"
+        grid: BSR after row and column permutations; shuffled: per-panel column tiles;
+        nm: an input-column permutation and the N:M mask of the permuted weight
+        (:mod:`regroup.nm`; rows are output features, the groups of M run along the input
+        columns, as in hardware). The block-layout options (``block``, ``budget``,
+        ``budget_scope``, ``layer_min``, ``refine``, ``anneal``, ``edge``) do not apply
+        to nm and must stay at their defaults (a value given is refused, never ignored);
+        ``objective``, ``seed``, ``time_limit``, ``layers`` and ``dense_above`` do.
+    nm : "N:M" or (int, int), optional
+        The N:M pattern of ``format="nm"``: ``"2:4"`` (the default there), ``"1:4"``,
+        ``"4:8"``, ``"2:8"``...; stored as ``(N, M)``. Refused with the other formats.
     method : str, default="auto"
         Partitioner, optionally with options: ``"metis:graph=jaccard"``. Stored in
-        canonical form (options that differ from the defaults, sorted).
+        canonical form (options that differ from the defaults, sorted). With
+        ``format="nm"``: ``"auto"`` (regroup's search, :func:`regroup.nm.nm_search`) or
+        ``"asp"`` (the ASP baseline, :func:`regroup.nm.asp_search`, M <= 4); see
+        :data:`regroup.nm.NM_METHODS`.
     params : mapping, optional
         Partitioner options merged into ``method`` (a convenience; after validation
         ``method`` carries them and ``params`` is None).
@@ -235,7 +273,9 @@ class RegroupOptions:
         Retained-mass local search; None: on for portfolio methods (auto) only.
     time_limit : float, optional
         Seconds per partitioner call (partitioners then run in a subprocess), and per
-        refinement of a layout (which then depends on the machine's speed).
+        refinement of a layout (which then depends on the machine's speed). With
+        ``format="nm"``: seconds per layer's N:M search (in process; stopped at a round
+        boundary, so the result then depends on the machine's speed too).
     anneal : float, optional
         Seconds of simulated annealing after refinement (:mod:`regroup.anneal`; its
         moves are counted by a work model, so the result is the same on every machine).
@@ -252,6 +292,7 @@ class RegroupOptions:
 
     block: Any = 32
     format: str = "grid"
+    nm: Any = None
     method: str = "auto"
     params: Mapping[str, Any] | None = None
     budget: Budget | str = "iso"
@@ -296,8 +337,10 @@ class RegroupOptions:
                                    budget_scope="layer", layer_min=0.0)
 
     def record(self) -> dict[str, Any]:
-        """The options as recorded in result files and reports (JSON types)."""
-        return {"block": list(self.block), "format": self.format, "method": self.method,
+        """The options as recorded in result files and reports (JSON types); ``nm`` only
+        with ``format="nm"`` (so block-format records are as before the option existed)."""
+        nm = {} if self.nm is None else {"nm": list(self.nm)}
+        return {"block": list(self.block), "format": self.format, **nm, "method": self.method,
                 "budget": str(self.budget), "budget_scope": self.budget_scope,
                 "layer_min": self.layer_min, "seed": self.seed,
                 "objective": self.objective, "edge": self.edge, "refine": self.refine,
@@ -317,8 +360,20 @@ class RegroupOptions:
 
     def replace(self, caller: str = "RegroupOptions.replace", **changes: Any
                 ) -> RegroupOptions:
-        """A copy with ``changes``, validated (errors name ``caller``)."""
+        """A copy with ``changes``, validated (errors name ``caller``).
+
+        Leaving ``format="nm"`` for a block format drops what N:M set (``nm``, and the
+        ``(1, M)`` group as ``block``) unless ``changes`` gives them."""
+        if self.format == "nm" and changes.get("format", "nm") != "nm":
+            changes = {"nm": None, "block": RegroupOptions.block, **changes}
         return resolve_options(self, caller, **changes)
+
+    def require_blocks(self, caller: str, why: str) -> None:
+        """Refuse ``format="nm"`` for ``caller``, an entry point that lays out blocks
+        (``why`` says what it does): a ``ValueError`` naming the 'format' parameter."""
+        if self.format == "nm":
+            raise ValueError(f"The 'format' parameter of {caller} must be one of "
+                             f"{', '.join(map(repr, FORMATS))}: {why}. Got 'nm' instead.")
 
     def named(self, name: str) -> bool:
         """Whether :attr:`layers` lists ``name`` itself (an entry equal to it, not only a
@@ -342,6 +397,7 @@ class RegroupOptions:
 
 
 _FIELDS = tuple(f.name for f in fields(RegroupOptions))
+_DEFAULT_BLOCK = _block(RegroupOptions.block)
 
 
 def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
@@ -353,6 +409,7 @@ def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
             detail = f" ({bad.detail})" if bad.detail else ""
             raise bad.kind(f"The {name!r} parameter of {caller} must be {c.allowed}. Got "
                            f"{values[name]!r} instead.{detail}") from None
+    _check_format(out, values, caller)
     params = values.get("params")
     if params is not None:
         if not isinstance(params, Mapping):
@@ -366,6 +423,48 @@ def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
                              f"instead. ({exc})") from None
         out["params"] = None
     return out
+
+
+# The block-layout options and their defaults: with format="nm" they do not apply.
+_BLOCK_ONLY = {"budget": Budget("iso"), "budget_scope": "layer", "layer_min": 0.0,
+               "refine": None, "anneal": None, "edge": "partial"}
+
+
+def _check_format(out: dict[str, Any], values: dict[str, Any], caller: str) -> None:
+    """The options that depend on the format, in ``out`` (normalised) or refused naming
+    the option and ``caller``: ``nm`` and the N:M methods go with format="nm" only, and
+    the block-layout options stay at their defaults with it (``block`` becomes the N:M
+    group, ``(1, M)``)."""
+    def refuse(name: str, must: str) -> None:
+        raise ValueError(f"The {name!r} parameter of {caller} must be {must}. Got "
+                         f"{values[name]!r} instead.")
+
+    if out["format"] != "nm":
+        if out["nm"] is not None:
+            refuse("nm", f"None with format={out['format']!r} (N:M applies to "
+                   "format='nm' only)")
+        if out["method"] in NM_METHODS and out["method"] not in list_partitioners():
+            refuse("method", f"a partitioner name with format={out['format']!r} "
+                   f"({out['method']!r} is an N:M search: it needs format='nm')")
+        return
+    nm = out["nm"] = NM_DEFAULT if out["nm"] is None else out["nm"]
+    if values.get("params") is not None:
+        refuse("params", "None with format='nm' (the N:M searches take no options)")
+    if out["method"] not in NM_METHODS:
+        refuse("method", f"one of {', '.join(map(repr, NM_METHODS))} with format='nm' "
+               "(the N:M searches; 'auto' is regroup's)")
+    problem = nm_method_problem(out["method"], nm)
+    if problem:
+        refuse("method", f"'auto' with format='nm' nm={nm[0]}:{nm[1]} ({problem})")
+    if out["block"] not in (_DEFAULT_BLOCK, (1, nm[1])):
+        refuse("block", f"left at its default with format='nm' (the N:M group, "
+               f"1x{nm[1]}, is the block)")
+    out["block"] = (1, nm[1])
+    for name, default in _BLOCK_ONLY.items():
+        if out[name] != default:
+            shown = repr(str(default) if isinstance(default, Budget) else default)
+            refuse(name, f"{shown} (its default) with format='nm': it applies to the "
+                   "block formats only")
 
 
 def check_budget(value: Any, name: str, caller: str) -> Budget:

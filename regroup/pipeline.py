@@ -23,7 +23,8 @@ so a result can then depend on the machine's load).
 
 Tensors that are not layers to regroup are skipped with a reason in ``Run.skipped``
 (:func:`regroup.io.layer_pattern`): those known from the index alone (rank, embedding
-tables, smaller than the block) are never loaded nor counted by ``progress``; those
+tables, smaller than the block, or with format "nm" a column count M does not divide:
+N:M groups are never padded) are never loaded nor counted by ``progress``; those
 known once read (empty, fully or nearly dense: ``dense_above``) are reported to
 ``progress`` as skipped.
 """
@@ -47,6 +48,7 @@ from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
 from .executors import ENGINES, execute
 from .io import layer_pattern, tensor_problem
+from .nm import nm_problem
 from .pattern import Pattern
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
@@ -156,7 +158,8 @@ def _part_matches(part: Path | None, record: dict[str, Any], layer: str,
     except (OSError, ValueError):
         return None
     if any(doc.get(k) != v for k, v in record.items()) or r.shape != tuple(shape) \
-            or r.block_shape != tuple(opts.block) or r.format != opts.format:
+            or r.block_shape != tuple(opts.block) or r.format != opts.format \
+            or r.nm != opts.nm:
         return None
     return doc, r
 
@@ -165,16 +168,28 @@ def usable_pattern(name: str, weight: Any, mask: Any, where: str, opts: RegroupO
                    ) -> tuple[Pattern | None, str | None]:
     """``(pattern, None)`` for a loaded tensor to regroup under ``opts``, or
     ``(None, why not)`` (the pipeline's rule; :mod:`regroup.sweep` uses it too)."""
-    return layer_pattern(name, weight, mask, source=where, block=opts.block,
-                         dense_above=opts.dense_above, skip_embeddings=not opts.named(name))
+    # N:M: the column rule below replaces the block's (its 1xM group fits any such matrix)
+    block = None if opts.nm is not None else opts.block
+    pat, reason = layer_pattern(name, weight, mask, source=where, block=block,
+                                dense_above=opts.dense_above,
+                                skip_embeddings=not opts.named(name))
+    if pat is not None and opts.nm is not None:
+        reason = nm_problem(pat.n_rows, pat.n_cols, opts.nm)
+        pat = None if reason else pat
+    return pat, reason
 
 
 def index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:
     """Why ``ref`` is no layer to regroup, known before loading it (None: load it)."""
     if ref.problem is not None or ref.shape is None:
         return ref.problem
-    return tensor_problem(ref.name, ref.shape, block=opts.block,
-                          skip_embeddings=not opts.named(ref.name))
+    problem = tensor_problem(ref.name, ref.shape,
+                             block=None if opts.nm is not None else opts.block,
+                             skip_embeddings=not opts.named(ref.name))
+    if problem is None and opts.nm is not None:
+        # N:M groups are never padded: a column count M does not divide is skipped.
+        problem = nm_problem(ref.shape[0], int(np.prod(ref.shape[1:])), opts.nm)
+    return problem
 
 
 def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str | None,

@@ -25,7 +25,7 @@ def _regrouped_view(pattern: Pattern, result: LayerResult) -> tuple[np.ndarray, 
     dense = pattern.matrix.toarray() != 0
     kept = result.mask2d
     rp = result.row_perm
-    if result.format == "grid":
+    if result.col_perm is not None:     # grid, and nm (whose row_perm is the identity)
         return dense[np.ix_(rp, result.col_perm)], kept[np.ix_(rp, result.col_perm)]
     br = result.block_shape[0]
     n, m = dense.shape
@@ -60,9 +60,10 @@ def plot_layer(pattern: Pattern, result: LayerResult, path: str | os.PathLike, *
     fig = Figure(figsize=(12, max(3.0, min(12.0, 6 * aspect)) + 0.8))
     axes = fig.subplots(1, 2)
     m_ = result.metrics
+    layout = (f"nm {result.nm[0]}:{result.nm[1]}" if result.nm is not None else
+              f"{result.format} {result.block_shape[0]}x{result.block_shape[1]}")
     titles = [f"input: {pattern.name} {n}x{m}, nnz {pattern.nnz}",
-              f"{result.format} {result.block_shape[0]}x{result.block_shape[1]}, "
-              f"{m_['chosen']}: retained {m_['retained']:.3f} "
+              f"{layout}, {m_['chosen']}: retained {m_['retained']:.3f} "
               f"(identity {m_['retained_identity']:.3f})"]
     for ax, img, title in zip(axes, (before, after), titles):
         rgb = np.ones((n, m, 3))

@@ -23,6 +23,7 @@ def report_row(layer: dict[str, Any], seconds: float | None) -> dict[str, Any]:
     return {"name": layer["name"], "shape": shape,
             "matrix_shape": [shape[0], int(np.prod(shape[1:]))],
             "block": list(layer["block_shape"]), "format": layer["format"],
+            **({"nm": layer["nm"]} if "nm" in layer else {}),     # N:M layers only
             "method": layer["method"], "params": layer["params"], "seed": layer["seed"],
             **layer["metrics"], "seconds": seconds}
 

@@ -8,12 +8,18 @@ Layout of the archive (format version 1)::
 
     meta.json                 format_version, regroup and tool versions, run options,
                               and per layer: name, shape, block_shape, format, method,
-                              params, seed, metrics, array entry prefix
+                              params, seed, metrics, array entry prefix (and nm: [N, M]
+                              for format "nm")
     layers/<i>/mask.npy       bool, the refilled mask in ORIGINAL coordinates and shape
-    layers/<i>/row_perm.npy   intp, row_perm[i] = original row at regrouped position i
-    layers/<i>/col_perm.npy   intp (grid), col_perm[j] = original column at position j
+    layers/<i>/row_perm.npy   intp (grid, shuffled), row_perm[i] = original row at
+                              regrouped position i
+    layers/<i>/col_perm.npy   intp (grid, nm), col_perm[j] = original column at position j
     layers/<i>/panel_ptr.npy  intp (shuffled), panel p's kept columns are
     layers/<i>/panel_cols.npy   panel_cols[panel_ptr[p]:panel_ptr[p+1]], tile after tile
+
+An N:M layer (format "nm") stores no row_perm (N:M keeps rows in place: it reads as the
+identity), block_shape [1, M], and a mask in which every row keeps at most N of each
+group of M columns permuted by col_perm (N exactly, as written by regroup).
 
 Reading trusts nothing in the file. Before anything is allocated, the archive's directory,
 entry count, meta.json and every array's declared size and npy header are checked against
@@ -21,9 +27,11 @@ limits (:data:`MAX_META_BYTES`, :data:`MAX_LAYERS`, :data:`MAX_ENTRIES`, ...) an
 the sizes the layer records imply (a mask of shape (r, c) is r*c bytes of bool); a
 declared size is only a claim, so entries are inflated a bounded chunk at a time and never
 past it. The content is then validated: shapes, permutations that are bijections, sane
-panel pointers, masks that are exactly the union of their layout's blocks (checked a few
-rows at a time, vectorised), kept-block counts that agree with the metrics. Any failure is
-a :class:`~regroup.FormatError` naming the file and the layer.
+panel pointers, masks that are exactly the union of their layout's blocks or, for N:M,
+keep at most N per group of M permuted columns (checked a few rows at a time,
+vectorised), kept-block counts and kept areas that agree with the metrics, and no entry
+but meta.json and the layers' arrays. Any failure is a :class:`~regroup.FormatError`
+naming the file and the layer.
 
 The one-layer *parts* of a streamed run (:func:`save_part`, :func:`load_part`) are result
 files sealed with the SHA-256 of their bytes (see :mod:`regroup._zip`): a part changed
@@ -49,7 +57,9 @@ import numpy as np
 from ._atomic import atomic_write
 from ._validation import FormatError, open_regular
 from ._zip import ZipWriter, check_seal, directory_size, raw_entry
-from .blocks import FORMATS, positions
+from .blocks import positions
+from .nm import check_nm
+from .options import LAYOUT_FORMATS
 
 __all__ = ["LayerResult", "save_result", "load_result", "check_result", "layer_record",
            "assemble_result", "read_meta", "save_part", "load_part", "damaged_part",
@@ -93,13 +103,16 @@ class LayerResult:
     mask : ndarray of bool
         Refilled mask in original coordinates: True inside kept blocks, False elsewhere.
     row_perm : ndarray of intp
-        ``row_perm[i]`` is the original (flattened) row at regrouped position ``i``.
+        ``row_perm[i]`` is the original (flattened) row at regrouped position ``i``
+        (the identity for "nm").
     col_perm : ndarray of intp or None
-        Grid format: ``col_perm[j]`` is the original column at regrouped position ``j``.
+        Grid and nm formats: ``col_perm[j]`` is the original column at regrouped
+        position ``j``.
     panel_cols : tuple of ndarray of intp, or None
         Shuffled format: the original columns kept by each row panel, tile after tile.
     block_shape : (int, int)
-    format : {"grid", "shuffled"}
+        ``(1, M)`` for "nm".
+    format : {"grid", "shuffled", "nm"}
     method : str
         The method asked for (e.g. ``"auto"``); ``metrics["chosen"]`` names the winner.
     params : dict
@@ -108,6 +121,9 @@ class LayerResult:
         See :mod:`regroup.metrics`.
     seconds : float or None
         Wall-clock time of the layer (not stored in result files).
+    nm : (int, int) or None
+        ``(N, M)`` of format "nm": each row keeps N of every M columns of
+        ``mask2d[:, col_perm]``.
     """
 
     name: str
@@ -123,6 +139,7 @@ class LayerResult:
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    nm: tuple[int, int] | None = None
 
     @property
     def mask2d(self) -> np.ndarray:
@@ -130,8 +147,8 @@ class LayerResult:
         return self.mask.reshape(self.shape[0], -1)
 
     def regrouped_mask(self) -> np.ndarray:
-        """The mask in regrouped coordinates: ``mask2d[row_perm][:, col_perm]`` (grid) or
-        rows permuted only (shuffled)."""
+        """The mask in regrouped coordinates: ``mask2d[row_perm][:, col_perm]`` (grid, nm:
+        there the N:M groups are consecutive columns) or rows permuted only (shuffled)."""
         m = self.mask2d[self.row_perm]
         return m[:, self.col_perm] if self.col_perm is not None else m
 
@@ -145,9 +162,10 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 def layer_record(r: LayerResult, prefix: str = "") -> dict:
     """The JSON record of one layer in a result file's meta.json (``prefix``: its array
     entries' directory)."""
+    nm = {} if r.nm is None else {"nm": list(r.nm)}
     return {"name": r.name, "shape": list(r.shape), "block_shape": list(r.block_shape),
-            "format": r.format, "method": r.method, "params": r.params, "seed": r.seed,
-            "metrics": r.metrics, "entry": prefix}
+            "format": r.format, **nm, "method": r.method, "params": r.params,
+            "seed": r.seed, "metrics": r.metrics, "entry": prefix}
 
 
 def save_result(path: str | os.PathLike, layers: list[LayerResult],
@@ -175,7 +193,8 @@ def _save(path: str | os.PathLike, layers: list[LayerResult],
         for i, r in enumerate(layers):
             pre = f"layers/{i}/"
             zw.write(pre + "mask.npy", _npy_bytes(np.asarray(r.mask, dtype=bool)))
-            zw.write(pre + "row_perm.npy", _npy_bytes(r.row_perm.astype(np.int64)))
+            if "row_perm.npy" in _ENTRIES[r.format]:
+                zw.write(pre + "row_perm.npy", _npy_bytes(r.row_perm.astype(np.int64)))
             if r.col_perm is not None:
                 zw.write(pre + "col_perm.npy", _npy_bytes(r.col_perm.astype(np.int64)))
             if r.panel_cols is not None:
@@ -205,7 +224,8 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, Valu
                RuntimeError, NotImplementedError, struct.error, zlib.error)
 # The array entries of a layer, in the order save_result writes them.
 _ENTRIES = {"grid": ("mask.npy", "row_perm.npy", "col_perm.npy"),
-            "shuffled": ("mask.npy", "row_perm.npy", "panel_ptr.npy", "panel_cols.npy")}
+            "shuffled": ("mask.npy", "row_perm.npy", "panel_ptr.npy", "panel_cols.npy"),
+            "nm": ("mask.npy", "col_perm.npy")}
 
 
 def _short(value: Any) -> str:
@@ -411,6 +431,7 @@ class _Record:
     block: tuple[int, int]
     format: str
     entry: str
+    nm: tuple[int, int] | None = None
 
 
 def _ints(value: Any, lengths: tuple[int, ...]) -> bool:
@@ -440,8 +461,28 @@ def _layer_record(lm: Any, i: int, path: str) -> _Record:
         raise FormatError(f"{where}: block_shape {_short(block)}, expected 2 positive "
                           "integers")
     fmt = lm.get("format")
-    if fmt not in FORMATS:
-        raise FormatError(f"{where}: format {_short(fmt)}, expected one of {FORMATS}")
+    if fmt not in LAYOUT_FORMATS:
+        raise FormatError(f"{where}: format {_short(fmt)}, expected one of "
+                          f"{LAYOUT_FORMATS}")
+    nm = None
+    if fmt == "nm":
+        raw = lm.get("nm")
+        if not _ints(raw, (2,)):
+            raise FormatError(f"{where}: nm {_short(raw)}, expected [N, M] (format 'nm')")
+        try:
+            nm = check_nm(raw, "")
+        except (TypeError, ValueError):
+            raise FormatError(f"{where}: nm {raw}, expected [N, M] with 1 <= N < M <= "
+                              "64") from None
+        if block != [1, nm[1]]:
+            raise FormatError(f"{where}: block_shape {block}, expected [1, {nm[1]}] for "
+                              f"N:M {nm[0]}:{nm[1]}")
+        if m % nm[1]:
+            raise FormatError(f"{where}: shape {shape} has {m} columns, not a multiple of "
+                              f"M = {nm[1]}")
+    elif "nm" in lm:
+        raise FormatError(f"{where}: nm {_short(lm['nm'])} in a {fmt!r} layer (N:M is "
+                          "format 'nm' only)")
     for key, kind in (("method", str), ("params", dict), ("metrics", dict)):
         if not isinstance(lm.get(key), kind):
             raise FormatError(f"{where}: {key} {_short(lm.get(key))}, expected a "
@@ -458,7 +499,7 @@ def _layer_record(lm: Any, i: int, path: str) -> _Record:
                           "a number")
     if lm.get("entry") != f"layers/{i}/":
         raise FormatError(f"{where}: entry {_short(lm.get('entry'))}, expected 'layers/{i}/'")
-    return _Record(lm, name, tuple(shape), n, m, tuple(block), fmt, f"layers/{i}/")
+    return _Record(lm, name, tuple(shape), n, m, tuple(block), fmt, f"layers/{i}/", nm)
 
 
 def _read_doc(arc: _Archive, path: str) -> tuple[dict, list[_Record]]:
@@ -552,7 +593,10 @@ class _MaskCheck:
         self.panel = positions(row_perm) // br        # each original row's panel
         self.area = 0
         self.grid = rec.format == "grid"
-        if self.grid:
+        self.nm = rec.nm
+        if self.nm is not None:
+            self.col_perm = col_perm
+        elif self.grid:
             self.col_perm = col_perm
             # Each regrouped column's group's first column, and the groups' first columns.
             self.first = np.arange(rec.m) // bc * bc
@@ -564,13 +608,25 @@ class _MaskCheck:
 
     def _fail(self, bad: np.ndarray, start: int, why: str) -> FormatError:
         r = start + int(np.argmax(bad))
+        if self.nm is not None:
+            return FormatError(f"{self.where}: the mask is not {self.nm[0]}:{self.nm[1]} "
+                               f"after col_perm (row {r}: {why})")
         return FormatError(f"{self.where}: the mask is not the union of its layout's blocks "
                            f"(row {r}, panel {self.panel[r]}: {why})")
 
     def feed(self, rows: np.ndarray, start: int) -> None:
         """Check ``rows`` (2-D), the mask's rows ``start`` onwards."""
-        pan = self.panel[start:start + rows.shape[0]]
         self.area += int(np.count_nonzero(rows))
+        if self.nm is not None:
+            n, m = self.nm
+            kept = np.count_nonzero(rows[:, self.col_perm].reshape(rows.shape[0], -1, m),
+                                    axis=-1)
+            bad = (kept > n).any(axis=1)
+            if bad.any():
+                raise self._fail(bad, start, f"more than {n} kept in a group of {m} "
+                                 "permuted columns")
+            return
+        pan = self.panel[start:start + rows.shape[0]]
         if self.grid:
             R = rows[:, self.col_perm]
             bad = (R != R[:, self.first]).any(axis=1)
@@ -596,12 +652,14 @@ class _MaskCheck:
 
     def finish(self, metrics: dict) -> None:
         """Compare the blocks and area found with what the metrics say (when they say)."""
-        if self.grid:
+        if self.nm is not None:
+            blocks = None      # N:M keeps groups' entries, not blocks
+        elif self.grid:
             blocks = int(self.kept.sum())
         else:
             blocks = int((-(-np.diff(self.ptr) // self.bc)).sum())
         for key, got in (("kept_blocks", blocks), ("kept_area", self.area)):
-            if metrics.get(key) is not None and metrics[key] != got:
+            if got is not None and metrics.get(key) is not None and metrics[key] != got:
                 raise FormatError(f"{self.where}: its metrics say {key} {metrics[key]}, its "
                                   f"mask holds {got}")
 
@@ -612,10 +670,14 @@ def _read_layer(arc: _Archive, rec: _Record, path: str, memory: _Memory,
     mask is then checked through a few rows of scratch space and not kept)."""
     where = f"{path}: layer {rec.name!r}"
     n, m, (br, bc) = rec.n, rec.m, rec.block
-    row_perm = _read_array(arc, rec.entry + "row_perm.npy", where, (n,), memory)
-    _check_perm(row_perm, n, "row_perm", where)
+    if rec.format == "nm":          # N:M keeps rows in place: no row_perm is stored
+        row_perm = memory.alloc((n,), _DTYPES["perm"], where, "its row order")
+        row_perm[:] = np.arange(n)
+    else:
+        row_perm = _read_array(arc, rec.entry + "row_perm.npy", where, (n,), memory)
+        _check_perm(row_perm, n, "row_perm", where)
     col_perm = ptr = cols = None
-    if rec.format == "grid":
+    if rec.format in ("grid", "nm"):
         col_perm = _read_array(arc, rec.entry + "col_perm.npy", where, (m,), memory)
         _check_perm(col_perm, m, "col_perm", where)
     else:
@@ -647,26 +709,26 @@ def _read_layer(arc: _Archive, rec: _Record, path: str, memory: _Memory,
         name=rec.name, shape=rec.shape, mask=mask, row_perm=row_perm.astype(np.intp),
         col_perm=None if col_perm is None else col_perm.astype(np.intp),
         panel_cols=panel_cols, block_shape=rec.block, format=rec.format,
-        method=lm["method"], params=lm["params"], seed=lm["seed"], metrics=lm["metrics"])
+        method=lm["method"], params=lm["params"], seed=lm["seed"], metrics=lm["metrics"],
+        nm=rec.nm)
 
 
-def _read(fp: BinaryIO, path: str, *, keep: bool, exact: bool = False
-          ) -> tuple[dict, ResultFile]:
+def _read(fp: BinaryIO, path: str, *, keep: bool) -> tuple[dict, ResultFile]:
     """Read and check the result file open as ``fp``: its meta.json and, layer after
-    layer, its arrays (kept in the returned ResultFile when ``keep``). ``exact``: the
-    archive must hold nothing but meta.json and the layers' arrays."""
+    layer, its arrays (kept in the returned ResultFile when ``keep``). The archive must
+    hold nothing but meta.json and the layers' arrays: regroup writes nothing else, and
+    an entry it did not write (``../x``, a second copy) is a file edited since."""
     arc = _Archive(fp, path)
     doc, records = _read_doc(arc, path)
-    if exact:
-        expected = {"meta.json"} | {r.entry + e for r in records for e in _ENTRIES[r.format]}
-        extra = sorted(set(arc.infos) - expected)
-        if extra:
-            raise FormatError(f"{path}: unexpected zip entries {_short(extra)}")
+    expected = {"meta.json"} | {r.entry + e for r in records for e in _ENTRIES[r.format]}
+    extra = sorted(set(arc.infos) - expected)
+    if extra:
+        raise FormatError(f"{path}: unexpected zip entries {_short(extra)}")
     memory = _Memory()
     if keep:    # what every layer will hold, before any of it is read
         for rec in records:
             memory.take(rec.n * rec.m + 8 * rec.n + 8 * (
-                rec.m if rec.format == "grid" else -(-rec.n // rec.block[0]) + 1),
+                rec.m if rec.format in ("grid", "nm") else -(-rec.n // rec.block[0]) + 1),
                 f"{path}: layer {rec.name!r}", "its mask and orders")
         memory.held = 0
     out = ResultFile()
@@ -756,7 +818,7 @@ def load_part(path: str | os.PathLike, layer: str) -> tuple[dict, LayerResult]:
             check_seal(fp)
         except FormatError as exc:
             raise FormatError(f"{path}: layer {layer!r}: {exc}") from None
-        doc, res = _read(fp, path, keep=True, exact=True)
+        doc, res = _read(fp, path, keep=True)
     _check_part_doc(doc, path, layer)
     return res.meta, res[layer]
 
@@ -777,7 +839,7 @@ def assemble_result(out: str | os.PathLike, parts: list[str | os.PathLike],
         try:
             with open_regular(p, "result file") as fp:
                 seals.append(check_seal(fp))
-                doc, _ = _read(fp, os.fspath(p), keep=False, exact=True)
+                doc, _ = _read(fp, os.fspath(p), keep=False)
             _check_part_doc(doc, os.fspath(p), names[i])
         except (OSError, FormatError) as exc:
             raise damaged_part(p, names[i], exc) from None

@@ -327,6 +327,8 @@ def sweep(source: Any, *, budgets: Any = DEFAULT_BUDGETS, methods: Any = DEFAULT
         raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': a "
                          "sweep scores every layer under its own budget. Got "
                          f"{opts.budget_scope!r} instead.")
+    opts.require_blocks(caller, "a sweep varies the block budget, and N:M keeps N/M of "
+                        "every row (compare N:M methods with `regroup compare --format nm`)")
     parsed = parse_budgets(budgets, "budgets", caller)
     names = tuple(str(b) for b in parsed)
     methods = _methods(methods, opts, caller)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,34 @@ def real_minilm(zoo):
     return zoo.minilm
 
 
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (links not followed): kind, bytes or target, mode."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            key = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[key] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                out[key] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode))
+            else:
+                out[key] = ("other", stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
+    return out
+
+
+# -- stress runs ------------------------------------------------------------------------------
+def log_case(**fields) -> None:
+    """Append one case's measurements to the JSON-lines file named by REGROUP_CASE_LOG
+    (the stress run, benchmarks/stress.py, sums them up); nothing when it is unset."""
+    path = os.environ.get("REGROUP_CASE_LOG")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
 # -- processes (Linux /proc) -------------------------------------------------------------
 def child_pids(pid: int) -> list[int]:
     """The child processes of ``pid`` (from /proc)."""
@@ -107,3 +136,12 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.fixture(scope="session")
+def hostile_runner():
+    """The forked-case runner of the hostile tests (tests/hostile_runner.py)."""
+    from .hostile_runner import Runner
+    runner = Runner()
+    yield runner
+    runner.close()

@@ -111,15 +111,15 @@ def test_failures_exit_1_with_one_line_and_leave_no_file(tmp_path, capsys):
 
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["run", str(EXAMPLE), "--block", "0", "-o", str(tmp_path / "x.npz")]) == 2
-    assert "'block' parameter" in capsys.readouterr().err
+    assert "'--block' option" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), "--method", "hmetis", "-o", str(tmp_path / "x.npz")]) == 2
     assert "'auto', 'dsb', 'hierarchical'" in capsys.readouterr().err
     assert main(["run", "--format", "bsr", str(EXAMPLE)]) == 2
     assert "invalid choice: 'bsr'" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), "--time-limit", "inf"]) == 2
-    assert "'time_limit' parameter of regroup run" in capsys.readouterr().err
+    assert "'--time-limit' option of regroup run" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), "--budget-scope", "global", "--layer-min", "2"]) == 2
-    assert "'layer_min' parameter of regroup run" in capsys.readouterr().err
+    assert "'--layer-min' option of regroup run" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -4,14 +4,15 @@ Every case must end in a valid result or the documented error (FormatError /
 RegroupError from the loaders; exit code 1 and one line from the CLI), never another
 exception, a hang, a huge allocation, code execution, or a partial result file.
 
-CI runs REGROUP_FUZZ_EXAMPLES (default 40) examples per test; the dedicated run is
-
-    REGROUP_FUZZ_EXAMPLES=250 python -m pytest tests/test_fuzz.py    # 6 tests: 1500 cases
+CI runs REGROUP_FUZZ_EXAMPLES (default 40) examples per test; the stress run
+(``python benchmarks/stress.py``, figures in benchmarks/README.md) runs 1,000 per test
+together with tests/test_hostile.py's generators.
 """
 import json
 import os
 import pickle
 import struct
+import time
 import tracemalloc
 
 import numpy as np
@@ -24,6 +25,8 @@ from regroup import FormatError, RegroupError, read_patterns
 from regroup.source import open_source
 from regroup.io import write_safetensors, write_smtx
 
+from .conftest import log_case
+
 # torch warns about the protocol of every hand-made pickle; the refusal is what matters.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 N = int(os.environ.get("REGROUP_FUZZ_EXAMPLES", "40"))
@@ -34,9 +37,14 @@ FUZZ = settings(max_examples=N, deadline=None,
 MAX_BYTES = 256 * 2**20
 
 
+# Nor take longer than this (the same bound as tests/test_hostile.py's cases).
+MAX_SECONDS = 30.0
+
+
 def _load_all(path):
     """Every loader on ``path``: a documented error or a valid result, bounded memory."""
     tracemalloc.start()
+    t0 = time.perf_counter()
     try:
         for load in (lambda: read_patterns(path), lambda: open_source(path)):
             try:
@@ -46,7 +54,16 @@ def _load_all(path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < MAX_BYTES, f"{path.name}: {peak / 2**20:.0f} MB allocated"
+    _bounded("load", path, time.perf_counter() - t0, peak)
+
+
+def _bounded(step, path, seconds, peak):
+    """Check (and log for the stress run) one step's seconds and traced peak (bytes, or
+    None when not traced: the CLI step, whose bound is the process's peak RSS)."""
+    log_case(suite="fuzz", step=step, file=path.name, seconds=seconds,
+             peak_mb=None if peak is None else peak / 2**20)
+    assert peak is None or peak < MAX_BYTES, f"{path.name}: {peak / 2**20:.0f} MB allocated"
+    assert seconds < MAX_SECONDS, f"{path.name}: {seconds:.0f} s"
 
 
 def _cli(path, tmp_path):
@@ -55,7 +72,9 @@ def _cli(path, tmp_path):
 
     from regroup.cli import main
     out = Path(tempfile.mkdtemp(dir=tmp_path)) / "out.npz"   # tmp_path is shared by examples
+    t0 = time.perf_counter()
     code = main(["run", str(path), "-o", str(out), "--block", "4", "--method", "sort", "-q"])
+    _bounded("cli", path, time.perf_counter() - t0, None)
     assert code in (0, 1)
     assert out.exists() == (code == 0)          # never a partial result file
     return code

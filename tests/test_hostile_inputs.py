@@ -676,16 +676,16 @@ def test_deeply_nested_dict_pickles_are_format_errors(tmp_path, capsys, depth):
 
 
 @pytest.mark.parametrize("option, value, name, accepted", [
-    ("--time-limit", "inf", "time_limit", "(0, 1e9]"),
-    ("--time-limit", "1e400", "time_limit", "(0, 1e9]"),
-    ("--time-limit", "1e300", "time_limit", "(0, 1e9]"),
-    ("--anneal", "1e300", "anneal", "(0, 1e6]"),
-    ("--budget", "blocks=1e400", "budget", "[1, 2**53]"),
-    ("--budget", "blocks=1e300", "budget", "[1, 2**53]"),
-    ("--budget", "iso=1e400", "budget", "(0, 2**31]"),
-    ("--budget", "iso=1e300", "budget", "(0, 2**31]"),
-    ("--layer-min", "1e400", "layer_min", "[0, 1]"),
-    ("--dense-above", "1e400", "dense_above", "(0, 1]"),
+    ("--time-limit", "inf", "--time-limit", "(0, 1e9]"),
+    ("--time-limit", "1e400", "--time-limit", "(0, 1e9]"),
+    ("--time-limit", "1e300", "--time-limit", "(0, 1e9]"),
+    ("--anneal", "1e300", "--anneal", "(0, 1e6]"),
+    ("--budget", "blocks=1e400", "--budget", "[1, 2**53]"),
+    ("--budget", "blocks=1e300", "--budget", "[1, 2**53]"),
+    ("--budget", "iso=1e400", "--budget", "(0, 2**31]"),
+    ("--budget", "iso=1e300", "--budget", "(0, 2**31]"),
+    ("--layer-min", "1e400", "--layer-min", "[0, 1]"),
+    ("--dense-above", "1e400", "--dense-above", "(0, 1]"),
 ])
 def test_overflowing_option_values_are_usage_errors(tmp_path, capsys, option, value, name,
                                                     accepted):
@@ -697,7 +697,7 @@ def test_overflowing_option_values_are_usage_errors(tmp_path, capsys, option, va
 def test_overflowing_sweep_budgets_are_usage_errors(tmp_path, capsys):
     np.save(tmp_path / "m.npy", _layer())
     _refused(tmp_path, capsys, ["sweep", "m.npy", "--no-speed", "-q", "--budgets",
-                                "iso,blocks=1e400"], 2, "'budgets' parameter of sweep",
+                                "iso,blocks=1e400"], 2, "'--budgets' option of regroup sweep",
              "[1, 2**53]")
 
 

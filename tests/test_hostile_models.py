@@ -21,7 +21,8 @@ from torch.nn.utils.parametrizations import weight_norm  # noqa: E402
 
 from regroup import RegroupError  # noqa: E402
 from regroup.adapters.torch import (apply_result, layer_masks,  # noqa: E402
-                                    regroup_model, to_block_sparse, write_mask)
+                                    load_block_sparse, regroup_model, to_block_sparse,
+                                    write_mask)
 from regroup.adapters.torch import _journal  # noqa: E402
 from regroup.adapters.torch import masking as masking_mod  # noqa: E402
 from regroup.adapters.torch import plan as plan_mod  # noqa: E402
@@ -483,6 +484,34 @@ def test_to_block_sparse_failing_on_a_later_layer_swaps_nothing(monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         to_block_sparse(model, plan)
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("when", ["before-copy", "after-copy", "interrupted"])
+def test_load_block_sparse_failing_part_way_changes_nothing(monkeypatch, when):
+    """Every check passes; loading the values then fails (before or after copying them):
+    the dense model keeps its modules, masks and values."""
+    model, x = pruned("mlp")
+    plan = _regroup(model)
+    to_block_sparse(model, plan, backend="dense")
+    state = model.state_dict()
+    fresh, _ = pruned("mlp", seed=1)
+    before = _snapshot(fresh)
+    real = nn.Module.load_state_dict
+
+    def failing(self, *args, **kwargs):
+        if self is fresh and when != "before-copy":
+            real(self, *args, **kwargs)
+        if self is fresh:
+            raise (KeyboardInterrupt if when == "interrupted" else RuntimeError)("injected")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(nn.Module, "load_state_dict", failing)
+    with pytest.raises((RuntimeError, KeyboardInterrupt), match="injected"):
+        load_block_sparse(fresh, state, backend="dense")
+    _assert_unchanged(fresh, before)
+    monkeypatch.setattr(nn.Module, "load_state_dict", real)
+    load_block_sparse(fresh, state, backend="dense")       # and it still loads after
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=ATOL)
 
 
 def test_regroup_model_keeps_every_training_flag():

@@ -21,7 +21,7 @@ from regroup import RegroupError, regroup_checkpoint, regroup_file
 from regroup._outputs import PARTS_MARKER, PartsDir, default_output
 from regroup.cli import main
 
-from .conftest import EXAMPLE, child_pids, process_alive
+from .conftest import EXAMPLE, child_pids, process_alive, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,23 +32,6 @@ def _masks(tmp_path: Path) -> None:
     np.save(tmp_path / "m.npy", rng.random((32, 48)) < 0.3)
     np.savez(tmp_path / "m.npz", a=rng.random((32, 48)) < 0.3, b=rng.random((48, 32)) < 0.3)
     (tmp_path / "ex.npz").write_bytes(EXAMPLE.read_bytes())
-
-
-def _snapshot(root: Path) -> dict[str, object]:
-    """Every entry under ``root`` (links not followed): its kind and bytes or target."""
-    out: dict[str, object] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            key = str(p.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                out[key] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                out[key] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode))
-            else:
-                out[key] = ("other", stat.S_IFMT(st.st_mode))
-    return out
 
 
 def _fifo(p: Path) -> None:
@@ -124,21 +107,24 @@ CASES = [
 
 @pytest.mark.parametrize("setup, argv, named", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_a_hostile_output_path_is_refused_before_any_work(tmp_path, setup, argv, named):
-    _masks(tmp_path)
+def test_a_hostile_output_path_is_refused_before_any_work(hostile_runner, tmp_path, setup,
+                                                          argv, named):
+    cwd, logs = tmp_path / "cwd", tmp_path / "logs"
+    cwd.mkdir()
+    logs.mkdir()
+    _masks(cwd)
     if setup is not None:
-        setup(tmp_path)
-    before = _snapshot(tmp_path)
-    # In a child process: /dev/stdout and /proc/self/fd/1 must be its own pipe, and the
+        setup(cwd)
+    before = snapshot(cwd)
+    # In a forked child: /dev/stdout and /proc/self/fd/1 are its own files, and the
     # working directory its own.
-    proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.pop(0); "
-                           "from regroup.cli import main; sys.exit(main())", *argv],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1, proc.stderr
+    got = hostile_runner.run(cwd, logs, argv=argv, seconds=60)
+    err = (logs / "stderr").read_text()
+    lines = err.strip().splitlines()
+    assert got["exit"] == 1, err
     assert len(lines) == 1 and named in lines[0], lines
     assert "error:" in lines[0] and ".tmp" not in lines[0]
-    assert _snapshot(tmp_path) == before        # inputs intact, nothing left behind
+    assert snapshot(cwd) == before             # inputs intact, nothing left behind
 
 
 def test_a_result_file_is_replaced_by_a_rerun_and_other_files_only_with_force(tmp_path):
@@ -259,8 +245,6 @@ def test_children_never_import_from_the_working_directory(tmp_path, options):
         pytest.importorskip("kahypar")
     if "metis" in options:
         pytest.importorskip("pymetis")
-    if sys.version_info < (3, 11) and options[0] == "--jobs":
-        pytest.skip("PYTHONSAFEPATH (the spawned workers' guard) needs Python >= 3.11")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     marker = tmp_path / "ran"

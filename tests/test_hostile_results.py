@@ -13,8 +13,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import zipfile
 import zlib
@@ -442,48 +440,31 @@ CASES = [
     ("fifo", _fifo, r"not a regular file", False),
 ]
 
-_RUNNER = r"""
-import contextlib, io, json, resource, sys, time
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from regroup.cli import main
-from regroup.result import load_result
-out = []
-for argv in json.loads(sys.argv[2]):
-    got, t0 = {}, time.perf_counter()
-    if argv[0] == "load":
-        try:
-            load_result(argv[1])
-            got["error"] = None
-        except Exception as exc:
-            got["error"], got["message"] = type(exc).__name__, str(exc)
-    else:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            got["exit"] = main(argv)
-        got["message"] = err.getvalue()
-    got["seconds"] = time.perf_counter() - t0
-    out.append(got)
-print(json.dumps({"runs": out,
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
 
-
-def _run_limited(*commands: list[str]) -> tuple[list[dict], float]:
-    """Run ``commands`` (``["load", path]`` or CLI arguments) in one subprocess limited to
-    AS_LIMIT bytes of address space; their outcomes and its peak RSS (MB)."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(AS_LIMIT),
-                           json.dumps(commands)], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return got["runs"], got["maxrss_mb"]
+def _run_limited(runner, tmp_path: Path, *commands: list[str]) -> tuple[list[dict], float]:
+    """Run ``commands`` (``["load", path]`` or CLI arguments), each in a forked child
+    allowed AS_LIMIT bytes of address space beyond the runner's; their outcomes and the
+    largest peak RSS (MB)."""
+    out, rss = [], 0.0
+    for k, argv in enumerate(commands):
+        logs = tmp_path / f"logs{k}"
+        logs.mkdir()
+        if argv[0] == "load":
+            got = runner.run(tmp_path, logs, op="load", params={"path": argv[1]},
+                             rss_mb=AS_LIMIT >> 20, seconds=60)
+            got.update(json.loads((logs / "op.json").read_text()))
+        else:
+            got = runner.run(tmp_path, logs, argv=argv, rss_mb=AS_LIMIT >> 20, seconds=60)
+            got["message"] = (logs / "stderr").read_text()
+        assert not got["timed_out"] and "Traceback" not in got.get("message", ""), got
+        rss = max(rss, got["maxrss_mb"])
+        out.append(got)
+    return out, rss
 
 
 @pytest.mark.parametrize("case, build, pattern, names_layer", CASES, ids=[c[0] for c in CASES])
-def test_a_hostile_result_file_fails_cleanly(tmp_path, case, build, pattern, names_layer):
+def test_a_hostile_result_file_fails_cleanly(hostile_runner, tmp_path, case, build, pattern,
+                                             names_layer):
     path = build(tmp_path / "r.regroup.npz")
     where = re.escape(str(path)) + (r": layer 'fc\.weight'" if names_layer else "")
     commands = [["load", str(path)], ["inspect", str(path)]]
@@ -492,7 +473,7 @@ def test_a_hostile_result_file_fails_cleanly(tmp_path, case, build, pattern, nam
         np.savez(tmp_path / "w.npz", **{LAYER: _weights()})
         commands.append(["show", str(tmp_path / "w.npz"), "--result", str(path), "-o",
                          str(tmp_path / "o.png"), "--block", str(BLOCK)])
-    runs, rss = _run_limited(*commands)
+    runs, rss = _run_limited(hostile_runner, tmp_path, *commands)
     assert rss < AS_LIMIT >> 20
     for command, got in zip(commands, runs):
         assert got["seconds"] < MAX_SECONDS, (command, got)

@@ -14,12 +14,15 @@ from regroup.result import assemble_result, save_part
 from .conftest import random_mask
 
 
-@pytest.fixture(params=["grid", "shuffled"])
+@pytest.fixture(params=["grid", "shuffled", "nm"])
 def layers(request):
     rng = np.random.default_rng(0)
     conv = rng.standard_normal((32, 4, 3, 3)) * (rng.random((32, 4, 3, 3)) < 0.2)
-    return [regroup_pattern(from_array(random_mask(rng, 48, 40, 0.15), name="fc"), block=8,
-                            format=request.param, method="metis"),
+    fc = from_array(random_mask(rng, 48, 40, 0.15), name="fc")
+    if request.param == "nm":    # N:M has its own searches and no block
+        return [regroup_pattern(fc, format="nm", nm="1:4", method="asp"),
+                regroup_pattern(from_array(conv, name="conv"), format="nm", nm="2:4")]
+    return [regroup_pattern(fc, block=8, format=request.param, method="metis"),
             regroup_pattern(from_array(conv, name="conv"), block=(8, 4),
                             format=request.param, method="auto")]
 
@@ -35,11 +38,13 @@ def test_round_trip_keeps_every_attribute(tmp_path, layers):
         np.testing.assert_array_equal(b.row_perm, a.row_perm)
         assert b.format == a.format and b.block_shape == a.block_shape
         assert b.metrics == a.metrics and b.method == a.method and b.seed == a.seed
-        if a.format == "grid":
+        assert b.nm == a.nm
+        if a.format in ("grid", "nm"):
             np.testing.assert_array_equal(b.col_perm, a.col_perm)
         else:
             assert [c.tolist() for c in b.panel_cols] == [c.tolist() for c in a.panel_cols]
-        check_layout(b.mask2d, b.format, b.block_shape, b.row_perm, b.col_perm, b.panel_cols)
+        check_layout(b.mask2d, b.format, b.block_shape, b.row_perm, b.col_perm, b.panel_cols,
+                     nm=b.nm)
 
 
 def test_files_are_byte_identical(tmp_path, layers):

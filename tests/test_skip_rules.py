@@ -124,7 +124,7 @@ def test_cli_refuses_hostile_thresholds_with_exit_2(value, tmp_path, capsys):
     for cmd in (["run", str(EXAMPLE), "-o", str(out)], ["compare", str(EXAMPLE)]):
         assert main(cmd + ["--dense-above", value]) == 2
         err = capsys.readouterr().err
-        assert f"The 'dense_above' parameter of regroup {cmd[0]} must be a float in (0, 1]" \
+        assert f"The '--dense-above' option of regroup {cmd[0]} must be a float in (0, 1]" \
             in err and err.count("\n") == 1
     assert main(["run", str(EXAMPLE), "--dense-above", "x"]) == 2
     assert "invalid float value: 'x'" in capsys.readouterr().err

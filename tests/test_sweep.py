@@ -317,11 +317,11 @@ def test_cli_writes_csv_markdown_and_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,code,match", [
-    (["--budgets", "density=2"], 2, "'budgets' parameter of sweep"),
+    (["--budgets", "density=2"], 2, "'--budgets' option of regroup sweep"),
     (["--budgets", "iso,iso=1"], 2, "'iso' is given twice"),
-    (["--methods", "hmetis"], 2, "'methods' parameter of sweep"),
-    (["--block", "0"], 2, "'block' parameter of regroup sweep"),
-    (["--threads", "0"], 2, "'threads' parameter of sweep"),
+    (["--methods", "hmetis"], 2, "'--methods' option of regroup sweep"),
+    (["--block", "0"], 2, "'--block' option of regroup sweep"),
+    (["--threads", "0"], 2, "'--threads' option of regroup sweep"),
     (["--format", "bsr"], 2, "invalid choice: 'bsr'"),
     (["--block", "4096"], 1, "no usable layer"),
     (["--layers", "nope*"], 1, "no layer matches 'nope\\*'"),

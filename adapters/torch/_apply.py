@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from regroup import RegroupError
+import numpy as np
+
+from regroup import RegroupError, check_layout
 from regroup.result import LayerResult
 
 from ._holders import refuse_meta
@@ -61,7 +63,8 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
     Raises
     ------
     RegroupError
-        A layer is missing from the model, its shape (or its rewind value's) differs, it
+        A layer is missing from the model, its shape (or its rewind value's) differs, its
+        mask is not a union of whole blocks of its layout (:func:`regroup.check_layout`), it
         cannot be masked (a parametrization other than torch.ao.pruning's), two result
         layers name one tensor (``fc.weight`` and ``fc.parametrizations.weight.original``,
         or one module reached by two paths), or a tensor is on the meta device; nothing
@@ -89,6 +92,11 @@ def apply_result(model: torch.nn.Module, result: Mapping[str, LayerResult], *,
         if shape != tuple(layer.mask.shape):
             raise RegroupError(f"result layer {name!r} has shape {tuple(layer.mask.shape)}, "
                                f"the model's tensor {shape}")
+        try:        # a result built or edited in memory is checked as a loaded one is
+            check_layout(np.asarray(layer.mask2d, bool), layer.format, layer.block_shape,
+                         layer.row_perm, layer.col_perm, layer.panel_cols, nm=layer.nm)
+        except RegroupError as exc:
+            raise RegroupError(f"result layer {name!r}: {exc}") from None
         values = None if rewind is None else rewind.get(name)
         if values is not None and tuple(values.shape) != shape:
             raise RegroupError(f"rewind value of {name!r} has shape {tuple(values.shape)}, "

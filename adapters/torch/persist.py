@@ -32,7 +32,8 @@ from regroup import RegroupError
 from regroup.io.safetensors import (read_safetensors, safetensors_index, safetensors_metadata,
                                     write_safetensors)
 
-from .masking import mask_source, write_mask
+from ._journal import atomic
+from .masking import journaled_write_mask, mask_source
 from .plan import FOLD_MARKER, disable_nested_tensor, prepare_for_load
 from .sparse import (LAYOUT_KEYS, LAYOUT_VERSION, BlockSparseConv2d, BlockSparseLinear,
                      BlockSparseMultiheadAttention, BlockCore, stored_result)
@@ -184,7 +185,9 @@ def load_block_sparse(model: nn.Module, source: Mapping[str, torch.Tensor] | str
         A stored layout is invalid (named by layer: missing key, index out of range, not a
         permutation, shape), its module is missing or of another kind or shape, a tensor
         has another shape than the rebuilt model's, keys differ (``strict``), or the
-        safetensors header disagrees with the tensors. Nothing is changed then.
+        safetensors header disagrees with the tensors. Nothing is changed then, nor
+        when loading fails part-way through (every change is undone; the model's values
+        are copied aside while it loads).
     FormatError
         A corrupt ``.safetensors`` file.
     """
@@ -217,19 +220,33 @@ def load_block_sparse(model: nn.Module, source: Mapping[str, torch.Tensor] | str
                key.rpartition(".")[0] in after]
     _check_fit(state, _expected_state(model, new, masks, markers), strict, where)
 
-    for name, m in new.items():
-        parent, _, leaf = name.rpartition(".")
-        ref = next(modules[name].parameters(), None)
-        if ref is not None:
-            m.to(ref.device)
-        setattr(model.get_submodule(parent) if parent else model, leaf, m)
-    for m, attr, key in masks:
-        write_mask(m, attr, state[key])
-    for key in markers:
-        owner = key.rpartition(".")[0]
-        prepare_for_load(model.get_submodule(owner) if owner else model)
-    model.load_state_dict(state, strict=strict)
-    done.update(disable_nested_tensor(model))
+    # All or nothing: a failure below (a dtype load_state_dict cannot copy, an
+    # interrupt) undoes every change, values included.
+    with atomic() as journal:
+        for name, m in new.items():
+            parent, _, leaf = name.rpartition(".")
+            ref = next(modules[name].parameters(), None)
+            if ref is not None:
+                m.to(ref.device)
+            owner = model.get_submodule(parent) if parent else model
+            journal.module(owner)
+            setattr(owner, leaf, m)
+        for m, attr, key in masks:
+            journaled_write_mask(journal, m, attr, state[key])
+        for key in markers:
+            owner = key.rpartition(".")[0]
+            target = model.get_submodule(owner) if owner else model
+            journal.module(target)
+            prepare_for_load(target)
+        fresh = {id(t) for m in new.values() for t in m.state_dict(keep_vars=True).values()}
+        for t in model.state_dict(keep_vars=True).values():
+            if id(t) not in fresh:
+                journal.values(t)
+        model.load_state_dict(state, strict=strict)
+        for m in model.modules():
+            if isinstance(m, nn.TransformerEncoder):
+                journal.module(m)
+        done.update(disable_nested_tensor(model))
     return done
 
 

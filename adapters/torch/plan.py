@@ -413,6 +413,11 @@ class Plan:
         """
         res = load_result(result) if isinstance(result, (str, os.PathLike)) else result
         meta = getattr(res, "meta", {})
+        nm = [name for name, r in res.items() if r.format == "nm"]
+        if nm:    # no block layout to run; apply_result still applies their N:M masks
+            raise RegroupError(f"Plan.from_result: layer {nm[0]!r} is N:M (format 'nm'), "
+                               "which the PyTorch adapters do not run yet (its mask holds "
+                               "only once the column permutation is folded)")
         why = "orders from a result file (layers regrouped independently)"
         sides = {name: {"rows": "runtime", "why_rows": why,
                         **({"cols": "runtime", "why_cols": why} if r.format == "grid"
@@ -816,6 +821,9 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     """
     caller = "regroup_model"
     opts = resolve_options(options, caller, **kwargs)
+    # Its N:M mask holds only once the column permutation is folded, not done here yet.
+    opts.require_blocks(caller, "the PyTorch adapters apply block layouts; N:M "
+                        "(format='nm') is in the core and the CLI only so far")
     check_mode(mode, example_inputs, caller)
     _refuse_folded(model, caller)
     refuse_meta(model, caller)
@@ -1034,7 +1042,14 @@ def _refine_folds(folds: list[Fold], patterns: Mapping[str, regroup.Pattern],
     frozen = frozen | {k for k in rows + cols if isinstance(k, tuple)}
     objectives = {results[n].metrics["objective"] for n in names}
     before = [lay.kept_mass / (float(V.sum()) or 1.0) for V, lay, _, _ in layers]
-    new = refine_shared(layers, rows, cols, frozen=frozen, time_limit=opts.time_limit)
+    bounds: list[str] = []
+    new = refine_shared(layers, rows, cols, frozen=frozen, time_limit=opts.time_limit,
+                        notes=bounds)
+    if bounds:       # a bound that stopped the joint search is said, as refine's are
+        for n in names:
+            r = results[n]
+            results[n] = replace(r, metrics={**r.metrics,
+                                             "bounds": [*r.metrics.get("bounds", ()), *bounds]})
     after = [lay.kept_mass / (float(V.sum()) or 1.0) for (V, _, _, _), lay in zip(layers, new)]
     if sum(after) <= sum(before):
         return None

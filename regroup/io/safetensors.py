@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,8 @@ def _index(f, path: str, size: int) -> dict[str, tuple]:
     data_size = size - start
     out: dict[str, tuple] = {}
     for name, info in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__":      # the format's: a map of strings to strings
+            _check_metadata(info, path)
             continue
         try:
             dtype = info["dtype"]
@@ -127,7 +129,10 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = os.fspath(path)
     with open_regular(path, "safetensors file") as f:
         header, _ = _header(f, path, os.fstat(f.fileno()).st_size)
-    meta = header.get("__metadata__", {})
+    return _check_metadata(header.get("__metadata__", {}), path)
+
+
+def _check_metadata(meta: Any, path: str) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
         raise FormatError(f"{path}: the header's __metadata__ must map strings to strings")
