@@ -111,7 +111,7 @@ def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
     br, bc = block
     if pattern.nnz == 0:
         raise RegroupError(f"{pattern.describe()} is empty (no nonzero): nothing to regroup")
-    if pattern.nnz == n * m:
+    if pattern.nnz == n * m and nm is None:       # (N:M prunes dense weights)
         raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
                            "nothing to regroup")
     problem = None if nm is None else nm_problem(n, m, nm)

@@ -241,10 +241,12 @@ class RegroupOptions:
         grid: BSR after row and column permutations; shuffled: per-panel column tiles;
         nm: an input-column permutation and the N:M mask of the permuted weight
         (:mod:`regroup.nm`; rows are output features, the groups of M run along the input
-        columns, as in hardware). The block-layout options (``block``, ``budget``,
-        ``budget_scope``, ``layer_min``, ``refine``, ``anneal``, ``edge``) do not apply
+        columns, as in hardware). N:M prunes what it is given: dense tensors are taken
+        (the usual input, as for ASP), pruned ones too (an N:M mask of the surviving
+        weights). The block-layout options (``block``, ``budget``, ``budget_scope``,
+        ``layer_min``, ``refine``, ``anneal``, ``edge``) and ``dense_above`` do not apply
         to nm and must stay at their defaults (a value given is refused, never ignored);
-        ``objective``, ``seed``, ``time_limit``, ``layers`` and ``dense_above`` do.
+        ``objective``, ``seed``, ``time_limit`` and ``layers`` do.
     nm : "N:M" or (int, int), optional
         The N:M pattern of ``format="nm"``: ``"2:4"`` (the default there), ``"1:4"``,
         ``"4:8"``, ``"2:8"``...; stored as ``(N, M)``. Refused with the other formats.
@@ -425,9 +427,10 @@ def _validate(values: dict[str, Any], caller: str) -> dict[str, Any]:
     return out
 
 
-# The block-layout options and their defaults: with format="nm" they do not apply.
+# The block-layout options and their defaults: with format="nm" they do not apply
+# (nor the density rule: N:M takes dense tensors).
 _BLOCK_ONLY = {"budget": Budget("iso"), "budget_scope": "layer", "layer_min": 0.0,
-               "refine": None, "anneal": None, "edge": "partial"}
+               "refine": None, "anneal": None, "edge": "partial", "dense_above": DENSE_ABOVE}
 
 
 def _check_format(out: dict[str, Any], values: dict[str, Any], caller: str) -> None:

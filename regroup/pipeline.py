@@ -172,7 +172,8 @@ def usable_pattern(name: str, weight: Any, mask: Any, where: str, opts: RegroupO
     block = None if opts.nm is not None else opts.block
     pat, reason = layer_pattern(name, weight, mask, source=where, block=block,
                                 dense_above=opts.dense_above,
-                                skip_embeddings=not opts.named(name))
+                                skip_embeddings=not opts.named(name),
+                                dense=opts.nm is not None)
     if pat is not None and opts.nm is not None:
         reason = nm_problem(pat.n_rows, pat.n_cols, opts.nm)
         pat = None if reason else pat

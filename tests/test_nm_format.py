@@ -402,13 +402,17 @@ def test_cli_on_the_bundled_example(tmp_path, capsys):
     res, report = load_result(out), json.loads(rep.read_text())
     with np.load(EXAMPLE) as src:
         weights = dict(src)
-    assert sorted(res) == ["conv1.weight", "fc1.weight", "fc2.weight"]
+    # The three pruned layers, and the dense head: N:M prunes dense weights too.
+    assert sorted(res) == ["conv1.weight", "fc1.weight", "fc2.weight", "head.weight"]
     for row in report["layers"]:
         _check_layer(res[row["name"]], weights[row["name"]], (1, 4))
+        assert 0 < row["efficacy"] <= 1
+        if row["name"] == "head.weight":
+            assert row["retained"] == row["retained_identity"] == 0.25
+            continue
         # Measured 0.986-0.999 against 0.84-0.88 for plain 1:4.
         assert row["retained_magnitude"] > row["retained_magnitude_identity"] + 0.05
         assert row["retained"] > row["retained_identity"]
-        assert 0 < row["efficacy"] <= 1
     assert report["total"]["retained"] > report["total"]["retained_identity"]
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
@@ -492,3 +496,24 @@ def test_replacing_the_format_drops_what_nm_set():
     assert o.replace(seed=3).nm == (1, 4)              # staying N:M keeps it
     with pytest.raises(ValueError, match="'nm' parameter"):
         o.replace(format="grid", nm="2:4")              # given explicitly: still refused
+
+
+def test_dense_weights_are_n_m_pruned_and_dense_above_is_refused(tmp_path, capsys):
+    """N:M prunes dense weights (ASP's input); the block formats skip them as not pruned."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 64)).astype(np.float32)          # no zero at all
+    path = tmp_path / "dense.npz"
+    np.savez(path, **{"fc.weight": w, "fc.bias": w[0]})
+    out = tmp_path / "r.npz"
+    assert main(["run", str(path), "--format", "nm", "-o", str(out), "-q"]) == 0
+    r = regroup.load_result(out)["fc.weight"]
+    _check_layer(r, w, (2, 4))
+    assert r.metrics["retained"] == 0.5
+    assert r.metrics["retained_magnitude"] > r.metrics["retained_magnitude_identity"]
+    assert main(["run", str(path), "-o", str(tmp_path / "g.npz"), "-q"]) == 1
+    assert "fully dense" in capsys.readouterr().err
+    assert main(["run", str(path), "--format", "nm", "--dense-above", "1", "-o",
+                 str(tmp_path / "x.npz")]) == 2
+    assert "'--dense-above' option" in capsys.readouterr().err
+    r2 = regroup.regroup_pattern(from_array(w, name="fc.weight"), format="nm", nm="1:4")
+    _check_layer(r2, w, (1, 4))

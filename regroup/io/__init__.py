@@ -600,11 +600,13 @@ def tensor_problem(name: str, shape, *, block: tuple[int, int] | None = None,
 
 def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>",
                   block: tuple[int, int] | None = None, dense_above: float = 1.0,
-                  skip_embeddings: bool = False) -> tuple[Pattern | None, str | None]:
+                  skip_embeddings: bool = False, dense: bool = False
+                  ) -> tuple[Pattern | None, str | None]:
     """One layer's Pattern from its weight and/or mask, or ``(None, reason)`` when it is
     not usable: not a tensor, wrong shape, an embedding table (``skip_embeddings``),
     empty, fully dense, of density above ``dense_above``, smaller than ``block``. The
     defaults skip only what no regrouping can take, as before these options existed.
+    ``dense``: take dense tensors too (N:M prunes them; no density rule applies).
 
     The density is counted before the pattern is built, so a skipped dense table costs
     one pass over its values, not a sparse copy of them.
@@ -644,10 +646,10 @@ def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>
             raise RegroupError(f"{source}: {exc}") from None
     if kept == 0:
         return None, "empty (every entry is zero)"
-    if kept == rows * cols:
+    if kept == rows * cols and not dense:
         return None, "fully dense (no zero): not pruned"
     density = kept / (rows * cols)
-    if density > dense_above:
+    if density > dense_above and not dense:
         return None, (f"nearly dense (density {density:.4f} > dense_above "
                       f"{dense_above:g}): not pruned")
     # After the density: a small layer that is also empty or dense is reported as such,
