@@ -15,8 +15,10 @@ are deterministic.
 :func:`nm_search` (regroup's search): a greedy construction that spreads columns whose
 large entries share rows across groups, then exact, vectorised swap local search - the
 gain of every swap of two columns between groups at once, from each group's kept sums
-with one column removed - with many disjoint swaps applied per round, and seeded random
-kicks (iterated local search). :func:`asp_search`: the baseline of Pool & Yu, "Channel
+with one column removed - with many disjoint swaps applied per round, alternated with
+exact re-splits of group pairs (every split of their 2M columns; after the first pass
+only the pairs touching a group that changed, as ASP updates its table), and seeded
+random kicks (iterated local search). :func:`asp_search`: the baseline of Pool & Yu, "Channel
 Permutations for N:M Sparsity" (NeurIPS'21, NVIDIA apex ASP), re-implemented from the
 paper: exhaustive re-partition of stripe pairs (every split of 2M columns into two
 groups) applied greedily, then random channel-swap escapes. :func:`nm_optimum`: the exact
@@ -233,6 +235,7 @@ class _SwapState:
         self.T = np.zeros(self.cols)
         self.K = np.zeros((self.cols, self.rows), dtype=np.float32)
         self.gain_in = np.zeros((self.cols, self.cols), dtype=np.float32)
+        self.dirty = np.ones(self.groups, dtype=bool)
         self._update_groups(np.arange(self.groups))
         self._update_gain_rows(np.arange(self.cols))
 
@@ -293,6 +296,7 @@ class _SwapState:
         self.P[:, a], self.P[:, b] = self.P[:, b].copy(), self.P[:, a].copy()
         self.Pt[a], self.Pt[b] = self.Pt[b].copy(), self.Pt[a].copy()
         groups = np.unique(np.r_[self.group[a], self.group[b]])
+        self.dirty[groups] = True
         self._update_groups(groups)
         pos = (groups[:, None] * self.m + np.arange(self.m)).ravel()
         self._update_gain_rows(pos)
@@ -347,12 +351,24 @@ _ALL_PAIRS_WORK = 1 << 26
 _PARTNERS = 4
 
 
-def _pair_moves(state: _SwapState, splits: np.ndarray, eps: float) -> np.ndarray | None:
-    """One pass of the pair move: the best re-split of group pairs (every pair when cheap,
-    else each group with its best partners by swap gain), applied greedily to disjoint
-    pairs. Returns the new order, or None when no re-split gains."""
-    G, m, n = state.groups, state.m, state.n
-    if G * (G - 1) // 2 * len(splits) * state.rows * 2 * m <= _ALL_PAIRS_WORK:
+def _pair_moves(state: _SwapState, splits: np.ndarray, eps: float,
+                dirty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """One pass of the pair move: the best re-split of group pairs, applied greedily to
+    disjoint pairs. Scored: every pair touching a ``dirty`` group (changed since the last
+    pass, as ASP updates its table) when that is cheap, else every pair when cheap, else
+    each group with its best partners by swap gain. Returns the new order and the groups
+    it changed, or None when no re-split gains."""
+    G, m = state.groups, state.m
+    unit = len(splits) * state.rows * 2 * m
+    if dirty is not None and dirty.any() and not dirty.all():
+        d = np.flatnonzero(dirty)
+        if len(d) * G * unit <= _ALL_PAIRS_WORK:
+            a = np.repeat(d, G)
+            b = np.tile(np.arange(G), len(d))
+            keep = a != b
+            pairs = np.unique(np.sort(np.stack([a[keep], b[keep]], 1), axis=1), axis=0)
+            return _apply_pairs(state, splits, eps, pairs[:, 0], pairs[:, 1])
+    if G * (G - 1) // 2 * unit <= _ALL_PAIRS_WORK:
         g1, g2 = np.triu_indices(G, 1)
     else:
         best = state.deltas().reshape(G, m, G, m).max(axis=(1, 3))
@@ -362,6 +378,14 @@ def _pair_moves(state: _SwapState, splits: np.ndarray, eps: float) -> np.ndarray
         keep = a != b
         pairs = np.unique(np.sort(np.stack([a[keep], b[keep]], 1), axis=1), axis=0)
         g1, g2 = pairs[:, 0], pairs[:, 1]
+    return _apply_pairs(state, splits, eps, g1, g2)
+
+
+def _apply_pairs(state: _SwapState, splits: np.ndarray, eps: float, g1: np.ndarray,
+                 g2: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The best re-split of each group pair ``(g1[k], g2[k])``, applied greedily to
+    disjoint pairs: the new order and the groups changed, or None when none gains."""
+    G, m, n = state.groups, state.m, state.n
     gains = np.empty(len(g1))
     orders = np.empty((len(g1), 2 * m), dtype=np.int64)
     step = max(1, _CHUNK_ELEMENTS // (state.rows * len(splits) * 2 * m))
@@ -370,7 +394,6 @@ def _pair_moves(state: _SwapState, splits: np.ndarray, eps: float) -> np.ndarray
             state.A, state.perm, state.value, g1[s:s + step], g2[s:s + step], n, splits)
     perm = state.perm.copy()
     used = np.zeros(G, dtype=bool)
-    moved = False
     for k in np.argsort(-gains, kind="stable"):
         if gains[k] <= eps:
             break
@@ -379,22 +402,26 @@ def _pair_moves(state: _SwapState, splits: np.ndarray, eps: float) -> np.ndarray
             continue
         used[a] = used[b] = True
         perm[a * m:(a + 1) * m], perm[b * m:(b + 1) * m] = orders[k, :m], orders[k, m:]
-        moved = True
-    return perm if moved else None
+    return (perm, used) if used.any() else None
 
 
 def _climb(state: _SwapState, splits: np.ndarray | None, eps: float, deadline: float,
            stats: dict) -> _SwapState:
-    """Swap descent, then pair moves, alternately, until neither gains."""
+    """Swap descent, then pair moves, alternately, until neither gains. The pair moves
+    score the pairs touching groups changed since the state was last pair-checked
+    (``state.dirty``; all groups for a fresh state)."""
     while True:
         _descend(state, eps, deadline, stats)
         if splits is None or time.perf_counter() >= deadline:
             return state
-        moved = _pair_moves(state, splits, eps)
+        moved = _pair_moves(state, splits, eps, state.dirty)
         if moved is None:
+            state.dirty[:] = False
             return state
         stats["pair_passes"] += 1
-        state = _SwapState(state.A, moved, state.n, state.m)
+        perm, changed = moved
+        state = _SwapState(state.A, perm, state.n, state.m)
+        state.dirty[:] = changed
 
 
 def _greedy_start(A: np.ndarray, n: int, m: int) -> np.ndarray:
