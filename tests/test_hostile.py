@@ -166,8 +166,7 @@ def gen_output_paths(rng, kind, d):
         "o-directory": lambda: rng.choice([".", "sub", "sub/", "/", "new/"]),
         "o-missing-dir": lambda: f"nodir{rng.integers(99)}/r.npz",
         "o-through-a-file": lambda: f"{src}/r.npz",
-        "o-existing-non-result": lambda: (d / "notes.npz").write_bytes(
-            rng.bytes(int(rng.integers(0, 200)))) and "notes.npz" or "notes.npz",
+        "o-existing-non-result": lambda: _existing(d / "notes.npz", rng),
     }
     if kind in target:
         o = str(target[kind]())
@@ -192,6 +191,12 @@ def gen_output_paths(rng, kind, d):
         return Case(base + [f"--output={out}", "--report", "rep.json"], (0,),
                     outputs=(out, "rep.json"))
     raise AssertionError(kind)
+
+
+def _existing(path: Path, rng) -> str:
+    """A file that is not a regroup result (random bytes, maybe none); its name."""
+    path.write_bytes(rng.bytes(int(rng.integers(0, 200))))
+    return path.name
 
 
 # -- 2. OUT.parts: tampered, foreign, locked ---------------------------------------------------
@@ -332,7 +337,7 @@ def _patch_sizes(path: Path, entry: str, size: int) -> None:
 
 
 def _zeros_npy(shape: tuple[int, ...], dtype: str = "|b1") -> bytes:
-    """An npy header for ``shape`` followed by its zero payload, deflated as it is built."""
+    """The npy header of a ``shape`` array (the payload is written by :func:`_bomb`)."""
     header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
     header += b" " * (-(len(header) + 11) % 64) + b"\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
@@ -448,8 +453,7 @@ def gen_result_files(rng, kind, d):
 # -- 4. inputs that hang, exhaust memory or confuse the readers --------------------------------
 def _nested_pickle(depth: int) -> bytes:
     """A dict nested ``depth`` deep, built by the pickle opcodes (no recursion here)."""
-    body = b"\x80\x02" + b"}q\x00X\x01\x00\x00\x00a" * depth + b"K\x01" + b"s" * depth + b"."
-    return body
+    return b"\x80\x02" + b"}q\x00X\x01\x00\x00\x00a" * depth + b"K\x01" + b"s" * depth + b"."
 
 
 def gen_inputs(rng, kind, d):
