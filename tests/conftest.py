@@ -1,8 +1,11 @@
 """Shared fixtures: the DLMC data beside the project, a real pretrained model, helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,41 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
+@contextlib.contextmanager
+def tcp_server(reply: bytes | None):
+    """A TCP server on localhost: it accepts, reads, then sends ``reply`` (None: never
+    answers). Yields its address."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.settimeout(2)
+                    conn.recv(65536)
+                    conn.sendall(reply)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for c in conns:
+            c.close()
+        sock.close()
+
+
 # -- stress runs ------------------------------------------------------------------------------
 def log_case(**fields) -> None:
     """Append one case's measurements to the JSON-lines file named by REGROUP_CASE_LOG
@@ -145,3 +183,17 @@ def hostile_runner():
     runner = Runner()
     yield runner
     runner.close()
+
+
+def kill_parent(proc, children: list[int], seconds: float) -> list[int]:
+    """SIGKILL ``proc`` (a Popen), then wait up to ``seconds`` for ``children`` to end;
+    the ones still alive."""
+    import signal
+    import time
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(map(process_alive, children)):
+        time.sleep(0.1)
+    return [p for p in children if process_alive(p)]
+

@@ -30,7 +30,6 @@ import os
 import re
 import socket
 import struct
-import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ from regroup import from_array, regroup_checkpoint, regroup_pattern
 from regroup.io import write_safetensors, write_smtx
 from regroup.result import save_result
 
-from .conftest import EXAMPLE, log_case, snapshot
+from .conftest import EXAMPLE, log_case, snapshot, tcp_server
 from .hostile_runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,7 +486,7 @@ def gen_inputs(rng, kind, d):
         s = socket.socket(socket.AF_UNIX)
         s.bind(str(d / "in.npz"))
         d.joinpath(".keep").write_text("")          # the socket lives as long as the test
-        _SOCKETS.append(s)
+        _CLEANUP.callback(s.close)
         return Case(["run", "in.npz", "-o", "r.npz", "-q"], (1,), ("in.npz",), max_seconds=10)
     if kind == "stride-0":
         rows, cols = int(rng.integers(10_000, 60_000)), int(rng.integers(10_000, 60_000))
@@ -580,7 +579,8 @@ def gen_inputs(rng, kind, d):
     raise AssertionError(kind)
 
 
-_SOCKETS: list[socket.socket] = []
+# What a case's generator opened for it (sockets, servers): closed when the case ends.
+_CLEANUP = contextlib.ExitStack()
 
 
 # -- 5. option values --------------------------------------------------------------------------
@@ -655,40 +655,13 @@ def gen_code_execution(rng, kind, d):
 # -- 8. dask schedulers that never answer, or answer garbage ----------------------------------
 def gen_dask(rng, kind, d):
     pytest.importorskip("distributed")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    port = server.getsockname()[1]
-    _SOCKETS.append(server)
-
-    @contextlib.contextmanager
-    def garbage():
-        stop = threading.Event()
-
-        def answer():
-            server.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    continue
-                with contextlib.suppress(OSError):
-                    conn.sendall(rng.bytes(int(rng.integers(1, 64))) + b"\xff" * 64)
-                    conn.close()
-        t = threading.Thread(target=answer, daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-
+    reply = None if kind == "silent" else rng.bytes(int(rng.integers(1, 64))) + b"\xff" * 64
+    address = _CLEANUP.enter_context(tcp_server(reply))     # stops when the case ends
     src = _write_input(rng, d)
-    address = f"tcp://127.0.0.1:{port}"
     # dask's connect timeout bounds the wait (30 s by default); the case sets it lower.
     timeout = int(rng.integers(2, 8))
     return Case(["run", src, "-o", "r.npz", "-q", "--engine", "dask", "--scheduler", address],
-                (1,), (f"127.0.0.1:{port}",), hold=garbage if kind == "garbage" else None,
+                (1,), (address.removeprefix("tcp://"),),
                 env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": f"{timeout}s"},
                 max_seconds=timeout + 10)
 
@@ -799,8 +772,7 @@ def run_case(runner: Runner, tmp_path: Path, cls: str, kind: str, seed: int) -> 
                  seconds=got["seconds"], rss_mb=got["maxrss_mb"])
         check_contract(case, got, cwd, logs, before)
     finally:
-        while _SOCKETS:
-            _SOCKETS.pop().close()
+        _CLEANUP.close()
 
 
 def test_the_table_covers_enough_distinct_cases():

@@ -21,7 +21,7 @@ from regroup import RegroupError, regroup_checkpoint, regroup_file
 from regroup._outputs import PARTS_MARKER, PartsDir, default_output
 from regroup.cli import main
 
-from .conftest import EXAMPLE, child_pids, process_alive, snapshot
+from .conftest import EXAMPLE, child_pids, kill_parent, process_alive, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,12 +274,7 @@ def test_workers_die_with_their_parent(tmp_path):
             workers = child_pids(proc.pid)
         assert len(workers) >= 2, "the workers never started"
         time.sleep(2.0)                   # past their start-up, inside a layer
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(map(process_alive, workers)):
-            time.sleep(0.1)
-        assert not [p for p in workers if process_alive(p)]
+        assert not kill_parent(proc, workers, 10)
     finally:
         for p in [proc.pid, *workers]:
             if process_alive(p):

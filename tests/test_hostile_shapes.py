@@ -7,16 +7,13 @@ reports its own peak RSS.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +36,7 @@ from regroup.partitioners._panels import labels_to_perm
 from regroup.partitioners.metis import metis
 from regroup.pattern import from_sparse
 
-from .conftest import EXAMPLE, child_pids, process_alive
+from .conftest import EXAMPLE, child_pids, kill_parent, process_alive, tcp_server
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -363,41 +360,6 @@ def test_metis_keeps_panels_of_one_row_in_natural_order(capfd):
 
 
 # -- dask: a scheduler that never answers, or answers garbage ------------------------------
-@contextlib.contextmanager
-def _server(reply: bytes | None):
-    """A TCP server on localhost: it accepts, reads, then sends ``reply`` (None: never
-    answers). Yields its address."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        sock.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            conns.append(conn)
-            if reply is not None:
-                with contextlib.suppress(OSError):
-                    conn.settimeout(2)
-                    conn.recv(65536)
-                    conn.sendall(reply)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for c in conns:
-            c.close()
-        sock.close()
-
-
 _GARBAGE = {
     "silent": None,
     "bytes": b"\xff" * 4096,
@@ -410,7 +372,7 @@ _GARBAGE = {
 def test_a_scheduler_that_does_not_speak_dask_fails_within_seconds(kind):
     pytest.importorskip("distributed")
     import dask
-    with _server(_GARBAGE[kind]) as address, \
+    with tcp_server(_GARBAGE[kind]) as address, \
             dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         t0 = time.monotonic()
         with pytest.raises(RegroupError, match=f"m.npz: .*dask scheduler '{address}'"):
@@ -422,7 +384,7 @@ def test_the_cli_names_a_silent_scheduler_with_exit_1(tmp_path):
     pytest.importorskip("distributed")
     (tmp_path / "ex.npz").write_bytes(EXAMPLE.read_bytes())
     env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
-    with _server(None) as address:
+    with tcp_server(None) as address:
         t0 = time.monotonic()
         proc = subprocess.run(_CLI + ["run", "ex.npz", "-q", "--engine", "dask",
                                       "--scheduler", address, "-o", "r.npz"],
@@ -510,13 +472,7 @@ def test_dask_local_workers_die_with_their_parent(tmp_path):
                        if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
         assert len(workers) >= 2, "the dask workers never started"
         time.sleep(3.0)                   # inside a layer
-        everyone = child_pids(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(map(process_alive, everyone)):
-            time.sleep(0.2)
-        assert not [p for p in everyone if process_alive(p)]
+        assert not kill_parent(proc, child_pids(proc.pid), 15)
     finally:
         for p in [proc.pid, *workers]:
             if process_alive(p):
