@@ -4,6 +4,8 @@
 as ``auto``), orders the grid columns, keeps the best blocks under the budget and, where
 asked, refines the layout; :func:`regroup_budgets` does the same at several budgets,
 running each partitioner once. Files and checkpoints go through :mod:`regroup.pipeline`.
+``regroup_pattern(init=...)`` warm-starts from a previous layout instead (a re-layout
+during sparse training, :mod:`regroup.dst`): bounded refinement, no partitioner.
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import PartitionerError, RegroupError
+from ._validation import PartitionerError, RegroupError, check_int
 from .anneal import anneal
-from .blocks import (MAX_TABLE_CELLS, Budget, Layout, build_layout, layout_mask,
-                     parse_budgets, table_cells)
+from .blocks import (MAX_TABLE_CELLS, Budget, Layout, build_layout, check_layout,
+                     layout_mask, parse_budgets, table_cells)
 from .columns import PROFILE_CLUSTER_LIMIT, clustered_columns, group_columns
 from .metrics import layer_metrics, nm_metrics
 from .nm import (NM_METHODS, efficacy, nm_mask, nm_problem, nm_retained, row_topk_retained,
@@ -30,7 +32,11 @@ from .pattern import Pattern
 from .refine import refine as local_search
 from .result import LayerResult
 
-__all__ = ["regroup_pattern", "regroup_budgets"]
+__all__ = ["regroup_pattern", "regroup_budgets", "WARM_ROUNDS"]
+
+# Rounds of refinement of a warm start (regroup_pattern(init=...)): a re-layout during
+# training starts near a local optimum, so a few rounds take most of what there is.
+WARM_ROUNDS = 3
 
 
 def _orders(name: str, params: dict, B: sp.csr_matrix, fmt: str, block: tuple[int, int],
@@ -106,12 +112,14 @@ def _fixed_perm(perm: Any, n: int, what: str, caller: str) -> np.ndarray:
 
 
 def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
-                      nm: tuple[int, int] | None = None, fmt: str = "grid") -> None:
+                      nm: tuple[int, int] | None = None, fmt: str = "grid",
+                      dense_ok: bool = False) -> None:
     n, m = pattern.n_rows, pattern.n_cols
     br, bc = block
     if pattern.nnz == 0:
         raise RegroupError(f"{pattern.describe()} is empty (no nonzero): nothing to regroup")
-    if pattern.nnz == n * m and nm is None:       # (N:M prunes dense weights)
+    # (N:M prunes dense weights; a warm start re-lays a layout out on dense scores)
+    if pattern.nnz == n * m and nm is None and not dense_ok:
         raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
                            "nothing to regroup")
     problem = None if nm is None else nm_problem(n, m, nm)
@@ -133,6 +141,7 @@ def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
 
 def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
                     row_perm: Any = None, col_perm: Any = None,
+                    init: LayerResult | None = None, warm_rounds: int | None = None,
                     **kwargs: Any) -> LayerResult:
     """Regroup one layer into a block layout.
 
@@ -152,6 +161,24 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         it) is respected. With ``row_perm`` given, the method is not run for the rows and
         ``metrics["chosen"]`` is ``"fixed"``. Format "nm" takes ``col_perm`` only: no
         search is run, the N:M mask of those columns is taken (``chosen`` "fixed").
+    init : LayerResult, optional
+        Warm start (grid and shuffled): no partitioner runs. The start is ``init``'s
+        orders (``row_perm``, and ``col_perm`` for grid) with the kept blocks re-picked
+        for this pattern under the budget (for shuffled, each panel's tiles are re-picked
+        from the panel's column masses); then at most ``warm_rounds`` rounds of
+        refinement (:func:`regroup.refine.refine`; none with ``refine=False``). The
+        result never keeps less mass than that start. The start is ``init``'s own layout
+        when ``init`` was made for this pattern with these options; when the blocks have
+        equal area (shape divisible by the block) and ``init``'s blocks fit the budget,
+        it keeps at least their mass on this pattern. ``init`` must match the options'
+        format and block and the pattern's matrix shape, with orders that are
+        permutations and a mask that is the union of its blocks. The pattern may be
+        fully dense (scores of every position).
+        ``metrics["chosen"]`` is ``"warm"`` and ``metrics["warm_start"]`` holds
+        ``{"rounds": max rounds, "start": the start's retained share of the objective}``.
+        Not with ``row_perm``, ``col_perm`` or ``anneal``.
+    warm_rounds : int, optional
+        Refinement rounds of a warm start (default :data:`WARM_ROUNDS`); ``init`` only.
     **kwargs
         Fields of :class:`regroup.RegroupOptions`, applied on top of ``options``.
 
@@ -162,13 +189,16 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     Raises
     ------
     RegroupError
-        Empty, fully dense or too small pattern; a partitioner failure (PartitionerError).
+        Empty, fully dense (unless ``init`` is given) or too small pattern; a
+        partitioner failure (PartitionerError).
     ValueError, TypeError
         Invalid parameters.
     """
     caller = "regroup_pattern"
-    opts = _layer_options(pattern, options, caller, kwargs)
+    opts = _layer_options(pattern, options, caller, kwargs, dense_ok=init is not None)
     n, m = pattern.n_rows, pattern.n_cols
+    if init is not None or warm_rounds is not None:
+        return _regroup_warm(pattern, opts, init, warm_rounds, row_perm, col_perm, caller)
     if row_perm is not None:
         if opts.format == "nm":
             raise ValueError(f"The 'row_perm' parameter of {caller} applies to the grid "
@@ -226,7 +256,7 @@ def regroup_budgets(pattern: Pattern, budgets: Any, *, options: RegroupOptions |
 
 
 def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str,
-                   kwargs: dict[str, Any]) -> RegroupOptions:
+                   kwargs: dict[str, Any], dense_ok: bool = False) -> RegroupOptions:
     """The validated options of a one-layer call, and the pattern checked against them."""
     opts = resolve_options(options, caller, **kwargs)
     if opts.layers is not None or opts.budget_scope != "layer" or \
@@ -238,8 +268,102 @@ def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str
     if not isinstance(pattern, Pattern):
         raise TypeError(f"The 'pattern' parameter of {caller} must be a Pattern. Got "
                         f"{type(pattern).__name__} instead.")
-    _validate_pattern(pattern, opts.block, opts.edge, opts.nm, opts.format)
+    _validate_pattern(pattern, opts.block, opts.edge, opts.nm, opts.format, dense_ok)
     return opts
+
+
+def _objective(pattern: Pattern, opts: RegroupOptions, B: sp.csr_matrix | None = None
+               ) -> tuple[sp.csr_matrix, bool]:
+    """The matrix whose mass a layout keeps (magnitudes, or the 0/1 pattern ``B`` when
+    given), and whether it is the magnitudes."""
+    objective = opts.objective
+    use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
+    if objective == "magnitude" and not pattern.has_weights:
+        raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
+                           "them (use objective 'count')")
+    if use_mag:
+        return pattern.matrix, True
+    return (pattern.binary() if B is None else B), False
+
+
+def _check_init(init: Any, pattern: Pattern, opts: RegroupOptions, caller: str
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``init``'s row order and (grid) column order, once it is found to be a valid
+    layout of this pattern's shape under the options' format and block."""
+    if not isinstance(init, LayerResult):
+        raise TypeError(f"The 'init' parameter of {caller} must be a LayerResult. Got "
+                        f"{type(init).__name__} instead.")
+    n, m = pattern.n_rows, pattern.n_cols
+    if init.format != opts.format:
+        raise ValueError(f"The 'init' parameter of {caller} must be a layout of the options' "
+                         f"format {opts.format!r}. Got format {init.format!r} instead.")
+    if tuple(init.block_shape) != tuple(opts.block):
+        raise ValueError(f"The 'init' parameter of {caller} must have the options' block "
+                         f"{tuple(opts.block)}. Got block {tuple(init.block_shape)} instead.")
+    shape2d = (init.shape[0], int(np.prod(init.shape[1:]))) if len(init.shape) >= 2 else None
+    if shape2d != (n, m) or np.shape(init.mask) != tuple(init.shape):
+        raise ValueError(f"The 'init' parameter of {caller} must be a layout of a {n}x{m} "
+                         f"matrix ({pattern.describe()}). Got shape {tuple(init.shape)} "
+                         f"(mask {np.shape(init.mask)}) instead.")
+    rows = _fixed_perm(init.row_perm, n, "init.row_perm", caller)
+    cols = (_fixed_perm(init.col_perm, m, "init.col_perm", caller)
+            if opts.format == "grid" else None)
+    try:
+        check_layout(np.asarray(init.mask2d, dtype=bool), opts.format, opts.block, rows,
+                     cols, init.panel_cols)
+    except (RegroupError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"The 'init' parameter of {caller} must be a valid "
+                         f"{opts.format} layout (its mask the union of its blocks). Got one "
+                         f"that is not: {exc}") from None
+    return rows, cols
+
+
+def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any,
+                  row_perm: Any, col_perm: Any, caller: str) -> LayerResult:
+    """:func:`regroup_pattern` started from ``init``'s layout: bounded refinement in
+    place of the partitioners."""
+    if init is None:
+        raise ValueError(f"The 'warm_rounds' parameter of {caller} applies to a warm start "
+                         "only. Got a value without 'init' instead.")
+    if opts.format == "nm":
+        raise ValueError(f"The 'init' parameter of {caller} applies to the grid and "
+                         "shuffled formats only. Got format 'nm' instead.")
+    for name, value in (("row_perm", row_perm), ("col_perm", col_perm),
+                        ("anneal", opts.anneal)):
+        if value is not None:
+            raise ValueError(f"The {name!r} parameter of {caller} does not combine with "
+                             "'init' (a warm start refines init's own orders). Got both "
+                             "instead.")
+    rounds = WARM_ROUNDS if rounds is None else check_int(rounds, "warm_rounds", caller,
+                                                          low=1, high=1000)
+    if opts.refine is False:
+        rounds = 0
+    t0 = time.perf_counter()
+    rows, cols = _check_init(init, pattern, opts, caller)
+    block, format, budget = opts.block, opts.format, opts.budget
+    V, use_mag = _objective(pattern, opts)
+    total = float(V.sum()) or 1.0
+    nnz = pattern.nnz
+    start = build_layout(V, rows, cols, block, format, budget, nnz)
+    notes: list[str] = []
+    lay = (local_search(V, start, budget, nnz, max_rounds=rounds,
+                        time_limit=opts.time_limit, notes=notes) if rounds else start)
+    identity = build_layout(V, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
+                            format, budget, nnz)
+    metrics = layer_metrics(pattern, lay, identity)
+    metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),
+                    "chosen": "warm", "refined": rounds > 0,
+                    "refine_gain": (lay.kept_mass - start.kept_mass) / total if rounds
+                    else None,
+                    "warm_start": {"rounds": rounds, "start": start.kept_mass / total}})
+    if notes:
+        metrics["bounds"] = notes
+    return LayerResult(
+        name=pattern.name, shape=pattern.shape, mask=pattern.unflatten(layout_mask(lay)),
+        row_perm=lay.row_perm, col_perm=lay.col_perm, panel_cols=lay.panel_cols,
+        block_shape=block, format=format, method=opts.method,
+        params=opts.partitioner[1], seed=opts.seed, metrics=metrics,
+        seconds=time.perf_counter() - t0)
 
 
 def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None,
@@ -252,12 +376,7 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
     t0 = time.perf_counter()
 
     B = pattern.binary()
-    objective = opts.objective
-    use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
-    if objective == "magnitude" and not pattern.has_weights:
-        raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
-                           "them (use objective 'count')")
-    V = pattern.matrix if use_mag else B
+    V, use_mag = _objective(pattern, opts, B)
     total = float(V.sum()) or 1.0   # all-zero magnitudes: every layout retains 0
     nnz = pattern.nnz
     spec = get_partitioner(name)
