@@ -18,8 +18,17 @@ column count is not a multiple of M are skipped (none of these).
     python benchmarks/nm_bench.py                      # all matrices, 2:4, 1:4, 4:8
     python benchmarks/nm_bench.py --model minilm --layers 1 --nm 2:4
     python benchmarks/nm_bench.py --quick              # smoke run (CI, slow marker)
+    python benchmarks/nm_bench.py --models             # whole models: folded vs own orders
 
-Results: ``results/nm_bench.{csv,md}`` (or ``nm_bench_quick``).
+``--models`` runs :func:`regroup.adapters.torch.regroup_model` with ``format="nm"`` on the
+dense models (MobileNetV2's 1x1 convolutions and classifier; MiniLM's encoder Linear
+layers, ``--layers``), once with ``mode="runtime"`` (every layer its own searched order,
+gathered at run time) and once with ``mode="fold"`` (one order per hidden dimension,
+searched on its consumers together and folded into its producers: no gather): the kept
+``|w|`` of both against plain N:M, how many layers fold, CPU seconds.
+
+Results: ``results/nm_bench.{csv,md}`` (or ``nm_bench_quick``); ``--models``:
+``results/nm_models.{csv,md}``.
 """
 from __future__ import annotations
 
@@ -28,7 +37,10 @@ import os
 import sys
 import time
 
+from typing import Any
+
 import numpy as np
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -64,9 +76,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kicks", type=int, default=8, help="regroup's kicks (nm_search)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", action="store_true",
+                    help="whole models through regroup_model: fold vs runtime orders")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     patterns = [check_nm(v, "nm_bench.py", "--nm") for v in args.nm]
+    if args.models:
+        return models_main(args, patterns)
     mats: dict[str, np.ndarray] = {}
     if args.model in ("minilm", "all"):
         mats.update({f"minilm/{k}": v for k, v in
@@ -101,6 +117,66 @@ def main(argv=None) -> int:
             print(row, flush=True)
     lines = _tables(rows)
     write_outputs(args.out, "nm_bench_quick" if args.quick else "nm_bench", rows, lines)
+    print("\n".join(lines))
+    return 0
+
+
+def _model_cases(args) -> list[tuple[str, Any, tuple, str | list[str]]]:
+    """(label, factory of the dense model, example inputs, layers) per model."""
+    cases = []
+    if args.model in ("mobilenet", "all"):
+        ones = [f"{n}.weight" for n, m in zoo.mobilenet_v2().named_modules()
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+        cases.append(("mobilenet_v2", zoo.mobilenet_v2, (zoo.photo_crops(1, size=64),),
+                      [*ones, "classifier.1.weight"]))
+    if args.model in ("minilm", "all"):
+        layers = 1 if args.quick else args.layers
+        _, tokenizer = zoo.minilm(1)
+        ids = tokenizer(["N:M groups run along the input columns."],
+                        return_tensors="pt")["input_ids"]
+        cases.append(("minilm", lambda: zoo.minilm(layers)[0], (ids,), "encoder.*"))
+    return cases
+
+
+def models_main(args, patterns: list[tuple[int, int]]) -> int:
+    import warnings
+
+    from regroup.adapters.torch import regroup_model
+    rows = []
+    for label, make, inputs, layers in _model_cases(args):
+        for n, m in patterns:
+            row = {"model": label, "nm": f"{n}:{m}"}
+            for mode in ("runtime", "fold"):
+                model = make()
+                totals = {name: float(p.detach().abs().sum())
+                          for name, p in model.named_parameters()}
+                t0 = time.process_time()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")        # "could not trace BertModel"
+                    plan = regroup_model(model, format="nm", nm=(n, m), mode=mode,
+                                         example_inputs=inputs, layers=layers,
+                                         seed=args.seed,
+                                         time_limit=1.0 if args.quick else None)
+                seconds = time.process_time() - t0
+                plain, got = (sum(r.metrics[key] * totals[name]
+                                  for name, r in plan.layers.items())
+                              for key in ("retained_magnitude_identity", "retained_magnitude"))
+                row.update({"layers": len(plan.layers), "plain": round(plain, 2),
+                            f"{mode} kept": round(got, 2), f"{mode} cpu s": round(seconds, 1)})
+                if mode == "fold":
+                    row["folded"] = sum(s["cols"] == "fold" for s in plan.sides.values())
+            row["fold / runtime gain"] = round(
+                (row["fold kept"] - row["plain"]) / max(row["runtime kept"] - row["plain"],
+                                                        1e-12), 3)
+            rows.append(row)
+            print(row, flush=True)
+    lines = ["| model | N:M | layers | folded | plain | runtime kept | fold kept | "
+             "fold gain / runtime gain | runtime cpu s | fold cpu s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['nm']} | {r['layers']} | {r['folded']} | {r['plain']} | "
+              f"{r['runtime kept']} | {r['fold kept']} | {r['fold / runtime gain']} | "
+              f"{r['runtime cpu s']} | {r['fold cpu s']} |" for r in rows]
+    write_outputs(args.out, "nm_models_quick" if args.quick else "nm_models", rows, lines)
     print("\n".join(lines))
     return 0
 

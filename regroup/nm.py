@@ -522,11 +522,19 @@ def nm_search(A: Any, nm: Any = (2, 4), *, seed: Any = 0, kicks: int = 8,
             lo + _search_window(A[:, lo:hi], n, m, rng, kicks, kick_swaps, eps, deadline,
                                 stats) for lo, hi in zip(edges[:-1], edges[1:])])
         stats["start"] = "windows"
-    ident = np.arange(cols)
     retained = float(_kept(A[:, best_perm], n, m).sum())
-    if retained < plain:                  # the identity climb cannot end below plain
-        best_perm, retained = ident, plain
+    best_perm, retained = _no_gain_no_move(best_perm, retained, plain, eps)
     return NMSearch(best_perm, retained, plain, time.perf_counter() - t0, stats)
+
+
+def _no_gain_no_move(perm: np.ndarray, retained: float, plain: float, eps: float
+                     ) -> tuple[np.ndarray, float]:
+    """The identity order when ``perm`` keeps no more than plain N:M: an order that gains
+    nothing is not worth a fold or a gather (an input already N:M, as SR-STE or
+    WeightNormSparsifier(zeros_per_block) leave it, keeps its order)."""
+    if retained <= plain + eps:
+        return np.arange(perm.size), plain
+    return perm, retained
 
 
 def _splits(m: int) -> np.ndarray:
@@ -634,9 +642,9 @@ def asp_search(A: Any, nm: Any = (2, 4), *, seed: Any = 0, escape_attempts: int 
             stats["escapes_kept"] += 1
         else:
             perm[:], value[:], gains[:], orders[:] = best
-    best_perm = best[0]
-    return NMSearch(best_perm, float(_kept(A[:, best_perm], n, m).sum()), plain,
-                    time.perf_counter() - t0, stats)
+    best_perm, retained = _no_gain_no_move(best[0], float(_kept(A[:, best[0]], n, m).sum()),
+                                           plain, eps)
+    return NMSearch(best_perm, retained, plain, time.perf_counter() - t0, stats)
 
 
 def nm_optimum(A: Any, nm: Any = (2, 4), *, max_subsets: int = 200_000,

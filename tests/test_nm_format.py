@@ -125,17 +125,6 @@ def test_errors_name_the_entry_point(tmp_path):
         regroup_pattern(from_array(_weights(0, 8, 8)), format="nm", row_perm=np.arange(8))
 
 
-def test_the_torch_adapters_refuse_nm():
-    pytest.importorskip("torch")
-    import torch
-    from regroup.adapters.torch import RegroupBlocks, regroup_model
-    with pytest.raises(ValueError, match="'format' parameter of regroup_model must be one "
-                                         "of 'grid', 'shuffled'.*Got 'nm'"):
-        regroup_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), format="nm")
-    with pytest.raises(ValueError, match="'format' parameter of RegroupBlocks"):
-        RegroupBlocks(format="nm")
-
-
 # -- one layer ----------------------------------------------------------------------------
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), nm=st.sampled_from(NMS), groups=st.integers(1, 6),

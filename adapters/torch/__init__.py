@@ -19,6 +19,7 @@ DispatchRecord     -- what backend "auto" measured for one module and input clas
 BlockSparseLinear  -- Linear on kept blocks: torch BSR (CPU/CUDA) or dense, measured
 BlockSparseConv2d  -- the same for Conv2d, through im2col
 BlockSparseMultiheadAttention -- MultiheadAttention with block-sparse in/out projections
+NMLinear           -- Linear with an N:M (2:4) weight: torch's sparse tensor cores on CUDA
 hidden_dims        -- the hidden dimensions of a model, and where folding is exact
 layer_masks        -- the masks of a live model (prune, ao.pruning, or zeros)
 write_mask / read_mask -- set or read one tensor's mask, whichever mechanism holds it
@@ -40,6 +41,7 @@ from .plan import (FOLD_MARKER, Fold, Plan, fold_marker, layer_masks, prepare_fo
                    regroup_model, to_block_sparse)
 from .persist import load_block_sparse, save_block_sparse
 from .recover import Recovery, recover, teacher_outputs
+from .semi_structured import NMLinear
 from .sparse import (BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention,
                      DispatchRecord, set_backend)
 
@@ -49,4 +51,5 @@ __all__ = ["regroup_model", "Plan", "Fold", "to_block_sparse", "BlockSparseLinea
            "regroup_unstructured", "block_layout", "RegroupSparsifier", "imp_regroup",
            "magnitude_mask", "write_mask", "read_mask", "prepare_for_load", "fold_marker",
            "FOLD_MARKER", "recover", "Recovery", "teacher_outputs", "input_scales", "call_model",
-           "save_block_sparse", "load_block_sparse", "set_backend", "DispatchRecord"]
+           "save_block_sparse", "load_block_sparse", "set_backend", "DispatchRecord",
+           "NMLinear"]

@@ -13,6 +13,12 @@ In all three the layouts (:class:`regroup.LayerResult`, original coordinates) ar
 loop. Each takes ``options=regroup.RegroupOptions(...)`` and keyword arguments naming its
 fields, validated once when it is called or constructed; masks are written by
 :func:`~regroup.adapters.torch.masking.write_mask`.
+
+With ``format="nm"`` the two per-tensor hooks prune to N:M after a searched column
+permutation (dense tensors too, as ASP does): the mask in original coordinates is what the
+layer computes with, and its layout (``col_perm``) runs on torch's 2:4 kernel through
+``to_block_sparse(model, Plan.from_result({name: layout}))`` (an input gather), or
+without a gather when :func:`~regroup.adapters.torch.regroup_model` folds the orders.
 """
 from __future__ import annotations
 
@@ -72,15 +78,15 @@ def _fraction(v: Any, name: str, caller: str, *, optional: bool = False,
     return float(v)
 
 
-# Why the adapters refuse format="nm": its mask is N:M only once the column permutation is
-# folded into the producing layer, which they do not do yet.
-NM_NOT_YET = ("the PyTorch adapters apply block layouts; N:M (format='nm') is in the core "
-              "and the CLI only so far")
+# Why the IMP loop refuses format="nm": its rounds prune to a rising sparsity, while N:M
+# keeps a fixed N/M of every group.
+NM_NOT_IMP = ("IMP prunes to a rising sparsity over its rounds and N:M keeps a fixed N of "
+              "every M; regroup the trained model with regroup_model(format='nm'), or prune "
+              "per tensor with RegroupBlocks / RegroupSparsifier(format='nm')")
 
 
 def _per_tensor(opts: RegroupOptions, caller: str, *, layers: bool = False) -> None:
     """Refuse the model-level options a per-tensor entry point cannot honour."""
-    opts.require_blocks(caller, NM_NOT_YET)
     if opts.budget_scope != "layer":
         raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': it "
                          f"regroups one tensor at a time (regroup_model and imp_regroup "
@@ -359,7 +365,7 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
         raise TypeError(f"The 'method' parameter of {caller} must be a partitioner name "
                         "(plain IMP without regrouping is regroup=False). Got None instead.")
     opts = resolve_options(options, caller, **kwargs)
-    opts.require_blocks(caller, NM_NOT_YET)
+    opts.require_blocks(caller, NM_NOT_IMP)
     if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
         raise ValueError(f"The 'rounds' parameter of {caller} must be an int >= 1. Got "
                          f"{rounds!r} instead.")

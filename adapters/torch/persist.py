@@ -35,6 +35,7 @@ from regroup.io.safetensors import (read_safetensors, safetensors_index, safeten
 from ._journal import atomic
 from .masking import journaled_write_mask, mask_source
 from .plan import FOLD_MARKER, disable_nested_tensor, prepare_for_load
+from .semi_structured import NMLinear
 from .sparse import (LAYOUT_KEYS, LAYOUT_VERSION, BlockSparseConv2d, BlockSparseLinear,
                      BlockSparseMultiheadAttention, BlockCore, stored_result)
 
@@ -43,18 +44,26 @@ __all__ = ["save_block_sparse", "load_block_sparse", "FILE_FORMAT"]
 #: The ``format`` entry of the safetensors header written by :func:`save_block_sparse`.
 FILE_FORMAT = "regroup.block_sparse"
 _CORE = "core."
-_SPARSE = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
+_SPARSE = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention, NMLinear)
 
 
 def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{module name: description}`` of the block-sparse layers (their cores)."""
+    """``{module name: description}`` of the block-sparse layers (their cores) and the
+    N:M ones."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, BlockCore):
             owner = name.removesuffix(".core")
             out[owner] = {"layer": m.name, "format": m.format, "block": list(m.block),
                           "shape": list(m.shape), "blocks": int(m.values.shape[0])}
+        elif isinstance(m, NMLinear):
+            out[name] = _nm_description(m.name, m.nm, m.weight.shape)
     return out
+
+
+def _nm_description(layer: str, nm: torch.Tensor, shape: Any) -> dict[str, Any]:
+    return {"layer": layer, "format": "nm", "nm": [int(v) for v in nm.reshape(-1)],
+            "shape": [int(v) for v in shape]}
 
 
 def save_block_sparse(model: nn.Module, path: str | os.PathLike, *,
@@ -258,6 +267,9 @@ def _stored_layers(state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.M
     owners = sorted(k[:-len(_CORE + "layout")].removesuffix(".") for k in state
                     if k == _CORE + "layout" or k.endswith("." + _CORE + "layout"))
     results, attention, found = {}, {}, {}
+    for owner, layer, part in _stored_nm(state, modules, where):
+        results[owner] = (layer, part)
+        found[owner] = _nm_description(layer, part["nm"], part["weight"].shape)
     for owner in owners:
         if not owner:
             raise RegroupError(f"{where}: the model itself is stored block-sparse; "
@@ -294,6 +306,34 @@ def _stored_layers(state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.M
     return results, attention, found
 
 
+def _stored_nm(state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module],
+               where: str) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """``(owner, layer name, its entries)`` of every NMLinear stored in ``state`` (found
+    by its ``<module>.nm``, ``.mask`` and ``.col_gather`` entries), each an
+    ``nn.Linear`` of the model of the stored shape."""
+    out = []
+    for key in sorted(state):
+        owner = key[:-len(".nm")] if key.endswith(".nm") else None
+        if owner is None or any(f"{owner}.{k}" not in state for k in NMLinear.STATE_KEYS):
+            continue
+        module = modules.get(owner)
+        if isinstance(module, _SPARSE):
+            raise RegroupError(f"{where}: {owner!r} is already sparse in the model; "
+                               "load_block_sparse takes a dense model")
+        part = {k[len(owner) + 1:]: v for k, v in state.items()
+                if k.startswith(owner + ".") and "." not in k[len(owner) + 1:]}
+        if not isinstance(module, nn.Linear):
+            kind = "no module" if module is None else type(module).__name__
+            raise RegroupError(f"{where}: {owner!r} is stored as an N:M Linear, but the "
+                               f"model has {kind} there (expected nn.Linear)")
+        shape = tuple(part.get("weight", torch.empty(0)).shape)
+        if shape != tuple(module.weight.shape):
+            raise RegroupError(f"{where}: {owner!r} is stored with weight {shape}, the "
+                               f"model's is {tuple(module.weight.shape)}")
+        out.append((owner, f"{owner}.weight", part))
+    return out
+
+
 def _build(state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module],
            results: dict, attention: dict, backend: str
            ) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -309,12 +349,18 @@ def _build(state: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module],
     for owner, (layer, r) in results.items():
         if owner.rpartition(".")[0] in attention:
             continue
+        if isinstance(r, Mapping):                    # an N:M layer's stored entries
+            new[owner] = NMLinear.from_state(layer, r, backend=backend)
+            done[layer] = "NMLinear"
+            continue
         module = modules[owner]
         new[owner] = (BlockSparseLinear(r, module.weight.detach(), module.bias, backend=backend)
                       if isinstance(module, nn.Linear) else
                       BlockSparseConv2d(r, module, backend=backend))
         done[layer] = type(new[owner]).__name__
-    for owner, (layer, _) in results.items():
+    for owner, (layer, r) in results.items():
+        if isinstance(r, Mapping):
+            continue
         parent, _, leaf = owner.rpartition(".")
         core = (new[parent].get_submodule(leaf) if parent in attention else new[owner]).core
         for key in LAYOUT_KEYS:

@@ -48,6 +48,7 @@ from regroup.allocation import allot, apply_allotment, layer_offer
 from regroup.blocks import build_layout, layout_mask, positions
 from regroup.io import layer_pattern
 from regroup.metrics import layer_metrics
+from regroup.nm import nm_problem, run_nm_method
 from regroup.options import RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
 from regroup.refine import refine_shared
@@ -59,7 +60,9 @@ from .calibration import check_scales, input_scales, input_scales_targets
 from .graph import DimAnalysis, hidden_dims
 from .masking import (journaled_write_mask, mask_problem, mask_target, permute_problem,
                       read_mask, stored_slots)
-from .sparse import BlockSparseConv2d, BlockSparseLinear, BlockSparseMultiheadAttention
+from .semi_structured import NM_BACKENDS, NMLinear
+from .sparse import (BACKENDS, BlockSparseConv2d, BlockSparseLinear,
+                     BlockSparseMultiheadAttention)
 
 __all__ = ["Plan", "Fold", "regroup_model", "to_block_sparse", "layer_masks", "MODES",
            "FOLD_MARKER", "prepare_for_load", "fold_marker", "check_mode"]
@@ -152,7 +155,8 @@ class Plan:
         Per layer, how its rows and columns are ordered at run time: ``"fold"`` (folded
         into the model, nothing to do), ``"runtime"`` (gather / scatter), or ``"tiles"``
         (shuffled format: the kernel gathers its column tiles); ``"why_rows"`` /
-        ``"why_cols"`` say why a side is not folded.
+        ``"why_cols"`` say why a side is not folded. N:M layers (format "nm") have
+        ``"cols"`` only: N:M orders no rows.
     skipped : dict of str to str
         Layers not regrouped, with the reason.
     notes : list of str
@@ -201,7 +205,8 @@ class Plan:
         if module in rows:
             pi = rows[module]
             mask2d = mask2d[pi]
-            row_perm = positions(pi)[row_perm]
+            # N:M orders no rows: its row order stays the identity.
+            row_perm = row_perm if r.format == "nm" else positions(pi)[row_perm]
         if module in cols:
             pi = cols[module]
             mask2d = mask2d[:, pi]
@@ -413,15 +418,11 @@ class Plan:
         """
         res = load_result(result) if isinstance(result, (str, os.PathLike)) else result
         meta = getattr(res, "meta", {})
-        nm = [name for name, r in res.items() if r.format == "nm"]
-        if nm:    # no block layout to run; apply_result still applies their N:M masks
-            raise RegroupError(f"Plan.from_result: layer {nm[0]!r} is N:M (format 'nm'), "
-                               "which the PyTorch adapters do not run yet (its mask holds "
-                               "only once the column permutation is folded)")
         why = "orders from a result file (layers regrouped independently)"
-        sides = {name: {"rows": "runtime", "why_rows": why,
-                        **({"cols": "runtime", "why_cols": why} if r.format == "grid"
-                           else {"cols": "tiles"})}
+        sides = {name: {"cols": "runtime", "why_cols": why} if r.format == "nm" else
+                 {"rows": "runtime", "why_rows": why,
+                  **({"cols": "runtime", "why_cols": why} if r.format == "grid"
+                     else {"cols": "tiles"})}
                  for name, r in res.items()}
         skipped = {s["name"]: s["reason"] for s in meta.get("skipped", [])}
         where = result if isinstance(result, (str, os.PathLike)) else "the result"
@@ -429,15 +430,19 @@ class Plan:
                    _recorded_options(meta.get("options", {}), where), {}, "runtime")
 
     def report(self) -> str:
-        """A table: layer, shape, method chosen, retained (and identity's), row / column
-        handling; then skipped layers, layers that stay dense modules, and notes."""
+        """A table: layer, shape, method chosen, retained (and identity's; for N:M layers
+        the share of |w|), row / column handling; then skipped layers, layers that stay
+        dense modules, and notes."""
         lines = [(f"{'layer':32s} {'shape':>16s} {'chosen':>24s} {'retained':>8s} "
                   f"{'ident.':>7s} {'rows':>8s} {'cols':>8s}")]
         for name, r in self.layers.items():
             s = self.sides.get(name, {})
+            # N:M keeps N of every M whatever the order: its count share says nothing.
+            key = "retained_magnitude" if r.format == "nm" and \
+                r.metrics.get("objective") == "magnitude" else "retained"
             lines.append(f"{name[:32]:32s} {'x'.join(map(str, r.shape)):>16s} "
                          f"{str(r.metrics.get('chosen'))[:24]:>24s} "
-                         f"{r.metrics['retained']:8.4f} {r.metrics['retained_identity']:7.4f} "
+                         f"{r.metrics[key]:8.4f} {r.metrics[key + '_identity']:7.4f} "
                          f"{s.get('rows', '-'):>8s} {s.get('cols', '-'):>8s}")
         lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
         lines += [f"stays dense {k}: {v}" for k, v in self.dense.items()]
@@ -560,7 +565,8 @@ def _encoder_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
         bool(getattr(sa, "_qkv_same_embed_dim", False))
 
 
-def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> dict[str, str]:
+def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str],
+                nm: Collection[str] = ()) -> dict[str, str]:
     """The ``planned`` layers that must stay dense-masked modules, with the reason: their
     weight is read directly by a torch.nn parent (found without tracing).
 
@@ -571,6 +577,9 @@ def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> d
     - ``nn.TransformerEncoderLayer``'s fused fast path reads ``linear1.weight`` and
       ``linear2.weight``; it is off when its ``self_attn`` becomes block-sparse (see
       BlockSparseMultiheadAttention) or its flags turn it off (:func:`_encoder_fast_path`).
+    - ``nm`` (the planned N:M layers): an N:M projection of a MultiheadAttention stays
+      dense (BlockSparseMultiheadAttention runs block layouts), and does not make the
+      attention block-sparse.
     """
     out: dict[str, str] = {}
     replaced: set[str] = set()
@@ -579,6 +588,10 @@ def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> d
             continue
         mine = [w for w in (_join(name, "in_proj_weight"), _join(name, "out_proj.weight"))
                 if w in planned]
+        for w in (w for w in mine if w in nm):
+            out[w] = ("N:M inside a MultiheadAttention, which reads its weights directly: "
+                      "BlockSparseMultiheadAttention runs block layouts only")
+        mine = [w for w in mine if w not in nm]
         why = BlockSparseMultiheadAttention.unsupported(m)
         if why is None and not name:
             why = "the model itself is a MultiheadAttention (only submodules are replaced)"
@@ -597,8 +610,9 @@ def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str]) -> d
             if w in planned:
                 out[w] = (f"TransformerEncoderLayer {name!r} reads it directly in its fused "
                           "fast path, which stays on while its self_attn is a dense "
-                          "MultiheadAttention (plan self_attn's in_proj_weight or out_proj "
-                          "too)")
+                          "MultiheadAttention" + (" (N:M does not replace it)" if nm else
+                                                  " (plan self_attn's in_proj_weight or "
+                                                  "out_proj too)"))
     return out
 
 
@@ -732,6 +746,35 @@ def _joint_pattern(dim, patterns: dict[str, regroup.Pattern], modules) -> sp.csr
     return sp.hstack(parts).tocsr() if parts else None
 
 
+def _nm_fold_order(dim, patterns: dict[str, regroup.Pattern], modules,
+                   opts: RegroupOptions) -> np.ndarray | None:
+    """One input-channel order for the N:M layers reading hidden dimension ``dim``: the
+    N:M search on its planned consumers stacked (each scaled to total 1, as
+    :func:`_joint_pattern` does), so that after the fold every consumer's mask is N:M in
+    plain order. None when no consumer is planned (the producers' rows do not matter to
+    N:M). A planned consumer whose input feature spans several columns (a k x k
+    convolution: its flattened groups run across kernel positions, and a channel order
+    moves k*k columns at once) leaves the dimension unfolded, with the reason."""
+    planned = [c for c in dim.consumers if c + ".weight" in patterns]
+    wide = [c for c in planned if _kk(modules[c]) != 1]
+    if wide:
+        ks = "x".join(map(str, modules[wide[0]].kernel_size))
+        dim.reasons.append(f"N:M groups of {ks} convolution {wide[0]!r} run along its "
+                           "flattened (channel, kernel position) columns, which a channel "
+                           "order moves together: not folded")
+        return None
+    if not planned:
+        return None
+    parts = []
+    for c in planned:
+        p = patterns[c + ".weight"]
+        A = (p.binary() if opts.objective == "count" or not p.has_weights
+             else p.matrix).toarray()
+        parts.append(A / (A.sum() or 1.0))
+    return run_nm_method(opts.method, np.vstack(parts), opts.nm, seed=opts.seed,
+                         time_limit=opts.time_limit).col_perm.astype(np.intp)
+
+
 def check_mode(mode: Any, example_inputs: Any, caller: str) -> None:
     """Refuse a ``mode`` not in :data:`MODES`, and "fold" without ``example_inputs``
     (errors name ``caller``)."""
@@ -821,9 +864,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     """
     caller = "regroup_model"
     opts = resolve_options(options, caller, **kwargs)
-    # Its N:M mask holds only once the column permutation is folded, not done here yet.
-    opts.require_blocks(caller, "the PyTorch adapters apply block layouts; N:M "
-                        "(format='nm') is in the core and the CLI only so far")
+    nm = opts.format == "nm"
     check_mode(mode, example_inputs, caller)
     _refuse_folded(model, caller)
     refuse_meta(model, caller)
@@ -850,7 +891,10 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
             # layer_pattern says why a tensor is not usable (empty, dense, too small, ...).
             pattern, why = layer_pattern(name, w.numpy(), mask.cpu().numpy(),
                                          source=where, block=opts.block,
-                                         dense_above=opts.dense_above)
+                                         dense_above=opts.dense_above, dense=nm)
+            if pattern is not None and nm:
+                why = nm_problem(pattern.n_rows, pattern.n_cols, opts.nm)
+                pattern = None if why else pattern
         if pattern is None:
             skipped[name] = why
         else:
@@ -892,6 +936,14 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
                     [(c, _kk(modules[c])) for c in dim.consumers], dim.norms, dim.size))
             if not dim.foldable:
                 continue
+            if nm:
+                pi = _nm_fold_order(dim, patterns, modules, opts)
+                if pi is not None:
+                    folds.append(Fold(pi, list(dim.producers),
+                                      [(c, _kk(modules[c])) for c in dim.consumers],
+                                      list(dim.norms)))
+                    fixed_cols.update({c: pi for c in dim.consumers})
+                continue
             joint = _joint_pattern(dim, patterns, modules)
             if joint is None:
                 continue
@@ -911,6 +963,14 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     grid = opts.format == "grid"
     for name, pattern in patterns.items():
         mod = name.rpartition(".")[0]
+        if nm:
+            cp = fixed_cols.get(mod)
+            results[name] = regroup.regroup_pattern(pattern, options=opts.per_layer(),
+                                                    col_perm=cp)
+            sides[name] = {"cols": "fold"} if cp is not None else {
+                "cols": "runtime", "why_cols": _why(mode, analysis, dim_of_side.get(
+                    (mod, "cols")), name, modules)}
+            continue
         rp = fixed_rows.get(mod)
         cp = fixed_cols.get(mod) if grid else None
         # Annealing moves rows: a folded row order is not the layer's to move.
@@ -925,7 +985,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
                 side["why_" + s] = _why(mode, analysis, dim_of_side.get((mod, s)), name,
                                         modules)
         sides[name] = side
-    if folds and opts.refines:
+    if folds and opts.refines and not nm:
         note = _refine_folds(folds, patterns, results, modules, opts)
         if note:
             notes.append(note)
@@ -943,7 +1003,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     if opts.anneal is not None and fixed_rows:
         notes.append("anneal: applied to the layers whose rows are not folded (a folded "
                      "row order is shared with other layers)")
-    dense = _kept_dense(modules, results)
+    dense = _kept_dense(modules, results, {n for n, r in results.items() if r.format == "nm"})
     if analysis is not None:
         for m, why in analysis.uncalled.items():
             if f"{m}.weight" not in results:
@@ -1108,8 +1168,13 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
     :class:`BlockSparseConv2d`; an ``nn.MultiheadAttention`` whose ``in_proj_weight``
     and/or ``out_proj.weight`` is planned becomes a
     :class:`BlockSparseMultiheadAttention` (the unplanned projection stays dense inside
-    it). The model's fold marker (see :meth:`Plan.fold`) must be this plan's: a folding
-    plan needs the model folded by it, a runtime plan an unfolded model.
+    it). An N:M layer (format "nm") that is a Linear becomes an
+    :class:`~regroup.adapters.torch.NMLinear` (torch's 2:4 kernel on CUDA where it runs,
+    the masked dense product elsewhere; ``backend`` is then one of "auto",
+    "semi_structured", "dense"); N:M convolutions and N:M projections inside a
+    MultiheadAttention stay dense-masked. The model's fold marker (see :meth:`Plan.fold`)
+    must be this plan's: a folding plan needs the model folded by it, a runtime plan an
+    unfolded model.
 
     Returns ``{layer name: what happened}``: the new module's class name, or
     ``"stays dense-masked: <why>"`` (a parent reads the weight directly, see
@@ -1125,6 +1190,8 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
         The fold marker does not match, a planned layer is not in the model, or a tensor
         is on the meta device. Nothing is changed then, nor when building a later
         module fails: every block-sparse module is built before the first is swapped in.
+    ValueError
+        ``backend`` is not one of the plan's layers' paths.
     """
     marker, want = fold_marker(model), _fold_digest(plan.folds)
     if marker != want:
@@ -1137,8 +1204,16 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                               "plan keeps the original order")
                            + "; use the plan that folded it")
     refuse_meta(model, "to_block_sparse")
+    nm = {name for name, r in plan.layers.items() if r.format == "nm"}
+    for layers, allowed, kind in ((nm, NM_BACKENDS, "N:M"),
+                                  (set(plan.layers) - nm, BACKENDS, "block")):
+        if layers and backend not in allowed:
+            raise ValueError(f"The 'backend' parameter of to_block_sparse must be one of "
+                             f"{allowed} for a plan with {kind} layers. Got {backend!r} "
+                             "instead.")
     modules = dict(model.named_modules())
-    sparse_types = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention)
+    sparse_types = (BlockSparseLinear, BlockSparseConv2d, BlockSparseMultiheadAttention,
+                    NMLinear)
     for name in plan.layers:                    # a plan of another model: change nothing
         done = modules.get(name.rpartition(".")[0])
         if isinstance(done, sparse_types):
@@ -1146,7 +1221,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                                f"{type(done).__name__}")
         _layer_tensor(modules, name)
     # What the model's structure forbids now, and what the planning saw (a trace).
-    dense = {**plan.dense, **_kept_dense(modules, plan.layers)}
+    dense = {**plan.dense, **_kept_dense(modules, plan.layers, nm)}
     out: dict[str, str] = {}
     # Every new module is built before the first is swapped in: a failure on a later
     # layer leaves the model as it was.
@@ -1173,6 +1248,17 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
         module = modules[mod_name]
         if name in dense:
             out[name] = f"stays dense-masked: {dense[name]}"
+            continue
+        if name in nm:
+            if not isinstance(module, nn.Linear):
+                out[name] = ("stays dense-masked: torch's N:M (2:4) kernels multiply "
+                             "matrices (to_sparse_semi_structured); an N:M convolution runs "
+                             "as its masked dense weight")
+                continue
+            new_nm = NMLinear(plan.current_result(name), module.weight.detach(), module.bias,
+                              backend=backend)
+            swaps.append((mod_name, _moved(module, new_nm)))
+            out[name] = "NMLinear"
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(
                 module.padding, str) or module.padding_mode != "zeros"):

@@ -78,7 +78,8 @@ from . import triton_shuffled
 from .masking import read_mask, unmasked, write_mask
 
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BlockSparseMultiheadAttention",
-           "DispatchRecord", "set_backend", "stored_result", "BACKENDS", "MARGIN",
+           "DispatchRecord", "set_backend", "stored_result", "time_paths", "describe_key",
+           "BACKENDS", "MARGIN",
            "TIME_BUDGET", "CHECK_EVERY", "CHECK_SAMPLES", "LAYOUT_KEYS", "LAYOUT_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ class BlockCore(nn.Module):
         return y
 
     def _measure(self, key: tuple, run, paths: list[str], why: str) -> DispatchRecord:
-        times, rounds, seconds = _time(run, paths, self.time_budget, key[0])
+        times, rounds, seconds = time_paths(run, paths, self.time_budget, key[0])
         best = min((p for p in paths if p != "dense"), key=times.get, default="dense")
         # By construction: a sparse path only when it beat dense by the margin, measured
         # in the same interleaved rounds.
@@ -449,7 +450,7 @@ class BlockCore(nn.Module):
         self.dispatch_log[key] = choice
         if logger.isEnabledFor(logging.INFO):
             logger.info("%s: %s for %s (%s; %s, %d rounds in %.1f ms, budget %.0f ms)",
-                        self.name, choice, _describe(key),
+                        self.name, choice, describe_key(key),
                         ", ".join(f"{p} {1e3 * t:.3g} ms" for p, t in times.items()), why,
                         rounds, 1e3 * seconds, 1e3 * self.time_budget)
         return rec
@@ -462,7 +463,7 @@ class BlockCore(nn.Module):
         if rec is None:
             warnings.warn(
                 f"layer {self.name!r}: backend 'auto' has no measured path for "
-                f"{_describe(key)} and times nothing while traced; the traced program uses "
+                f"{describe_key(key)} and times nothing while traced; the traced program uses "
                 "the dense path. Run the model once on an example input before tracing, or "
                 "choose a path with set_backend(model, 'bsr')", RuntimeWarning, stacklevel=2)
             return "dense"
@@ -480,7 +481,7 @@ class BlockCore(nn.Module):
                 f"blocks={self.values.shape[0]}, backend={self.backend}")
 
 
-def _describe(key: tuple) -> str:
+def describe_key(key: tuple) -> str:
     """A dispatch key in words: ``input (<=8, 64) float32 on cpu, no grad``."""
     dims = ", ".join(map(str, (f"<={key[2]}", *key[3])))
     return (f"input ({dims}) {str(key[1]).removeprefix('torch.')} on {key[0]}, "
@@ -491,8 +492,8 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _time(run, paths: list[str], budget: float, device: str = "cpu"
-          ) -> tuple[dict[str, float], int, float]:
+def time_paths(run: Callable[[str], Any], paths: list[str], budget: float,
+               device: str = "cpu") -> tuple[dict[str, float], int, float]:
     """Best seconds per path, the paths interleaved so that a burst of load on the machine
     hits them alike: a warm-up and one timed call of each path, then more rounds (up to
     30) while the next round, at the best times so far, fits in ``budget`` seconds from
