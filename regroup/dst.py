@@ -591,7 +591,8 @@ class DropGrow(NamedTuple):
         Flat indices of the dropped units, smallest weight score first.
     grown : ndarray of intp
         Flat indices of the grown units, largest gradient score first. A unit in both
-        was dropped and regrown: it stays kept (its weights restart at 0 in RigL).
+        was dropped and regrown: it stays kept, and RigL's code keeps its weights (its
+        default ``reinit_when_same=False``: only connections absent before restart at 0).
     """
 
     kept: np.ndarray

@@ -26,6 +26,7 @@ write_mask / read_mask -- set or read one tensor's mask, whichever mechanism hol
 apply_result       -- apply a `regroup run` result file to a live model
 regroup_unstructured / RegroupBlocks -- torch.nn.utils.prune method (like l1_unstructured)
 RegroupSparsifier  -- torch.ao.pruning sparsifier that regroups on every step()
+RegroupDST         -- dynamic sparse training: RigL-style drop and grow of block units
 imp_regroup        -- the IMP-Regroup loop: train, prune, regroup, rewind; callbacks
 input_scales       -- input feature norms on calibration data (regroup_model's calibration=)
 recover            -- distil the dense teacher into a regrouped model, block masks fixed
@@ -33,6 +34,7 @@ teacher_outputs    -- the teacher's outputs on a fixed set of batches, for recov
 """
 from ._apply import apply_result
 from .calibration import call_model, input_scales
+from .dst import RegroupDST
 from .graph import DimAnalysis, HiddenDim, hidden_dims
 from .hooks import (RegroupBlocks, RegroupSparsifier, block_layout, imp_regroup,
                     magnitude_mask, regroup_unstructured)
@@ -52,4 +54,4 @@ __all__ = ["regroup_model", "Plan", "Fold", "to_block_sparse", "BlockSparseLinea
            "magnitude_mask", "write_mask", "read_mask", "prepare_for_load", "fold_marker",
            "FOLD_MARKER", "recover", "Recovery", "teacher_outputs", "input_scales", "call_model",
            "save_block_sparse", "load_block_sparse", "set_backend", "DispatchRecord",
-           "NMLinear"]
+           "NMLinear", "RegroupDST"]

@@ -1,0 +1,630 @@
+"""Dynamic sparse training on regrouped blocks: :class:`RegroupDST`, a torch.ao.pruning
+sparsifier doing RigL-style drop and grow on the units of block layouts.
+
+RigL (Evci et al., ICML 2020) drops the smallest weights and grows those with the
+largest dense gradient every ``T`` steps; DSB (NeurIPS 2022) does it on blocks that it
+re-clusters from scratch at every update. Here each layer holds a block layout
+(:class:`regroup.LayerResult`, ``grid`` blocks or ``shuffled`` tiles), and an update
+
+1. drops the ``drop_count(K, d_t)`` kept units with the smallest ``||W_u||_F^2`` and
+   grows as many with the largest ``||G_u||_F^2`` (``G`` the dense gradient of the
+   weight, collected by a hook armed on the step before the update), through
+   :func:`regroup.dst.drop_grow`. A shuffled panel's columns that it does not keep are
+   grouped into candidate tiles by their gradient (:func:`regroup.dst.layout_units` with
+   ``rank=G``), so a grown tile gathers the columns the gradient asks for;
+2. every ``relayout_every`` updates, tries a warm re-layout
+   (:func:`regroup.regroup_pattern` with ``init=``), scored on ``|w|`` for the kept
+   weights and a scaled ``|G|`` elsewhere, and keeps it only if it scores more and the
+   whole update still removes at most ``d_t`` of the kept ``w**2`` mass;
+3. zeroes, in the weight and in the optimizer's state, every position that is not kept
+   both before and after: new positions start at 0 (RigL), dropped ones stay at 0.
+
+Execution is masked (a ``FakeSparsity`` parametrization, as every torch.ao.pruning
+sparsifier); :meth:`RegroupDST.convert` swaps the layers for block-sparse modules at the
+end of training.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.ao.pruning import BaseSparsifier
+from torch.ao.pruning.sparsifier.utils import FakeSparsity
+from torch.nn.utils import parametrize
+
+import regroup
+from regroup import RegroupError
+from regroup.blocks import layout_mask
+from regroup.dst import (DISTRIBUTIONS, churn, drop_count, drop_fraction, drop_grow,
+                         layer_densities, layout_units, make_units, unit_scores,
+                         units_for_density, units_layout)
+from regroup.options import RegroupOptions
+from regroup.result import LayerResult
+
+from .plan import Plan, to_block_sparse
+
+__all__ = ["RegroupDST"]
+
+FORMATS = ("grid", "shuffled")
+# Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions).
+_RTOL = 1e-9
+
+
+def _real(value: Any, name: str, caller: str, low: float, high: float, *,
+          high_open: bool = False) -> float:
+    interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"The {name!r} parameter of {caller} must be a float in {interval}. "
+                        f"Got {value!r} instead.")
+    v = float(value)
+    if math.isnan(v) or v < low or v > high or (high_open and v == high):
+        raise ValueError(f"The {name!r} parameter of {caller} must be a float in {interval}. "
+                         f"Got {value!r} instead.")
+    return v
+
+
+def _int(value: Any, name: str, caller: str, low: int, *, optional: bool = False
+         ) -> int | None:
+    if value is None and optional:
+        return None
+    what = f"an int >= {low}{' or None' if optional else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"The {name!r} parameter of {caller} must be {what}. Got {value!r} "
+                        "instead.")
+    if value < low:
+        raise ValueError(f"The {name!r} parameter of {caller} must be {what}. Got {value!r} "
+                         "instead.")
+    return int(value)
+
+
+def _block(block: Any, caller: str) -> tuple[int, int]:
+    pair = (block, block) if isinstance(block, numbers.Integral) else block
+    ints = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+        isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in pair)
+    if not ints or min(pair) < 1:
+        raise (ValueError if ints else TypeError)(
+            f"The 'block' parameter of {caller} must be a positive int or a pair (rows, "
+            f"cols) of them. Got {block!r} instead.")
+    return int(pair[0]), int(pair[1])
+
+
+def _globs(exclude: Any, caller: str) -> tuple[str, ...]:
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    if not isinstance(exclude, (tuple, list)) or \
+            not all(isinstance(g, str) for g in exclude):
+        raise TypeError(f"The 'exclude' parameter of {caller} must be a glob or a sequence "
+                        f"of globs over weight names ('fc1.weight', 'head.*'). Got "
+                        f"{exclude!r} instead.")
+    return tuple(exclude)
+
+
+def _matrix(t: torch.Tensor) -> np.ndarray:
+    """A weight-shaped tensor as a float64 (out, -1) numpy array."""
+    return t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64).numpy()
+
+
+def _fake_sparsity(module: nn.Module, name: str) -> FakeSparsity:
+    for p in module.parametrizations[name]:
+        if isinstance(p, FakeSparsity):
+            return p
+    raise RegroupError(f"{type(module).__name__}.{name} has no FakeSparsity "
+                       "parametrization (was the model prepared by this sparsifier?)")
+
+
+class RegroupDST(BaseSparsifier):
+    """Dynamic sparse training with block layouts: a torch.ao.pruning sparsifier.
+
+    Call :meth:`prepare` once, then :meth:`step` after every ``optimizer.step()``. Every
+    ``T`` steps while ``t < T_end`` it updates each layer's mask: RigL's drop and grow on
+    whole units of the layer's block layout, then (every ``relayout_every`` updates) a
+    warm re-layout. Execution is masked; :meth:`convert` gives the block-sparse model.
+
+    Parameters
+    ----------
+    sparsity : float in [0, 1), default=0.9
+        Share of the selected layers' weights that is pruned, over all of them.
+    distribution : {"erk", "uniform"}, default="erk"
+        How the kept weights are spread over the layers
+        (:func:`regroup.dst.layer_densities`; ERK over the selected layers).
+    block : int or (int, int), default=16
+        The unit ``br x bc`` (rows are output channels; a conv's columns are its
+        ``in * kh * kw`` inputs).
+    format : {"shuffled", "grid"}, default="shuffled"
+        Units are panel tiles (each row panel orders its own columns) or blocks of one
+        permuted grid.
+    T : int >= 1, default=100
+        Steps between mask updates.
+    T_end : int >= T
+        No update at or after step ``T_end`` (RigL uses 75 % of training).
+    alpha : float in [0, 1], default=0.3
+        Drop fraction at step 0; ``d_t = alpha / 2 * (1 + cos(pi t / T_end))``.
+    relayout_every : int >= 0 or None, default=None
+        Try a warm re-layout every that many updates; 0 or None: never (the orders stay
+        those of the initial layout).
+    warm_rounds : int >= 1, optional
+        Refinement rounds of a re-layout (default :data:`regroup.engine.WARM_ROUNDS`).
+    optimizer : torch.optim.Optimizer, optional
+        Its per-parameter state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, any
+        tensor of the weight's shape) is zeroed wherever the weight is: at grown and
+        dropped positions. It must hold every selected weight. Without it the caller
+        keeps stale momentum at new positions.
+    exclude : glob or sequence of globs, default=()
+        Weight names never sparsified (``"fc1.weight"``, ``"classifier.*"``), e.g. the
+        first and last layers.
+    seed : int >= 0, default=0
+        The random initial kept sets and the re-layouts.
+
+    Attributes
+    ----------
+    results : dict of str to LayerResult
+        Per weight name, the current layout (original coordinates); ``results[n].mask``
+        is the layer's mask.
+    densities : dict of str to float
+        The density each layer was given (its kept units may round it up).
+    history : list of dict
+        One record per layer per update: ``t``, ``update`` (1, 2, ...), ``layer``,
+        ``drop_fraction``, ``kept`` (units), ``dropped`` and ``grown`` (units; a unit
+        dropped and grown again counts in both and keeps its weights, as in RigL),
+        ``relayout`` (None: not tried; True / False: accepted or not),
+        ``relayout_note`` (why not, or the gain), ``churn`` (share of the kept ``w**2``
+        mass the update removed, at most ``drop_fraction``), ``seconds``; and
+        ``skipped`` (a reason, or None).
+
+    Notes
+    -----
+    The initial layout of each layer has identity orders and a random kept set of
+    ``units_for_density(units, density)`` units (seeded): at initialisation the weights
+    are i.i.d., so no order is better than another, and the re-layouts find orders once
+    training gives the weights structure. Weights outside the mask are zeroed.
+
+    The dense gradient is collected by a hook on the output of each layer's
+    ``FakeSparsity`` (``dL/dW`` before masking), armed only on the step before an
+    update: every forward/backward of that step adds to it (gradient accumulation
+    works), and the other steps pay nothing.
+
+    >>> sparsifier = RegroupDST(0.9, block=16, T=100, T_end=7500, optimizer=opt)
+    >>> sparsifier.prepare(model)
+    >>> for x, y in data:
+    ...     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+    ...     sparsifier.step()
+    >>> sparsifier.convert(model)          # BlockSparseLinear / BlockSparseConv2d
+    """
+
+    def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk",
+                 block: int | tuple[int, int] = 16, format: str = "shuffled", T: int = 100,
+                 T_end: int, alpha: float = 0.3, relayout_every: int | None = None,
+                 warm_rounds: int | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 exclude: str | Sequence[str] = (), seed: int = 0) -> None:
+        caller = "RegroupDST"
+        self.sparsity = _real(sparsity, "sparsity", caller, 0, 1, high_open=True)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"The 'distribution' parameter of {caller} must be one of "
+                             f"{', '.join(map(repr, sorted(DISTRIBUTIONS)))}. Got "
+                             f"{distribution!r} instead.")
+        self.distribution = distribution
+        self.block = _block(block, caller)
+        if format not in FORMATS:
+            raise ValueError(f"The 'format' parameter of {caller} must be one of 'grid', "
+                             f"'shuffled'. Got {format!r} instead.")
+        self.format = format
+        self.T = _int(T, "T", caller, 1)
+        self.T_end = _int(T_end, "T_end", caller, self.T)
+        self.alpha = _real(alpha, "alpha", caller, 0, 1)
+        self.relayout_every = _int(relayout_every, "relayout_every", caller, 0,
+                                   optional=True) or 0
+        self.warm_rounds = _int(warm_rounds, "warm_rounds", caller, 1, optional=True)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"The 'optimizer' parameter of {caller} must be a "
+                            f"torch.optim.Optimizer or None. Got {type(optimizer).__name__} "
+                            "instead.")
+        self.optimizer = optimizer
+        self.exclude = _globs(exclude, caller)
+        self.seed = _int(seed, "seed", caller, 0)
+        super().__init__(defaults={})
+        self.results: dict[str, LayerResult] = {}
+        self.densities: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self._t = 0                   # step() calls so far
+        self._updates = 0             # mask updates so far
+        self._armed = False
+        self._grads: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._converted = False
+        self.convert_report: dict[str, str] = {}
+        self._now: dict[str, Any] = {}   # the update in progress (t, d_t, relayout)
+
+    # -- selection -------------------------------------------------------------------------
+    def _eligible(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Weight name -> module, for every Linear and groups == 1 Conv2d."""
+        return {(f"{n}.weight" if n else "weight"): m for n, m in model.named_modules()
+                if isinstance(m, nn.Linear)
+                or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+
+    def _select(self, model: nn.Module, config: Any, caller: str) -> list[str]:
+        eligible = self._eligible(model)
+        if config is None:
+            names = list(eligible)
+        else:
+            if isinstance(config, (str, Mapping)) or not isinstance(config, Sequence):
+                raise TypeError(f"The 'config' parameter of {caller} must be None or a list "
+                                "of dicts like {'tensor_fqn': 'fc1.weight'}. Got "
+                                f"{type(config).__name__} instead.")
+            names = []
+            for entry in config:
+                fqn = entry.get("tensor_fqn") if isinstance(entry, Mapping) else None
+                if not isinstance(fqn, str) or set(entry) != {"tensor_fqn"}:
+                    raise ValueError(f"The 'config' parameter of {caller} must list dicts "
+                                     "with one key, 'tensor_fqn' (layers share the "
+                                     f"sparsifier's settings). Got {entry!r} instead.")
+                if fqn not in eligible:
+                    raise ValueError(f"The 'config' parameter of {caller} must name weights "
+                                     "of Linear or Conv2d (groups=1) modules of the model. "
+                                     f"Got {fqn!r} instead.")
+                if fqn in names:
+                    raise ValueError(f"The 'config' parameter of {caller} names {fqn!r} "
+                                     "twice.")
+                names.append(fqn)
+        names = [n for n in names
+                 if not any(fnmatch.fnmatchcase(n, g) for g in self.exclude)]
+        if not names:
+            raise RegroupError(f"{caller}: no layer to sparsify in {type(model).__name__} "
+                               f"(Linear / Conv2d with groups=1, minus exclude="
+                               f"{list(self.exclude)})")
+        br, bc = self.block
+        for n in names:
+            module = eligible[n]
+            if parametrize.is_parametrized(module, "weight"):
+                raise RegroupError(f"{caller}: {n} is already parametrized; remove its "
+                                   "parametrizations (or prepare a fresh model)")
+            rows, cols = module.weight.shape[0], module.weight[0].numel()
+            if br > rows or bc > cols:
+                raise ValueError(f"The 'block' parameter of {caller} must fit every layer. "
+                                 f"Got {br}x{bc} for {n}, a {rows}x{cols} matrix; exclude "
+                                 "it (exclude=[...]) or use a smaller block.")
+        return names
+
+    # -- prepare ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, config: list[dict[str, Any]] | None = None) -> None:
+        """Register the masks on ``model`` (in place) and draw the initial layouts.
+
+        ``config`` None selects every ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1``
+        whose weight name no ``exclude`` glob matches; a list of ``{"tensor_fqn":
+        name}`` selects those (minus ``exclude``). Everything is checked before the
+        model is touched.
+
+        Raises
+        ------
+        RegroupError
+            Nothing to sparsify, a weight already parametrized, or (with ``optimizer``)
+            a selected weight the optimizer does not hold.
+        ValueError, TypeError
+            A bad config, or a block larger than a layer.
+        """
+        caller = "RegroupDST.prepare"
+        if self.groups:
+            raise RegroupError(f"{caller}: this sparsifier is already prepared; make a new "
+                               "one for another model")
+        names = self._select(model, config, caller)
+        modules = self._eligible(model)
+        if self.optimizer is not None:
+            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            lost = [n for n in names if id(modules[n].weight) not in held]
+            if lost:
+                raise RegroupError(f"{caller}: the optimizer does not hold the weights of "
+                                   f"{', '.join(lost[:8])}; pass the optimizer of this "
+                                   "model (its state is zeroed at new positions)")
+        shapes = [tuple(modules[n].weight.shape) for n in names]
+        dens = layer_densities(shapes, self.sparsity, distribution=self.distribution,
+                               caller=caller)
+        rng = np.random.default_rng(self.seed)
+        layouts = {}
+        for n, shape, d in zip(names, shapes, dens):
+            units = make_units((shape[0], math.prod(shape[1:])), self.block, self.format)
+            k = units_for_density(units, float(d))
+            kept = np.zeros(units.n_units, bool)
+            kept[rng.choice(units.n_units, size=k, replace=False)] = True
+            kept = kept.reshape(units.table_shape)
+            layouts[n] = self._result(n, shape, units, kept,
+                                      np.zeros(units.table_shape), "identity")
+            self.densities[n] = float(d)
+        super().prepare(model, [{"tensor_fqn": n} for n in names])
+        for group in self.groups:
+            fqn = group["tensor_fqn"]
+            module, name = group["module"], group["tensor_name"]
+            self.results[fqn] = layouts[fqn]
+            self._set_mask(module, name, None, layouts[fqn].mask)
+            self._handles.append(_fake_sparsity(module, name).register_forward_hook(
+                self._grad_hook(fqn)))
+        self._arm()
+
+    def _grad_hook(self, fqn: str) -> Any:
+        """A forward hook on the FakeSparsity of ``fqn``: while armed, the gradient of
+        its output (the weight before masking) is added to ``_grads[fqn]``."""
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.detach()
+            prev = self._grads.get(fqn)
+            self._grads[fqn] = g.clone() if prev is None else prev + g
+
+        def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+            if self._armed and out.requires_grad:
+                out.register_hook(on_grad)
+        return hook
+
+    def _arm(self) -> None:
+        nxt = self._t + 1
+        self._armed = not self._converted and nxt % self.T == 0 and nxt < self.T_end
+        if not self._armed:
+            self._grads.clear()
+
+    def _result(self, fqn: str, shape: tuple[int, ...], units: Any, kept: np.ndarray,
+                mass: np.ndarray, method: str, metrics: dict | None = None) -> LayerResult:
+        lay = units_layout(units, kept, mass)
+        return LayerResult(
+            name=fqn, shape=tuple(shape), mask=layout_mask(lay).reshape(shape),
+            row_perm=np.array(lay.row_perm), col_perm=None if lay.col_perm is None
+            else np.array(lay.col_perm), panel_cols=lay.panel_cols,
+            block_shape=tuple(lay.block_shape), format=lay.format, method=method,
+            seed=self.seed, metrics={"chosen": "dst", "kept_blocks": int(kept.sum()),
+                                     "kept_area": int(lay.kept_area), **(metrics or {})})
+
+    def _set_mask(self, module: nn.Module, name: str, old: np.ndarray | None,
+                  new: np.ndarray) -> None:
+        """Install mask ``new``; zero the weight and its optimizer state everywhere but
+        the positions kept in both ``old`` and ``new`` (all of ``new`` when ``old`` is
+        None, at prepare)."""
+        fake = _fake_sparsity(module, name)
+        original = module.parametrizations[name].original
+        new_t = torch.from_numpy(np.ascontiguousarray(new)).reshape(original.shape)
+        keep = new_t if old is None else \
+            new_t & torch.from_numpy(np.ascontiguousarray(old)).reshape(original.shape)
+        keep = keep.to(original.device)
+        with torch.no_grad():
+            fake.mask.copy_(new_t.to(device=fake.mask.device, dtype=fake.mask.dtype))
+            original.masked_fill_(~keep, 0)
+            state = self.optimizer.state.get(original, {}) if self.optimizer else {}
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == original.shape:
+                    v.masked_fill_(~keep.to(v.device), 0)
+
+    # -- step ------------------------------------------------------------------------------
+    def step(self) -> None:  # type: ignore[override]
+        """Count one training step; on every ``T``-th step before ``T_end``, update the
+        masks (call it after ``optimizer.step()``). With ``enable_mask_update`` False
+        the steps are counted and the updates skipped (the schedule stays in steps)."""
+        if self._converted:
+            raise RegroupError("RegroupDST.step: the model was converted; the masks are "
+                               "final")
+        if not self.groups:
+            raise RegroupError("RegroupDST.step: call prepare(model) first")
+        self._t += 1
+        t = self._t
+        if t % self.T == 0 and t < self.T_end and self.enable_mask_update:
+            self._updates += 1
+            self._now = {"t": t, "d": drop_fraction(t, self.T_end, self.alpha),
+                         "relayout": bool(self.relayout_every)
+                         and self._updates % self.relayout_every == 0}
+            with torch.no_grad():
+                for config in self.groups:
+                    self.update_mask(**config)
+            self._grads.clear()
+        self._arm()
+
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
+        """One layer's mask update (called by :meth:`step` on update steps)."""
+        fqn = kwargs["tensor_fqn"]
+        t0 = time.perf_counter()
+        t, d = self._now["t"], self._now["d"]
+        res = self.results[fqn]
+        rec: dict[str, Any] = {"t": t, "update": self._updates, "layer": fqn,
+                               "drop_fraction": d, "kept": int(res.metrics["kept_blocks"]),
+                               "dropped": 0, "grown": 0, "relayout": None,
+                               "relayout_note": None, "churn": 0.0, "seconds": 0.0,
+                               "skipped": None}
+        grad = self._grads.get(fqn)
+        if grad is None:
+            rec["skipped"] = ("no gradient: no backward reached this layer on the step "
+                              "before the update")
+            rec["seconds"] = time.perf_counter() - t0
+            self.history.append(rec)
+            return
+        original = module.parametrizations[tensor_name].original
+        W = _matrix(original) * res.mask2d
+        G = _matrix(grad)
+        units, kept = layout_units(res, rank=G if res.format == "shuffled" else None)
+        k = int(kept.sum())
+        # A layer keeping every unit has nothing to grow (RigL leaves dense layers be).
+        n = drop_count(k, d) if k < units.n_units else 0
+        ws = unit_scores(W, units)
+        dg = drop_grow(ws, unit_scores(G, units), kept, n)
+        old = res.mask2d
+        new_res = self._result(fqn, res.shape, units, dg.kept,
+                               unit_scores(W, units, power=1), res.method)
+        rec.update(dropped=int(dg.dropped.size), grown=int(dg.grown.size))
+        W2 = np.square(W)
+        if self._now["relayout"] and k < units.n_units:
+            new_res, rec["relayout"], rec["relayout_note"] = self._relayout(
+                fqn, new_res, W, G, old, units, dg.kept, W2, d, k)
+        new = new_res.mask2d
+        regroup.check_layout(new, new_res.format, tuple(new_res.block_shape),
+                             new_res.row_perm, new_res.col_perm, new_res.panel_cols)
+        self._set_mask(module, tensor_name, old, new)
+        self.results[fqn] = new_res
+        rec["churn"] = churn(old, new, W2)
+        rec["seconds"] = time.perf_counter() - t0
+        self.history.append(rec)
+
+    def _relayout(self, fqn: str, cur: LayerResult, W: np.ndarray, G: np.ndarray,
+                  old: np.ndarray, units: Any, kept: np.ndarray, W2: np.ndarray,
+                  d: float, k: int) -> tuple[LayerResult, bool, str]:
+        """A warm re-layout of ``cur`` (the layout after drop and grow), or ``cur``.
+
+        Scores: ``|w|`` on the positions ``cur`` keeps from before, ``s * |G|``
+        elsewhere (new positions included: their weights are still 0), with ``s`` such
+        that the grown positions (or, with none, the best candidate unit) score like an
+        average kept weight, as DSB scores grown weights at the mean ``|w|``."""
+        mask = cur.mask2d
+        carried = mask & old
+        fresh = mask & ~old
+        absG = np.abs(G)
+        if fresh.any():
+            g_ref = float(absG[fresh].mean())
+        else:
+            per_unit = unit_scores(G, units, power=1) / units.area()
+            g_ref = float(per_unit[~kept].max()) if (~kept).any() else 0.0
+        w_ref = float(np.abs(W[carried]).mean()) if carried.any() else 0.0
+        scale = w_ref / g_ref if g_ref > 0 else 0.0
+        V = np.where(carried, np.abs(W), scale * absG)
+        if not V.any():
+            return cur, False, "nothing to score (zero weights and gradient)"
+        opts = RegroupOptions(block=tuple(cur.block_shape), format=cur.format,
+                              method="identity", budget=f"blocks={k}",
+                              objective="magnitude", refine=True, seed=self.seed)
+        pattern = regroup.from_array(V.reshape(cur.shape), name=fqn)
+        try:
+            out = regroup.regroup_pattern(pattern, options=opts, init=cur,
+                                          warm_rounds=self.warm_rounds)
+        except RegroupError as exc:      # e.g. too few nonzeros to fill k units
+            return cur, False, f"re-layout failed: {exc}"
+        new = out.mask2d
+        _, new_kept = layout_units(out)
+        before, after = float(V[mask].sum()), float(V[new].sum())
+        c = churn(old, new, W2)
+        if int(new_kept.sum()) != k:
+            return cur, False, f"keeps {int(new_kept.sum())} units, not {k}"
+        if not after > before * (1 + _RTOL):
+            return cur, False, "no gain"
+        if c > d * (1 + _RTOL):
+            return cur, False, f"churn {c:.4f} > d_t {d:.4f}"
+        out.metrics["kept_blocks"] = k
+        return out, True, f"gain {after / before - 1:+.4f}" if before else "gain"
+
+    # -- state -----------------------------------------------------------------------------
+    def _settings(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "distribution": self.distribution,
+                "block": list(self.block), "format": self.format, "T": self.T,
+                "T_end": self.T_end, "alpha": self.alpha,
+                "relayout_every": self.relayout_every, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks, the layouts, the step counters and the history: tensors and
+        plain Python values only (loads with ``torch.load(weights_only=True)``)."""
+        sd = super().state_dict()
+        sd["state"] = {fqn: {"mask": torch.from_numpy(r.mask.copy())}
+                       for fqn, r in self.results.items()}
+        layouts = {}
+        for fqn, r in self.results.items():
+            layouts[fqn] = {
+                "shape": list(r.shape), "block_shape": list(r.block_shape),
+                "format": r.format, "method": r.method,
+                "row_perm": torch.from_numpy(np.asarray(r.row_perm, np.int64)),
+                "col_perm": None if r.col_perm is None else
+                torch.from_numpy(np.asarray(r.col_perm, np.int64)),
+                "panel_cols": None if r.panel_cols is None else
+                [torch.from_numpy(np.asarray(c, np.int64)) for c in r.panel_cols],
+                "kept_blocks": int(r.metrics["kept_blocks"])}
+        sd["dst"] = {"settings": self._settings(), "t": self._t, "updates": self._updates,
+                     "densities": dict(self.densities), "layouts": layouts,
+                     "history": [dict(h) for h in self.history]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict` into this sparsifier, prepared on a model with the
+        same layers and settings: masks (into the same mask tensors), layouts, step
+        counters and history. The weights come with the model's own state dict, loaded
+        with ``strict=False``: torch.ao's ``FakeSparsity`` leaves its mask out of it.
+
+        >>> sparsifier.prepare(model)
+        >>> model.load_state_dict(saved_model_state, strict=False)
+        >>> sparsifier.load_state_dict(saved_sparsifier_state)
+
+        Raises
+        ------
+        RegroupError
+            Not prepared, other settings or layers, or a layout that fails
+            :func:`regroup.check_layout`; nothing is changed then.
+        """
+        caller = "RegroupDST.load_state_dict"
+        if not self.groups:
+            raise RegroupError(f"{caller}: call prepare(model) first, with the same layers")
+        dst = state_dict.get("dst") if isinstance(state_dict, Mapping) else None
+        if not isinstance(dst, Mapping):
+            raise RegroupError(f"{caller}: not a RegroupDST state dict (no 'dst' entry)")
+        if dst["settings"] != self._settings():
+            diff = {k: v for k, v in dst["settings"].items() if self._settings().get(k) != v}
+            raise RegroupError(f"{caller}: the state was saved with other settings: {diff}")
+        if set(dst["layouts"]) != set(self.results):
+            raise RegroupError(f"{caller}: the state has layers {sorted(dst['layouts'])}, "
+                               f"this sparsifier {sorted(self.results)}")
+        restored = {}
+        for fqn, lay in dst["layouts"].items():
+            shape = tuple(lay["shape"])
+            if shape != tuple(self.results[fqn].shape):
+                raise RegroupError(f"{caller}: {fqn} has shape {shape} in the state, "
+                                   f"{tuple(self.results[fqn].shape)} in the model")
+            mask = state_dict["state"][fqn]["mask"].cpu().numpy().astype(bool)
+            r = LayerResult(
+                name=fqn, shape=shape, mask=mask.reshape(shape),
+                row_perm=lay["row_perm"].numpy().astype(np.intp),
+                col_perm=None if lay["col_perm"] is None else
+                lay["col_perm"].numpy().astype(np.intp),
+                panel_cols=None if lay["panel_cols"] is None else
+                tuple(c.numpy().astype(np.intp) for c in lay["panel_cols"]),
+                block_shape=tuple(lay["block_shape"]), format=lay["format"],
+                method=lay["method"], seed=self.seed,
+                metrics={"chosen": "dst", "kept_blocks": lay["kept_blocks"]})
+            try:
+                regroup.check_layout(r.mask2d, r.format, r.block_shape, r.row_perm,
+                                     r.col_perm, r.panel_cols)
+            except RegroupError as exc:
+                raise RegroupError(f"{caller}: the layout of {fqn} is not valid: "
+                                   f"{exc}") from None
+            restored[fqn] = r
+        for group in self.groups:
+            fqn = group["tensor_fqn"]
+            fake = _fake_sparsity(group["module"], group["tensor_name"])
+            with torch.no_grad():
+                fake.mask.copy_(torch.from_numpy(restored[fqn].mask).to(
+                    device=fake.mask.device, dtype=fake.mask.dtype))
+            self.state[fqn]["mask"] = fake.mask
+        self.results = restored
+        self.densities = dict(dst["densities"])
+        self._t, self._updates = int(dst["t"]), int(dst["updates"])
+        self.history = [dict(h) for h in dst["history"]]
+        self._arm()
+
+    # -- convert ---------------------------------------------------------------------------
+    def convert(self, model: nn.Module, *, backend: str = "auto"  # type: ignore[override]
+                ) -> nn.Module:
+        """Squash the masks into the weights and swap the layers for block-sparse modules
+        (:func:`~regroup.adapters.torch.to_block_sparse` with a runtime
+        :class:`~regroup.adapters.torch.Plan` of :attr:`results`), in place; what
+        :func:`to_block_sparse` reports per layer is kept in ``convert_report``. The
+        sparsifier is done then (:meth:`step` refuses).
+
+        Returns
+        -------
+        nn.Module
+            ``model`` itself, converted.
+        """
+        if model is not getattr(self, "model", None):
+            raise RegroupError("RegroupDST.convert: pass the model given to prepare()")
+        if self._converted:
+            raise RegroupError("RegroupDST.convert: the model is already converted")
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.squash_mask()
+        self._converted = True
+        self._arm()
+        self.convert_report = to_block_sparse(model, Plan.from_result(dict(self.results)),
+                                              backend=backend)
+        return model
