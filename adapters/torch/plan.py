@@ -16,6 +16,12 @@ Row and column orders are then made free where possible:
 - ``mode="runtime"``: parameters stay in place; every layer keeps its own orders, applied
   as a gather before and a scatter after the block product by :func:`to_block_sparse`.
 
+With ``format="nm"`` every selected layer (dense ones too) is pruned to N:M along its
+input columns after a searched order; in fold mode each hidden dimension gets one order,
+searched on all its consumers together and folded into its producers, so the folded
+consumers are N:M in plain order (:func:`to_block_sparse` then makes their Linear layers
+:class:`~regroup.adapters.torch.NMLinear`).
+
 Either way the masked model computes what the masked model computed before, up to
 floating-point rounding. ``in_proj_weight`` always keeps runtime orders (its rows are
 split into heads inside the attention module). The returned :class:`Plan` saves to a
@@ -818,7 +824,10 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         Modified in place (masks refilled, permutations folded); deep-copy it first to
         keep the original.
     options : RegroupOptions, optional
-        How layers are regrouped (block, format, method, budget, seed, ...). ``layers``
+        How layers are regrouped (block, format, method, budget, seed, ...; with
+        ``format="nm"`` N:M, see the module docstring: dense layers are taken, layers
+        whose column count M does not divide are skipped, and a dimension read by a
+        k x k convolution is not folded). ``layers``
         are globs over weight names (``"encoder.*"``, ``"fc1.weight"``; default: every
         pruned layer); ``budget_scope="global"`` spends one budget over all selected
         layers (``layer_min`` reserves a share of each layer's own), the folded orders
