@@ -27,7 +27,6 @@ While traced (``torch.export``, ``torch.jit.trace``) the dense path runs.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +39,7 @@ from regroup import RegroupError
 from regroup.nm import check_nm, check_nm_mask
 from regroup.result import LayerResult
 
-from .sparse import MARGIN, TIME_BUDGET, describe_key, time_paths
+from .sparse import MARGIN, TIME_BUDGET, describe_key, dispatch_key, time_paths
 
 __all__ = ["NMLinear", "NM_BACKENDS", "semi_structured_problem"]
 
@@ -197,9 +196,7 @@ class NMLinear(nn.Module):
             return self.backend
         if len(paths) == 1 or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return "dense"
-        key = (x2d.device.type, x2d.dtype,
-               1 << max(0, math.ceil(math.log2(max(1, x2d.shape[0])))), (self.in_features,),
-               torch.is_grad_enabled())
+        key = dispatch_key(x2d)
         choice = self.dispatch_log.get(key)
         if choice is None:
             times, rounds, seconds = time_paths(lambda p: self._run(x2d, p), paths,

@@ -78,9 +78,9 @@ from . import triton_shuffled
 from .masking import read_mask, unmasked, write_mask
 
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BlockSparseMultiheadAttention",
-           "DispatchRecord", "set_backend", "stored_result", "time_paths", "describe_key",
-           "BACKENDS", "MARGIN",
-           "TIME_BUDGET", "CHECK_EVERY", "CHECK_SAMPLES", "LAYOUT_KEYS", "LAYOUT_VERSION"]
+           "DispatchRecord", "set_backend", "stored_result", "time_paths", "dispatch_key",
+           "describe_key", "BACKENDS", "MARGIN", "TIME_BUDGET", "CHECK_EVERY",
+           "CHECK_SAMPLES", "LAYOUT_KEYS", "LAYOUT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -380,13 +380,6 @@ class BlockCore(nn.Module):
         return yt.t()
 
     # -- dispatch ------------------------------------------------------------------------
-    @staticmethod
-    def _key(x: torch.Tensor) -> tuple:
-        # Batch sizes share a power-of-two class; the other dims (a conv's image size)
-        # change the cost, so they are part of the key.
-        return (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
-                tuple(x.shape[1:]), torch.is_grad_enabled())
-
     def choose(self, x: torch.Tensor, run: Callable[[str], Any]) -> str:
         """The path for input ``x``: fixed by ``backend``, or measured once per class of
         inputs (``run(path)`` performs the whole forward on ``x``)."""
@@ -407,7 +400,7 @@ class BlockCore(nn.Module):
                     "(its kernel is not a registered op); use backend 'bsr' or 'dense' "
                     "(regroup.adapters.torch.set_backend)")
             return self.backend, None
-        key = self._key(x)
+        key = dispatch_key(x)
         if _tracing():
             return self._traced_choice(key, paths), None
         rec = self.dispatch_records.get(key)
@@ -432,7 +425,7 @@ class BlockCore(nn.Module):
         sync()
         rec.samples = [*rec.samples, _clock() - t0][-CHECK_SAMPLES:]
         if len(rec.samples) == CHECK_SAMPLES and min(rec.samples) * MARGIN > rec.times["dense"]:
-            new = self._measure(self._key(x), run, self.paths(x), (
+            new = self._measure(dispatch_key(x), run, self.paths(x), (
                 f"re-timed: {path} took {1e3 * min(rec.samples):.3g} ms at best in the last "
                 f"{CHECK_SAMPLES} checks, dense {1e3 * rec.times['dense']:.3g} ms"))
             new.timings = rec.timings + 1
@@ -479,6 +472,15 @@ class BlockCore(nn.Module):
     def extra_repr(self) -> str:
         return (f"format={self.format}, block={self.block[0]}x{self.block[1]}, "
                 f"blocks={self.values.shape[0]}, backend={self.backend}")
+
+
+def dispatch_key(x: torch.Tensor) -> tuple:
+    """The input class a measured choice of path holds for: device, dtype, batch size
+    class, other dims, grad mode."""
+    # Batch sizes share a power-of-two class; the other dims (a conv's image size)
+    # change the cost, so they are part of the key.
+    return (x.device.type, x.dtype, 1 << max(0, math.ceil(math.log2(max(1, x.shape[0])))),
+            tuple(x.shape[1:]), torch.is_grad_enabled())
 
 
 def describe_key(key: tuple) -> str:
