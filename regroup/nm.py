@@ -459,6 +459,8 @@ def _search_window(A: np.ndarray, n: int, m: int, rng: np.random.Generator, kick
     splits = _splits(m) if math.comb(2 * m, m) // 2 <= _PAIR_SPLITS_MAX else None
     best_state = None
     for name, start in (("greedy", _greedy_start(A, n, m)), ("identity", ident)):
+        if best_state is not None and time.perf_counter() >= deadline:
+            break       # out of time: the identity is nm_search's floor anyway
         state = _climb(_SwapState(A, start, n, m), splits, eps, deadline, stats)
         if best_state is None or state.total() > best_state.total() + eps:
             best_state, stats["start"] = state, name

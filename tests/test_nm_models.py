@@ -265,22 +265,25 @@ def _is_1x1(m: nn.Module) -> bool:
 
 
 def test_mobilenet_nm_folds_through_depthwise_convolutions(real_mobilenet, zoo, tmp_path):
-    """ASP's usual input: the dense ImageNet MobileNetV2, every 1x1 conv and the classifier
-    pruned to 2:4; the project convs' input orders fold into the expand convs through the
-    depthwise convs and their BatchNorms."""
+    """ASP's usual input: the dense ImageNet MobileNetV2, 1x1 convs pruned to 2:4; the
+    project convs' input orders fold into the expand convs through the depthwise convs
+    and their BatchNorms."""
     model = real_mobilenet()
-    ones = [f"{n}.weight" for n, m in model.named_modules() if _is_1x1(m)]
+    # The first six blocks (residual joins among them): the whole model runs, the
+    # searches stay short (the 1000 x 1280 classifier alone takes seconds).
+    ones = [f"{n}.weight" for n, m in model.named_modules()
+            if _is_1x1(m) and int(n.split(".")[1]) <= 6]
     x = zoo.photo_crops(2, size=64)
     plan, done = _check_nm_model(real_mobilenet, (x,), lambda y: y, tmp_path,
-                                 layers=[*ones, "classifier.1.weight"], time_limit=0.3)
-    project = [n for n in ones if n.endswith("conv.2.weight") or n.endswith("conv.1.weight")
-               and "features.1." in n]
-    folded = [n for n in project if plan.sides[n]["cols"] == "fold"]
-    assert len(folded) >= len(project) - 1, (len(folded), len(project))
+                                 layers=ones, time_limit=0.1)
+    project = [n for n in ones if n.endswith("conv.2.weight") or
+               (n.endswith("conv.1.weight") and "features.1." in n)]
+    assert len(project) == 6
+    assert [n for n in project if plan.sides[n]["cols"] != "fold"] == []
     carried = {n for f in plan.folds for n in f.norms}
-    assert any(n.endswith("conv.1.0") for n in carried)          # depthwise convs
-    assert done["classifier.1.weight"] == "NMLinear"
-    assert all(done[n].startswith("stays dense-masked") for n in ones)
+    assert {f"features.{i}.conv.1.0" for i in range(2, 7)} <= carried   # depthwise convs
+    assert sorted(done) == sorted(ones) and all(
+        v.startswith("stays dense-masked: torch's N:M (2:4) kernels") for v in done.values())
 
 
 def test_bert_feed_forward_nm_folds(real_minilm, tmp_path):
@@ -288,14 +291,12 @@ def test_bert_feed_forward_nm_folds(real_minilm, tmp_path):
     ids = tokenizer(["N:M groups run along the input columns.", "Fold them."],
                     padding=True, return_tensors="pt")["input_ids"]
     with pytest.warns(RuntimeWarning, match="could not trace BertModel"):
-        plan, done = _check_nm_model(lambda: real_minilm(2)[0], (ids,),
+        plan, done = _check_nm_model(lambda: real_minilm(1)[0], (ids,),
                                      lambda y: y.last_hidden_state, tmp_path,
-                                     layers="encoder.*", time_limit=0.3)
-    for i in range(2):
-        assert plan.sides[f"encoder.layer.{i}.output.dense.weight"]["cols"] == "fold"
-        assert plan.sides[f"encoder.layer.{i}.attention.self.query.weight"]["cols"] == \
-            "runtime"
-    assert set(done.values()) == {"NMLinear"} and len(done) == 12
+                                     layers="encoder.*", time_limit=0.1)
+    assert plan.sides["encoder.layer.0.output.dense.weight"]["cols"] == "fold"
+    assert plan.sides["encoder.layer.0.attention.self.query.weight"]["cols"] == "runtime"
+    assert set(done.values()) == {"NMLinear"} and len(done) == 6
 
 
 def test_transformer_encoder_nm_keeps_attention_dense_masked(zoo, tmp_path):
@@ -307,7 +308,7 @@ def test_transformer_encoder_nm_keeps_attention_dense_masked(zoo, tmp_path):
     x = torch.randn(2, 9, 384, generator=torch.Generator().manual_seed(0))
     with pytest.warns(RuntimeWarning, match="could not trace TransformerEncoder"):
         plan, done = _check_nm_model(lambda: zoo.minilm_torch_encoder(1), (x,), lambda y: y,
-                                     tmp_path, time_limit=0.3)
+                                     tmp_path, time_limit=0.1)
     assert plan.sides["layers.0.linear2.weight"]["cols"] == "fold"
     for w in ("self_attn.in_proj_weight", "self_attn.out_proj.weight"):
         assert done[f"layers.0.{w}"].startswith("stays dense-masked: N:M inside a "
