@@ -147,3 +147,25 @@ def test_nm_bench_quick_compares_plain_asp_and_regroup(tmp_path):
         else:
             assert r["asp kept"] == ""          # ASP's splits are for M <= 4
     assert "### 2:4" in (tmp_path / "nm_bench_quick.md").read_text()
+
+
+def test_dst_bench_quick_trains_every_method_on_the_same_budget(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    bench = _bench("dst_bench")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "dst_bench_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    for r in rows:
+        assert r["seeds"] == "2" and 0 <= float(r["acc_min"]) <= float(r["acc_mean"]) <= 1
+        assert 0 < float(r["mask_update_share"]) < 1
+        # every method trains as many weights per layer: 5 and 8 16x16 tiles, head ERK
+        assert (r["kept_fc1"], r["kept_fc2"], r["kept_head"]) == ("1280", "2048", "1024")
+    by = {r["method"]: r for r in rows}
+    assert float(by["RigL"]["acc_mean"]) > 0.5          # chance is 0.1; --quick is short
+    assert float(by["RegroupDST"]["gap_closed"]) == pytest.approx(
+        (float(by["RegroupDST"]["acc_mean"]) - float(by["block RigL"]["acc_mean"]))
+        / (float(by["RigL"]["acc_mean"]) - float(by["block RigL"]["acc_mean"])))
+    assert "churn <=" in by["RegroupDST"]["notes"]      # asserted <= d_t inside the run
+    assert "ttest_rel" in (tmp_path / "dst_bench_quick.md").read_text()
