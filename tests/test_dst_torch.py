@@ -420,9 +420,6 @@ def test_t_end_is_required():
 
 def test_prepare_errors_leave_the_model_alone():
     model = _mlp()
-    with pytest.raises(ValueError, match="'block' parameter of RegroupDST.prepare must fit "
-                       "every layer. Got 16x16 for 4.weight, a 10x48 matrix"):
-        RegroupDST(block=16, T_end=100).prepare(model)
     with pytest.raises(RegroupError, match="no layer to sparsify"):
         RegroupDST(T_end=100, exclude="*").prepare(model)
     with pytest.raises(ValueError, match="must name weights of Linear or Conv2d"):
@@ -441,3 +438,40 @@ def test_prepare_errors_leave_the_model_alone():
     assert list(sp.results) == ["2.weight"]
     with pytest.raises(RegroupError, match="already prepared"):
         sp.prepare(model)
+
+
+def test_a_layer_smaller_than_a_block_is_trained_element_wise():
+    """The 10 x 48 head cannot hold a 16 x 16 block: it gets single-weight units (RigL),
+    its ERK share over every selected layer, no re-layout, and stays dense at convert."""
+    torch.manual_seed(3)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sp = RegroupDST(0.8, block=16, T=2, T_end=30, relayout_every=1, optimizer=opt)
+    sp.prepare(model)
+    shapes = [tuple(model.get_submodule(n[:-7]).weight.shape) for n in sp.results]
+    assert list(sp.element_wise) == ["4.weight"]
+    assert "smaller than a 16x16 block" in sp.element_wise["4.weight"]
+    np.testing.assert_allclose([sp.densities[n] for n in sp.results],
+                               layer_densities(shapes, 0.8, distribution="erk"))
+    head = sp.results["4.weight"]
+    assert tuple(head.block_shape) == (1, 1) and head.format == "grid"
+    kept = int(head.mask.sum())
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    for _ in range(12):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sp.step()
+    mine = [h for h in sp.history if h["layer"] == "4.weight"]
+    assert mine and all(h["relayout"] is None for h in mine)
+    assert any(h["dropped"] for h in mine)                  # element-wise drop and grow
+    assert int(sp.results["4.weight"].mask.sum()) == kept
+    assert any(h["relayout"] for h in sp.history if h["layer"] != "4.weight")
+    with torch.no_grad():
+        want = model(x)
+    sp.convert(model)
+    assert sp.convert_report["4.weight"].startswith("stays dense-masked: 10x48 is smaller")
+    assert isinstance(model[4], torch.nn.Linear)
+    with torch.no_grad():
+        got = model(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5

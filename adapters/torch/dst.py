@@ -169,6 +169,10 @@ class RegroupDST(BaseSparsifier):
         is the layer's mask.
     densities : dict of str to float
         The density each layer was given (its kept units may round it up).
+    element_wise : dict of str to str
+        The layers smaller than a block on one side, with why: their units are single
+        weights (element-wise RigL, as DSB's code trains what it cannot block), they are
+        never re-laid out, and :meth:`convert` leaves them dense-masked.
     history : list of dict
         One record per layer per update: ``t``, ``update`` (1, 2, ...), ``layer``,
         ``drop_fraction``, ``kept`` (units), ``dropped`` and ``grown`` (units; a unit
@@ -232,6 +236,7 @@ class RegroupDST(BaseSparsifier):
         super().__init__(defaults={})
         self.results: dict[str, LayerResult] = {}
         self.densities: dict[str, float] = {}
+        self.element_wise: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
         self._t = 0                   # step() calls so far
         self._updates = 0             # mask updates so far
@@ -279,18 +284,20 @@ class RegroupDST(BaseSparsifier):
             raise RegroupError(f"{caller}: no layer to sparsify in {type(model).__name__} "
                                f"(Linear / Conv2d with groups=1, minus exclude="
                                f"{list(self.exclude)})")
-        br, bc = self.block
         for n in names:
-            module = eligible[n]
-            if parametrize.is_parametrized(module, "weight"):
+            if parametrize.is_parametrized(eligible[n], "weight"):
                 raise RegroupError(f"{caller}: {n} is already parametrized; remove its "
                                    "parametrizations (or prepare a fresh model)")
-            rows, cols = module.weight.shape[0], module.weight[0].numel()
-            if br > rows or bc > cols:
-                raise ValueError(f"The 'block' parameter of {caller} must fit every layer. "
-                                 f"Got {br}x{bc} for {n}, a {rows}x{cols} matrix; exclude "
-                                 "it (exclude=[...]) or use a smaller block.")
         return names
+
+    def _unit_block(self, shape2d: tuple[int, int]) -> tuple[tuple[int, int], str]:
+        """The unit and format of a layer: the sparsifier's, or single weights in the grid
+        format (element-wise RigL, as DSB's code trains layers it cannot block) when the
+        block does not fit the layer."""
+        br, bc = self.block
+        if br > shape2d[0] or bc > shape2d[1]:
+            return (1, 1), "grid"
+        return self.block, self.format
 
     # -- prepare ---------------------------------------------------------------------------
     def prepare(self, model: nn.Module, config: list[dict[str, Any]] | None = None) -> None:
@@ -307,7 +314,7 @@ class RegroupDST(BaseSparsifier):
             Nothing to sparsify, a weight already parametrized, or (with ``optimizer``)
             a selected weight the optimizer does not hold.
         ValueError, TypeError
-            A bad config, or a block larger than a layer.
+            A bad config.
         """
         caller = "RegroupDST.prepare"
         if self.groups:
@@ -328,7 +335,13 @@ class RegroupDST(BaseSparsifier):
         rng = np.random.default_rng(self.seed)
         layouts = {}
         for n, shape, d in zip(names, shapes, dens):
-            units = make_units((shape[0], math.prod(shape[1:])), self.block, self.format)
+            shape2d = (shape[0], math.prod(shape[1:]))
+            unit, fmt = self._unit_block(shape2d)
+            if unit != self.block:
+                self.element_wise[n] = (f"{shape2d[0]}x{shape2d[1]} is smaller than a "
+                                        f"{self.block[0]}x{self.block[1]} block: trained "
+                                        "element-wise (RigL), never re-laid out")
+            units = make_units(shape2d, unit, fmt)
             k = units_for_density(units, float(d))
             kept = np.zeros(units.n_units, bool)
             kept[rng.choice(units.n_units, size=k, replace=False)] = True
@@ -450,7 +463,7 @@ class RegroupDST(BaseSparsifier):
                                unit_scores(W, units, power=1), res.method)
         rec.update(dropped=int(dg.dropped.size), grown=int(dg.grown.size))
         W2 = np.square(W)
-        if self._now["relayout"] and k < units.n_units:
+        if self._now["relayout"] and k < units.n_units and fqn not in self.element_wise:
             new_res, rec["relayout"], rec["relayout_note"] = self._relayout(
                 fqn, new_res, W, G, old, units, dg.kept, W2, d, k)
         new = new_res.mask2d
@@ -625,6 +638,9 @@ class RegroupDST(BaseSparsifier):
         self.squash_mask()
         self._converted = True
         self._arm()
-        self.convert_report = to_block_sparse(model, Plan.from_result(dict(self.results)),
-                                              backend=backend)
+        blocked = {n: r for n, r in self.results.items() if n not in self.element_wise}
+        self.convert_report = to_block_sparse(model, Plan.from_result(blocked),
+                                              backend=backend) if blocked else {}
+        self.convert_report.update({n: f"stays dense-masked: {why}"
+                                    for n, why in self.element_wise.items()})
         return model
