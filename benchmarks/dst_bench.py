@@ -199,6 +199,32 @@ def rigl_update(masks: Masks, n: str, d: float) -> None:
     masks.set(n, dg.kept, old)
 
 
+def dsb_recluster(elem: np.ndarray, S: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """DSB's re-layout from scratch: rows clustered on the binary element mask ``elem``
+    (regroup's ``dsb`` partitioner: complete linkage on cosine distance, panels of
+    ``BLOCK`` rows), columns ranked per panel by the L2 norm of the scores ``S``, the top
+    ``K`` tiles kept. Returns (tile id per position, -1 off the tiles; the row order)."""
+    n, m = elem.shape
+    b = BLOCK
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        perm = dsb_rows(elem.astype(np.float64), b)
+    S2 = S ** 2
+    tiles = []          # (score, p, rows, columns)
+    for p in range(-(-n // b)):
+        rws = perm[p * b:(p + 1) * b]
+        colnorm = S2[rws].sum(0)
+        order = np.lexsort((np.arange(m), -colnorm))       # by L2 norm, ties by index
+        for j in range(0, m, b):
+            c = order[j:j + b]
+            tiles.append((float(colnorm[c].sum()), p * 10_000 + j, rws, c))
+    tiles.sort(key=lambda x: (-x[0], x[1]))
+    tile_id = np.full((n, m), -1, np.int64)
+    for t, (_, _, rws, c) in enumerate(tiles[:K]):
+        tile_id[np.ix_(rws, c)] = t
+    return tile_id, perm
+
+
 class DSBLayer:
     """DSB's procedure on one Linear weight: the current tiles (row order, per-panel
     kept columns) and the update described in the module docstring."""
@@ -244,24 +270,7 @@ class DSBLayer:
         S = np.where(carried, absW, 0.0)
         grown_m = elem & ~carried
         S[grown_m] = absW[carried].mean() if carried.any() else 1.0
-        # -- re-cluster from scratch on the binary element mask, panels of b rows
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            perm = dsb_rows(elem.astype(np.float64), b)
-        P = -(-n // b)
-        S2 = S ** 2
-        tiles = []          # (score, p, columns)
-        for p in range(P):
-            rws = perm[p * b:(p + 1) * b]
-            colnorm = S2[rws].sum(0)
-            order = np.lexsort((np.arange(m), -colnorm))       # by L2 norm, ties by index
-            for j in range(0, m, b):
-                c = order[j:j + b]
-                tiles.append((float(colnorm[c].sum()), p * 10_000 + j, rws, c))
-        tiles.sort(key=lambda x: (-x[0], x[1]))
-        tile_id = np.full(self.shape, -1, np.int64)
-        for t, (_, _, rws, c) in enumerate(tiles[:self.K]):
-            tile_id[np.ix_(rws, c)] = t
+        tile_id, perm = dsb_recluster(elem, S, self.K)
         self.tile_id, self.row_perm = tile_id, perm
         new = tile_id >= 0
         stats = {"cand": int(n_cand), "dropped": int(dropped.size),
@@ -458,6 +467,105 @@ def summarize(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[str]
     return rows, lines, test
 
 
+COST_LAYERS = ("encoder.layer.0.intermediate.dense.weight",      # 1536 x 384
+               "encoder.layer.0.output.dense.weight")            # 384 x 1536
+
+
+def cost_main(args) -> int:
+    """Issue 13's cost target: one re-layout on MiniLM's real 1536x384 and 384x1536
+    weights, RegroupDST's warm start against DSB's re-clustering from scratch, on the
+    same scores and tile budget.
+
+    The state before the update: each weight magnitude-pruned to ``--density`` and laid
+    out by auto (shuffled, 16x16, ``K = units_for_density`` tiles, as a layout in the
+    middle of training). The update's scores ``V``: ``|w|`` where the layout keeps weights,
+    ``s * |G|`` elsewhere, with ``G`` a real gradient (the masked model distilled towards
+    the dense one, MSE of the last hidden states on English sentences) and ``s`` making
+    the mean over the best candidate tile equal the mean kept ``|w|`` (as RegroupDST and
+    DSB score grown weights). Both pick ``K`` tiles on ``V``: RegroupDST by
+    ``regroup_pattern(init=layout, warm_rounds=...)``, DSB by :func:`dsb_recluster` on
+    the top ``K * 256`` entries of ``V`` (the elements an element-wise update keeps).
+    Reported: seconds (best of ``--repeat``), the share of ``V`` each keeps."""
+    import zoo
+    from regroup.dst import layout_units, unit_scores, units_for_density
+    torch.set_num_threads(1)
+    model, tokenizer = zoo.minilm(1)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layouts = {}
+    for name in COST_LAYERS:
+        W = dense[name].double().numpy()
+        keep = np.abs(W) >= np.quantile(np.abs(W), 1 - args.density)
+        units = make_units(W.shape, (BLOCK, BLOCK), "shuffled")
+        K = units_for_density(units, args.density)
+        layouts[name] = (K, regroup.regroup_pattern(
+            regroup.from_array(W * keep, name=name), block=BLOCK, format="shuffled",
+            budget=f"blocks={K}", seed=0))
+        with torch.no_grad():
+            dict(model.named_parameters())[name].mul_(
+                torch.from_numpy(layouts[name][1].mask2d).to(torch.float32))
+    enc = tokenizer(zoo.english_sentences(32), padding=True, truncation=True,
+                    max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        target = _dense_hidden(dense, model, enc)
+    model.zero_grad()
+    F.mse_loss(model(**enc).last_hidden_state, target).backward()
+    rows = []
+    for name in COST_LAYERS:
+        K, cur = layouts[name]
+        W = dense[name].double().numpy()
+        G = dict(model.named_parameters())[name].grad.double().numpy()
+        carried = cur.mask2d
+        units, kept = layout_units(cur, rank=G)
+        cand = unit_scores(np.abs(G), units, power=1).reshape(-1)[~kept.reshape(-1)]
+        scale = np.abs(W[carried]).mean() / (cand.max() / BLOCK ** 2)
+        V = np.where(carried, np.abs(W), scale * np.abs(G))
+        row = {"layer": name, "shape": "x".join(map(str, W.shape)), "tiles": K,
+               "kept before": round(float(V[carried].sum() / V.sum()), 4)}
+        for label in ("regroup warm", "DSB from scratch"):
+            best = math.inf
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                if label == "regroup warm":
+                    out = regroup.regroup_pattern(
+                        regroup.from_array(V, name=name), block=BLOCK, format="shuffled",
+                        budget=f"blocks={K}", method="identity", refine=True, seed=0,
+                        init=cur, warm_rounds=args.warm_rounds)
+                    mask = out.mask2d
+                else:
+                    flat = V.ravel()
+                    top = np.argpartition(-flat, K * BLOCK ** 2)[:K * BLOCK ** 2]
+                    elem = np.zeros(V.size, bool)
+                    elem[top] = True
+                    mask = dsb_recluster(elem.reshape(V.shape), V, K)[0] >= 0
+                best = min(best, time.perf_counter() - t0)
+            row[f"{label} s"] = round(best, 3)
+            row[f"{label} kept"] = round(float(V[mask].sum() / V.sum()), 4)
+        row["DSB / regroup time"] = round(row["DSB from scratch s"] / row["regroup warm s"], 1)
+        rows.append(row)
+        print(row, flush=True)
+    lines = ["| layer | shape | tiles | kept before | regroup warm s | kept | DSB from scratch s "
+             "| kept | DSB / regroup time |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['shape']} | {r['tiles']} | {r['kept before']} | "
+              f"{r['regroup warm s']} | {r['regroup warm kept']} | {r['DSB from scratch s']} | "
+              f"{r['DSB from scratch kept']} | {r['DSB / regroup time']} |" for r in rows]
+    write_outputs(args.out, "dst_cost", rows, lines)
+    print("\n".join(lines))
+    return 0
+
+
+def _dense_hidden(dense: dict, model: nn.Module, enc) -> torch.Tensor:
+    """The dense model's last hidden states (``model`` borrows the dense weights)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in COST_LAYERS}
+    with torch.no_grad():
+        for n in COST_LAYERS:
+            params[n].copy_(dense[n])
+        out = model(**enc).last_hidden_state
+        for n in COST_LAYERS:
+            params[n].copy_(saved[n])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -472,8 +580,15 @@ def main(argv=None) -> int:
                     help="RegroupDST: warm re-layout every that many updates")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset (the summary needs all five)")
+    ap.add_argument("--cost", action="store_true",
+                    help="the re-layout cost target on MiniLM's weights instead of training")
+    ap.add_argument("--density", type=float, default=0.1, help="--cost: layer density")
+    ap.add_argument("--warm-rounds", type=int, default=3, help="--cost: refinement rounds")
+    ap.add_argument("--repeat", type=int, default=3, help="--cost: timings (best kept)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.cost:
+        return cost_main(args)
     torch.set_num_threads(1)
     cfg = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "T": args.T,
            "alpha": args.alpha, "relayout_every": args.relayout_every}

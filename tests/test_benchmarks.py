@@ -169,3 +169,21 @@ def test_dst_bench_quick_trains_every_method_on_the_same_budget(tmp_path):
         / (float(by["RigL"]["acc_mean"]) - float(by["block RigL"]["acc_mean"])))
     assert "churn <=" in by["RegroupDST"]["notes"]      # asserted <= d_t inside the run
     assert "ttest_rel" in (tmp_path / "dst_bench_quick.md").read_text()
+
+
+def test_dst_bench_cost_relayout_never_keeps_less_than_before(tmp_path, zoo):
+    pytest.importorskip("transformers")
+    try:
+        zoo.minilm_dir()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    bench = _bench("dst_bench")
+    assert bench.main(["--cost", "--repeat", "1", "--warm-rounds", "1",
+                       "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "dst_cost.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["shape"] for r in rows] == ["1536x384", "384x1536"]
+    for r in rows:
+        # the warm start keeps the old tiles' orders: re-picking can only gain
+        assert float(r["regroup warm kept"]) >= float(r["kept before"]) - 1e-4
+        assert 0 < float(r["DSB from scratch kept"]) <= 1
