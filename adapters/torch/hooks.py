@@ -81,6 +81,7 @@ NM_NOT_YET = ("the PyTorch adapters apply block layouts; N:M (format='nm') is in
 def _per_tensor(opts: RegroupOptions, caller: str, *, layers: bool = False) -> None:
     """Refuse the model-level options a per-tensor entry point cannot honour."""
     opts.require_blocks(caller, NM_NOT_YET)
+    opts.refuse_chain(caller)
     if opts.budget_scope != "layer":
         raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': it "
                          f"regroups one tensor at a time (regroup_model and imp_regroup "
