@@ -12,6 +12,9 @@ and the same recovery (knowledge distillation from the dense model, block masks 
 - ``dsb``             regroup with DSB's grouping (runtime orders)
 - ``auto``            regroup's portfolio (runtime orders: ``--fold`` folds them)
 - ``auto |w|``        auto ranking blocks by |w| alone (no calibration; ``--methods``)
+- ``auto chain``      auto with ``chain=0.01``: each layer planned again with the weights
+                      of features its neighbours' kept blocks do not use scaled down
+                      (``--methods``; it traces the model with the example input)
 - ``block magnitude x act``  block magnitude on |w| x input norm (``--methods``)
 
 ``--seeds`` repeats everything per seed (the recovery data, dropout and regroup's seed;
@@ -65,7 +68,7 @@ from regroup.adapters.torch import (input_scales, layer_masks, recover,  # noqa:
                                     write_mask)
 
 METHODS = ("unstructured", "naive blocks", "block magnitude", "block magnitude x act", "dsb",
-           "auto", "auto |w|")
+           "auto", "auto |w|", "auto chain")
 
 
 # -- pruning and blocking ----------------------------------------------------------------
@@ -119,12 +122,14 @@ def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: 
             prune.l1_unstructured(m, p, amount=sparsity)
     if method == "unstructured":
         return model, None
-    algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto", "auto |w|": "auto"}[method]
+    algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto", "auto |w|": "auto",
+            "auto chain": "auto"}[method]
     names = [n + ".weight" for n, m in model.named_modules() if any(m is c for c in chosen)]
     plan = regroup_model(model, block=block, method=algo, format="grid", layers=names,
                          mode="fold" if fold and algo == "auto" else "runtime",
                          example_inputs=example, seed=seed,
-                         calibration=None if method == "auto |w|" else scales)
+                         calibration=None if method == "auto |w|" else scales,
+                         chain=0.01 if method == "auto chain" else None)
     return model, plan
 
 

@@ -43,6 +43,7 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
         A file without a usable layer (the reasons listed), as ``regroup run``.
     """
     opts = resolve_options(options, "compare", **kwargs)
+    opts.refuse_chain("compare")
     if opts.budget_scope != "layer":
         raise ValueError("The 'budget_scope' parameter of compare must be 'layer': compare "
                          "scores every layer on its own. Got 'global' instead.")

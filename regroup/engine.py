@@ -259,6 +259,7 @@ def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str
                    kwargs: dict[str, Any], dense_ok: bool = False) -> RegroupOptions:
     """The validated options of a one-layer call, and the pattern checked against them."""
     opts = resolve_options(options, caller, **kwargs)
+    opts.refuse_chain(caller)
     if opts.layers is not None or opts.budget_scope != "layer" or \
             opts.dense_above != DENSE_ABOVE:
         raise ValueError(f"{caller} regroups one layer: 'layers', 'dense_above' and "

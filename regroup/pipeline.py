@@ -275,6 +275,7 @@ def _run(path: str | os.PathLike, opts: RegroupOptions, out: str | os.PathLike |
          jobs: int, engine: str, scheduler: str | None, progress: Progress | None,
          caller: str, force: bool = False) -> Run:
     check_choice(engine, "engine", caller, set(ENGINES))
+    opts.refuse_chain(caller)
     jobs = check_int(jobs, "jobs", caller, low=1, high=1024)
     t0 = time.perf_counter()
     where = os.fspath(path)

@@ -323,6 +323,7 @@ def sweep(source: Any, *, budgets: Any = DEFAULT_BUDGETS, methods: Any = DEFAULT
     """
     caller = "sweep"
     opts = resolve_options(options, caller, **kwargs)
+    opts.refuse_chain(caller)
     if opts.budget_scope != "layer":
         raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': a "
                          "sweep scores every layer under its own budget. Got "

@@ -87,6 +87,7 @@ NM_NOT_IMP = ("IMP prunes to a rising sparsity over its rounds and N:M keeps a f
 
 def _per_tensor(opts: RegroupOptions, caller: str, *, layers: bool = False) -> None:
     """Refuse the model-level options a per-tensor entry point cannot honour."""
+    opts.refuse_chain(caller)
     if opts.budget_scope != "layer":
         raise ValueError(f"The 'budget_scope' parameter of {caller} must be 'layer': it "
                          f"regroups one tensor at a time (regroup_model and imp_regroup "

@@ -53,7 +53,7 @@ from regroup import RegroupError
 from regroup.allocation import allot, apply_allotment, layer_offer
 from regroup.blocks import build_layout, layout_mask, positions
 from regroup.io import layer_pattern
-from regroup.metrics import layer_metrics
+from regroup.metrics import layer_metrics, retained
 from regroup.nm import nm_problem, run_nm_method
 from regroup.options import RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
@@ -835,7 +835,10 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     mode : {"fold", "runtime"}, default="fold"
         See the module docstring. "fold" needs ``example_inputs`` to trace the model.
     example_inputs : tensor or tuple of tensors
-        Inputs to trace the model with (shapes only; a batch of 1-2 is enough).
+        Inputs to trace the model with (shapes only; a batch of 1-2 is enough). Needed
+        in fold mode, and with ``chain`` (:class:`regroup.RegroupOptions`: each layer
+        planned again by which of its features the neighbouring layers' kept blocks
+        use; recommended for very sparse models, see ``benchmarks/README.md``).
     calibration : iterable of batches, or mapping of weight name to tensor, optional
         Rank blocks by ``|w_ij| * ||x_j||`` (the L2 norm of input feature ``j`` on these
         batches, as Wanda does; :func:`~regroup.adapters.torch.input_scales`, or its
@@ -875,6 +878,14 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     opts = resolve_options(options, caller, **kwargs)
     nm = opts.format == "nm"
     check_mode(mode, example_inputs, caller)
+    if opts.chain is not None:
+        if opts.budget_scope != "layer":
+            raise ValueError(f"The 'chain' parameter of {caller} must be None with "
+                             "budget_scope='global' (the allotment would re-rank its blocks "
+                             f"by their own mass). Got {opts.chain!r} instead.")
+        if example_inputs is None:
+            raise RegroupError(f"{caller}(chain=...) traces the model to find which layers "
+                               "read which features: pass example_inputs=(x,)")
     _refuse_folded(model, caller)
     refuse_meta(model, caller)
     where = type(model).__name__
@@ -998,6 +1009,13 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         note = _refine_folds(folds, patterns, results, modules, opts)
         if note:
             notes.append(note)
+    if opts.chain is not None:
+        if analysis is None:
+            inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            with training_flags(model):
+                model.eval()
+                analysis = hidden_dims(model, inputs)
+        notes.append(_chain_reselect(patterns, results, sides, analysis, modules, opts))
     if opts.budget_scope == "global":
         names = list(results)
         kept = allot([layer_offer(patterns[n], results[n]) for n in names], opts.budget,
@@ -1031,6 +1049,101 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     plan = Plan(results, folds, sides, skipped, notes, opts, dense, mode)
     plan.apply(model, rewind=rewind, permute=permute)
     return plan
+
+
+def _passes_dead(modules: Mapping[str, nn.Module], dim) -> bool:
+    """Whether a feature of ``dim`` whose producers keep no weight is constant (and one
+    its consumers keep no weight for is unread): the dimension is traced without
+    reservation and its channel-wise modules are BatchNorm or depthwise convolutions
+    (a LayerNorm mixes the features)."""
+    if dim.reasons or not dim.producers or not dim.consumers:
+        return False
+    for n in dim.norms:
+        m = modules[n]
+        if not (isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+                or (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels)):
+            return False
+    return True
+
+
+def _live_sides(name: str, results: Mapping[str, LayerResult], analysis: DimAnalysis,
+                modules: Mapping[str, nn.Module]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rows read by a consumer's kept blocks, columns produced by a producer's kept
+    blocks) of layer ``name`` as bool arrays, None where unknown (everything live)."""
+    mod = name.rpartition(".")[0]
+    if not name.endswith(".weight") or mod not in analysis.layer_dims:
+        return None, None
+    i, o = analysis.layer_dims[mod]
+    rows = cols = None
+    d = analysis.dims[o]
+    if _passes_dead(modules, d) and all(c + ".weight" in results for c in d.consumers):
+        rows = np.zeros(d.size, bool)
+        for c in d.consumers:
+            m = results[c + ".weight"].mask2d
+            rows |= m.reshape(m.shape[0], d.size, -1).any(axis=(0, 2))
+    d = analysis.dims[i]
+    if _passes_dead(modules, d) and all(p + ".weight" in results for p in d.producers):
+        live = np.zeros(d.size, bool)
+        for p in d.producers:
+            live |= results[p + ".weight"].mask2d.any(axis=1)
+        cols = np.repeat(live, _kk(modules[mod]))
+    return rows, cols
+
+
+#: Passes of :func:`_chain_reselect` over the layers.
+CHAIN_ROUNDS = 2
+
+
+def _chain_reselect(patterns: Mapping[str, regroup.Pattern], results: dict[str, LayerResult],
+                    sides: Mapping[str, Mapping[str, str]], analysis: DimAnalysis,
+                    modules: Mapping[str, nn.Module], opts: RegroupOptions) -> str:
+    """Plan each layer again (``options.chain``), in place: the magnitudes of its weights
+    on dead features (output rows no consumer's kept blocks read, input columns no
+    producer's kept blocks write) times ``opts.chain``, the others as they are; sparsest
+    layers first (the few blocks of a very sparse layer decide which features survive),
+    :data:`CHAIN_ROUNDS` passes, a layer re-planned only when its live features changed.
+    Folded sides keep their orders. Returns the plan note."""
+    eps = opts.chain
+    order = sorted(results, key=lambda n: (patterns[n].density, n))
+    seen: dict[str, bytes] = {}
+    planned: set[str] = set()
+    for _ in range(CHAIN_ROUNDS):
+        for name in order:
+            rows, cols = _live_sides(name, results, analysis, modules)
+            if rows is None and cols is None:
+                continue
+            key = b"".join(b"-" if x is None else np.packbits(x).tobytes() for x in (rows, cols))
+            if seen.get(name, b"") == key:
+                continue          # the same live features as when last planned
+            seen[name] = key
+            pat = patterns[name]
+            csr = pat.matrix
+            f = np.ones(csr.nnz)
+            if rows is not None:
+                f *= np.where(rows[np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))],
+                              1.0, eps)
+            if cols is not None:
+                f *= np.where(cols[csr.indices], 1.0, eps)
+            if name not in planned and np.all(f == 1.0):
+                continue          # nothing dead: the first plan stands
+            m = csr.copy()
+            m.data = m.data * f
+            weighted = regroup.Pattern(pat.name, m, pat.shape, pat.has_weights)
+            r = results[name]
+            rp = r.row_perm if sides[name]["rows"] == "fold" else None
+            cp = r.col_perm if sides[name]["cols"] == "fold" else None
+            layer_opts = opts.per_layer() if rp is None else opts.per_layer().replace(
+                "regroup_model", anneal=None)
+            new = regroup.regroup_pattern(weighted, options=layer_opts, row_perm=rp,
+                                          col_perm=cp)
+            metrics = dict(new.metrics, chain=eps)
+            if pat.has_weights:      # in the layer's own units, not the weighted ones
+                metrics["retained_magnitude"] = retained(pat.matrix,
+                                                         new.mask.reshape(csr.shape))
+            results[name] = replace(new, metrics=metrics)
+            planned.add(name)
+    return (f"chain {eps:g}: {len(planned)} of {len(results)} layers planned again with "
+            "the weights of dead features scaled down")
 
 
 def _calibration_scales(model: nn.Module, calibration: Any, names: list[str], caller: str
