@@ -32,7 +32,7 @@ from .pattern import Pattern
 from .refine import refine as local_search
 from .result import LayerResult
 
-__all__ = ["regroup_pattern", "regroup_budgets", "WARM_ROUNDS"]
+__all__ = ["regroup_pattern", "regroup_budgets", "objective_matrix", "WARM_ROUNDS"]
 
 # Rounds of refinement of a warm start (regroup_pattern(init=...)): a re-layout during
 # training starts near a local optimum, so a few rounds take most of what there is.
@@ -273,10 +273,11 @@ def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str
     return opts
 
 
-def _objective(pattern: Pattern, opts: RegroupOptions, B: sp.csr_matrix | None = None
-               ) -> tuple[sp.csr_matrix, bool]:
-    """The matrix whose mass a layout keeps (magnitudes, or the 0/1 pattern ``B`` when
-    given), and whether it is the magnitudes."""
+def objective_matrix(pattern: Pattern, opts: RegroupOptions,
+                     B: sp.csr_matrix | None = None) -> tuple[sp.csr_matrix, bool]:
+    """The matrix whose mass a layout (or an N:M mask) keeps under ``opts.objective``:
+    the magnitudes, or the 0/1 pattern (``B`` when given); and whether it is the
+    magnitudes. RegroupError when "magnitude" is asked of a pattern without weights."""
     objective = opts.objective
     use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
     if objective == "magnitude" and not pattern.has_weights:
@@ -342,7 +343,7 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     t0 = time.perf_counter()
     rows, cols = _check_init(init, pattern, opts, caller)
     block, format, budget = opts.block, opts.format, opts.budget
-    V, use_mag = _objective(pattern, opts)
+    V, use_mag = objective_matrix(pattern, opts)
     total = float(V.sum()) or 1.0
     nnz = pattern.nnz
     start = build_layout(V, rows, cols, block, format, budget, nnz)
@@ -377,7 +378,7 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
     t0 = time.perf_counter()
 
     B = pattern.binary()
-    V, use_mag = _objective(pattern, opts, B)
+    V, use_mag = objective_matrix(pattern, opts, B)
     total = float(V.sum()) or 1.0   # all-zero magnitudes: every layout retains 0
     nnz = pattern.nnz
     spec = get_partitioner(name)
@@ -529,12 +530,9 @@ def _regroup_nm(pattern: Pattern, opts: RegroupOptions, col_perm: np.ndarray | N
     seed (unless ``time_limit`` cuts it short), then the N:M mask of the permuted columns
     in original coordinates."""
     t0 = time.perf_counter()
-    nm, objective = opts.nm, opts.objective
-    use_mag = objective == "magnitude" or (objective == "auto" and pattern.has_weights)
-    if objective == "magnitude" and not pattern.has_weights:
-        raise RegroupError(f"{pattern.describe()} has no weights; objective 'magnitude' needs "
-                           "them (use objective 'count')")
-    A = (pattern.matrix if use_mag else pattern.binary()).toarray()
+    nm = opts.nm
+    V, use_mag = objective_matrix(pattern, opts)
+    A = V.toarray()
     if col_perm is None:
         found = run_nm_method(opts.method, A, nm, seed=opts.seed, time_limit=opts.time_limit)
         perm, kept, plain = found.col_perm.astype(np.intp), found.retained, found.plain

@@ -52,6 +52,7 @@ import regroup
 from regroup import RegroupError
 from regroup.allocation import allot, apply_allotment, layer_offer
 from regroup.blocks import build_layout, layout_mask, positions
+from regroup.engine import objective_matrix
 from regroup.io import layer_pattern
 from regroup.metrics import layer_metrics, retained
 from regroup.nm import nm_problem, run_nm_method
@@ -773,9 +774,7 @@ def _nm_fold_order(dim, patterns: dict[str, regroup.Pattern], modules,
         return None
     parts = []
     for c in planned:
-        p = patterns[c + ".weight"]
-        A = (p.binary() if opts.objective == "count" or not p.has_weights
-             else p.matrix).toarray()
+        A = objective_matrix(patterns[c + ".weight"], opts)[0].toarray()
         parts.append(A / (A.sum() or 1.0))
     return run_nm_method(opts.method, np.vstack(parts), opts.nm, seed=opts.seed,
                          time_limit=opts.time_limit).col_perm.astype(np.intp)
