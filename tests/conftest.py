@@ -197,3 +197,14 @@ def kill_parent(proc, children: list[int], seconds: float) -> list[int]:
         time.sleep(0.1)
     return [p for p in children if process_alive(p)]
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny layers: on a shared machine more threads
+    only contend (a backward of a small MLP ran 45x slower with 2 threads than with 1)."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

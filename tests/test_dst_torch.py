@@ -22,14 +22,7 @@ from regroup.adapters.torch import (BlockSparseConv2d, BlockSparseLinear,  # noq
 from regroup.dst import drop_fraction, layer_densities, layout_units  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These layers are tiny: on a shared machine, intra-op threads only contend (a
-    # backward of the MLP below ran 45x slower with 2 threads than with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blocks(mask_row):

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+import regroup  # noqa: E402
 from regroup import RegroupError, RegroupOptions  # noqa: E402
 from regroup.adapters.torch import (BlockSparseLinear,  # noqa: E402
                                     BlockSparseMultiheadAttention, Plan, fold_marker,
@@ -489,3 +490,24 @@ def test_global_budget_spends_one_budget_and_keeps_the_folds(fmt):
     to_block_sparse(model, plan, backend="bsr")
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=ATOL)
+
+
+def test_a_model_that_is_itself_the_layer_stays_dense_and_says_so():
+    # to_block_sparse swaps submodules: the model object itself cannot be replaced, so it
+    # stays a masked nn.Linear and the report says why (it once claimed BlockSparseLinear).
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) < 0.2)
+    result = regroup.regroup_pattern(regroup.from_array(lin.weight.detach().numpy(),
+                                                        name="weight"), block=16)
+    plan = Plan.from_result({"weight": result})
+    plan.apply(lin)
+    x = torch.randn(3, 64)
+    want = lin(x)
+    report = to_block_sparse(lin, plan)
+    assert type(lin) is nn.Linear
+    assert report == {"weight": "stays dense-masked: the model itself is the layer "
+                                "(to_block_sparse replaces submodules: wrap it, e.g. "
+                                "nn.Sequential(layer))"}
+    torch.testing.assert_close(lin(x), want)

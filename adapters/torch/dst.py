@@ -19,9 +19,14 @@ re-clusters from scratch at every update. Here each layer holds a block layout
 3. zeroes, in the weight and in the optimizer's state, every position that is not kept
    both before and after: new positions start at 0 (RigL), dropped ones stay at 0.
 
-Execution is masked (a ``FakeSparsity`` parametrization, as every torch.ao.pruning
-sparsifier); :meth:`RegroupDST.convert` swaps the layers for block-sparse modules at the
-end of training.
+Execution is masked by default (a ``FakeSparsity`` parametrization, as every
+torch.ao.pruning sparsifier); :meth:`RegroupDST.convert` swaps the layers for block-sparse
+modules at the end of training. With ``execution="block"`` the layers are block-sparse
+modules from :meth:`~RegroupDST.prepare` on (forward and backward on the kept blocks
+only): an update moves the module to its new layout in place (:meth:`BlockCore.set_layout
+<regroup.adapters.torch.sparse.BlockCore.set_layout>`), the same ``values`` Parameter
+and its optimizer state remapped through the dense positions, and the dense gradient of
+the armed step is ``dL/dW`` computed from the layer's input and output gradient.
 """
 from __future__ import annotations
 
@@ -48,11 +53,13 @@ from regroup.dst import (DISTRIBUTIONS, churn, drop_count, drop_fraction, drop_g
 from regroup.options import RegroupOptions
 from regroup.result import LayerResult
 
-from .plan import Plan, to_block_sparse
+from .plan import Plan, kept_dense, on_device_of, to_block_sparse
+from .sparse import BACKENDS, BlockSparseConv2d, BlockSparseLinear
 
 __all__ = ["RegroupDST"]
 
 FORMATS = ("grid", "shuffled")
+EXECUTIONS = ("masked", "block")
 # Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions).
 _RTOL = 1e-9
 
@@ -125,7 +132,8 @@ class RegroupDST(BaseSparsifier):
     Call :meth:`prepare` once, then :meth:`step` after every ``optimizer.step()``. Every
     ``T`` steps while ``t < T_end`` it updates each layer's mask: RigL's drop and grow on
     whole units of the layer's block layout, then (every ``relayout_every`` updates) a
-    warm re-layout. Execution is masked; :meth:`convert` gives the block-sparse model.
+    warm re-layout. Execution is masked (``execution="masked"``; :meth:`convert` gives the
+    block-sparse model) or block-sparse from :meth:`prepare` on (``execution="block"``).
 
     Parameters
     ----------
@@ -161,6 +169,11 @@ class RegroupDST(BaseSparsifier):
         first and last layers.
     seed : int >= 0, default=0
         The random initial kept sets and the re-layouts.
+    execution : {"masked", "block"}, default="masked"
+        "masked": each layer keeps its dense weight under a ``FakeSparsity`` mask.
+        "block": :meth:`prepare` swaps each layer for a :class:`BlockSparseLinear` /
+        :class:`BlockSparseConv2d` of its initial layout, so forward and backward run on
+        the kept blocks only (see Notes); the layers listed in :attr:`masked` run masked.
 
     Attributes
     ----------
@@ -173,6 +186,12 @@ class RegroupDST(BaseSparsifier):
         The layers smaller than a block on one side, with why: their units are single
         weights (element-wise RigL, as DSB's code trains what it cannot block), they are
         never re-laid out, and :meth:`convert` leaves them dense-masked.
+    masked : dict of str to str
+        With ``execution="block"``, the layers that run masked all the same, with why:
+        the element-wise ones, a layer whose parent reads its weight directly
+        (``nn.MultiheadAttention.out_proj``, a ``TransformerEncoderLayer`` whose fused
+        path may run), a convolution with string padding or a non-zero padding mode, a
+        model that is itself the layer. Empty with ``execution="masked"``.
     history : list of dict
         One record per layer per update: ``t``, ``update`` (1, 2, ...), ``layer``,
         ``drop_fraction``, ``kept`` (units), ``dropped`` and ``grown`` (units; a unit
@@ -194,12 +213,38 @@ class RegroupDST(BaseSparsifier):
     update: every forward/backward of that step adds to it (gradient accumulation
     works), and the other steps pay nothing.
 
+    With ``execution="block"`` the weight of a block-sparse layer is its ``values``
+    Parameter (n_blocks, br, bc), built at :meth:`prepare` from the masked weight: the
+    optimizer's reference to the weight is replaced by ``values`` (its state gathered
+    onto the kept blocks), the bias stays the same Parameter. So pass ``optimizer`` or
+    build the optimizer after :meth:`prepare`: one built before and not passed would
+    keep training the dropped dense weight. A layer keeps its unit count, so ``values``
+    keeps its shape and object through every update; an update moves the module to its
+    new layout in place (:meth:`BlockCore.set_layout
+    <regroup.adapters.torch.sparse.BlockCore.set_layout>`): ``values``, its ``grad`` and
+    every values-shaped optimizer state tensor are remapped through the dense positions
+    (the BSR product needs the blocks in row-major order, so a kept unit may move to
+    another slot), a position kept before and after keeps its value and state, the
+    others are 0, exactly as in the masked execution. The dense gradient of the armed
+    step is ``dL/dW`` from the layer's input and its output's gradient (a forward hook
+    and a tensor hook: ``g^T x`` for a Linear, ``torch.nn.grad.conv2d_weight`` for a
+    convolution). The two executions train alike up to float rounding (same masks,
+    layouts and history). The block modules start with backend "auto" (the first call
+    of each input class times the paths);
+    :func:`~regroup.adapters.torch.set_backend` fixes one.
+
     >>> sparsifier = RegroupDST(0.9, block=16, T=100, T_end=7500, optimizer=opt)
     >>> sparsifier.prepare(model)
     >>> for x, y in data:
     ...     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
     ...     sparsifier.step()
     >>> sparsifier.convert(model)          # BlockSparseLinear / BlockSparseConv2d
+
+    Block-sparse training, the optimizer passed so that it follows the new parameters:
+
+    >>> sparsifier = RegroupDST(0.9, block=16, T=100, T_end=7500, optimizer=opt,
+    ...                         execution="block")
+    >>> sparsifier.prepare(model)          # model now holds BlockSparseLinear / ...Conv2d
     """
 
     def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk",
@@ -207,7 +252,8 @@ class RegroupDST(BaseSparsifier):
                  T_end: int, alpha: float = 0.3, relayout_every: int | None = None,
                  warm_rounds: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
-                 exclude: str | Sequence[str] = (), seed: int = 0) -> None:
+                 exclude: str | Sequence[str] = (), seed: int = 0,
+                 execution: str = "masked") -> None:
         caller = "RegroupDST"
         self.sparsity = _real(sparsity, "sparsity", caller, 0, 1, high_open=True)
         if distribution not in DISTRIBUTIONS:
@@ -233,11 +279,17 @@ class RegroupDST(BaseSparsifier):
         self.optimizer = optimizer
         self.exclude = _globs(exclude, caller)
         self.seed = _int(seed, "seed", caller, 0)
+        if not isinstance(execution, str) or execution not in EXECUTIONS:
+            raise ValueError(f"The 'execution' parameter of {caller} must be one of "
+                             f"'masked', 'block'. Got {execution!r} instead.")
+        self.execution = execution
         super().__init__(defaults={})
         self.results: dict[str, LayerResult] = {}
         self.densities: dict[str, float] = {}
         self.element_wise: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
+        self.masked: dict[str, str] = {}
+        self._block: dict[str, BlockSparseLinear | BlockSparseConv2d] = {}
         self._t = 0                   # step() calls so far
         self._updates = 0             # mask updates so far
         self._armed = False
@@ -306,7 +358,9 @@ class RegroupDST(BaseSparsifier):
         ``config`` None selects every ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1``
         whose weight name no ``exclude`` glob matches; a list of ``{"tensor_fqn":
         name}`` selects those (minus ``exclude``). Everything is checked before the
-        model is touched.
+        model is touched. With ``execution="block"`` the layers that can are then
+        replaced by block-sparse modules (and their weights, in ``optimizer``, by the
+        modules' ``values``; see the class Notes).
 
         Raises
         ------
@@ -349,7 +403,10 @@ class RegroupDST(BaseSparsifier):
             layouts[n] = self._result(n, shape, units, kept,
                                       np.zeros(units.table_shape), "identity")
             self.densities[n] = float(d)
-        super().prepare(model, [{"tensor_fqn": n} for n in names])
+        # Block execution: every block-sparse module is built before the model is touched.
+        built = self._build_blocks(model, names, modules, layouts) \
+            if self.execution == "block" else {}
+        super().prepare(model, [{"tensor_fqn": n} for n in names if n not in built])
         for group in self.groups:
             fqn = group["tensor_fqn"]
             module, name = group["module"], group["tensor_name"]
@@ -357,7 +414,107 @@ class RegroupDST(BaseSparsifier):
             self._set_mask(module, name, None, layouts[fqn].mask)
             self._handles.append(_fake_sparsity(module, name).register_forward_hook(
                 self._grad_hook(fqn)))
+        for fqn, new in built.items():
+            mod_name = fqn.rpartition(".")[0]
+            old = modules[fqn]
+            parent, _, leaf = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            self._swap_param(old.weight, new)
+            self.results[fqn] = layouts[fqn]
+            self._block[fqn] = new
+            self.groups.append({"tensor_fqn": fqn, "module": new, "module_fqn": mod_name,
+                                "tensor_name": "weight"})
+            self.state[fqn]["mask"] = torch.from_numpy(layouts[fqn].mask.copy())
+            self._handles.append(new.register_forward_hook(self._block_grad_hook(fqn)))
+        # Updates (and history records) follow the layer order, whatever the execution.
+        self.groups.sort(key=lambda g: names.index(g["tensor_fqn"]))
         self._arm()
+
+    def _build_blocks(self, model: nn.Module, names: list[str],
+                      modules: Mapping[str, nn.Module], layouts: Mapping[str, LayerResult]
+                      ) -> dict[str, BlockSparseLinear | BlockSparseConv2d]:
+        """The block-sparse module of each selected layer that can run as one, built from
+        its initial layout; the others are listed in :attr:`masked` with why."""
+        # A parent that reads the weight directly (MultiheadAttention's out_proj, the
+        # fused TransformerEncoderLayer path) needs the module it has.
+        mods = dict(model.named_modules())
+        in_mha = {n for n in names if isinstance(
+            mods.get(n.rpartition(".")[0].rpartition(".")[0]), nn.MultiheadAttention)}
+        direct = kept_dense(mods, [n for n in names if n not in in_mha])
+        # A weight tied to another module's parameter would be untied by the swap.
+        holders: dict[int, int] = {}
+        for m in mods.values():
+            for p in m.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
+        built = {}
+        for n in names:
+            module = modules[n]
+            if n in self.element_wise:
+                why = self.element_wise[n]
+            elif n == "weight":
+                why = "the model itself is the layer (only submodules are replaced)"
+            elif n in in_mha:
+                why = "nn.MultiheadAttention reads out_proj.weight directly"
+            elif n in direct:
+                why = direct[n]
+            elif holders.get(id(module.weight), 0) > 1:
+                why = "its weight is shared (tied) with another module"
+            elif isinstance(module, nn.Conv2d) and (isinstance(module.padding, str)
+                                                    or module.padding_mode != "zeros"):
+                why = "BlockSparseConv2d needs numeric padding and zero padding mode"
+            else:
+                why = None
+            if why is not None:
+                self.masked[n] = why
+                continue
+            if isinstance(module, nn.Linear):
+                new = BlockSparseLinear(layouts[n], module.weight.detach(), None)
+            else:
+                new = BlockSparseConv2d(layouts[n], module)
+            new = on_device_of(module, new)
+            new.bias = module.bias      # the same Parameter: the optimizer holds it
+            built[n] = new
+        return built
+
+    def _swap_param(self, old: nn.Parameter, new: BlockSparseLinear | BlockSparseConv2d
+                    ) -> None:
+        """Put ``new.values`` in the optimizer where ``old`` (the dense weight) was, its
+        state (weight-shaped tensors) gathered onto the kept blocks."""
+        if self.optimizer is None:
+            return
+        core = new.core
+        for g in self.optimizer.param_groups:
+            g["params"][:] = [core.values if p is old else p for p in g["params"]]
+        state = self.optimizer.state.pop(old, None)
+        if state:
+            self.optimizer.state[core.values] = {
+                k: core.from_dense(v.detach().reshape(core.shape)).contiguous()
+                if isinstance(v, torch.Tensor) and v.shape == old.shape else v
+                for k, v in state.items()}
+
+    def _block_grad_hook(self, fqn: str) -> Any:
+        """A forward hook on the block-sparse module of ``fqn``: while armed, ``dL/dW`` of
+        the dense weight (from the input and the output's gradient) is added to
+        ``_grads[fqn]``."""
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+            if not (self._armed and out.requires_grad):
+                return
+            x = inputs[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                # In the weight's dtype, as the masked execution's gradient (autocast).
+                dtype = module.core.values.dtype
+                g, xd = g.detach().to(dtype), x.to(dtype)
+                if isinstance(module, BlockSparseConv2d):
+                    dw = torch.nn.grad.conv2d_weight(
+                        xd, (module.out_channels, module.in_channels, *module.kernel_size),
+                        g, module.stride, module.padding, module.dilation)
+                else:       # Linear: g^T x over every leading (batch, sequence) dim
+                    dw = g.reshape(-1, g.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+                prev = self._grads.get(fqn)
+                self._grads[fqn] = dw if prev is None else prev + dw
+            out.register_hook(on_grad)
+        return hook
 
     def _grad_hook(self, fqn: str) -> Any:
         """A forward hook on the FakeSparsity of ``fqn``: while armed, the gradient of
@@ -408,6 +565,18 @@ class RegroupDST(BaseSparsifier):
                 if isinstance(v, torch.Tensor) and v.shape == original.shape:
                     v.masked_fill_(~keep.to(v.device), 0)
 
+    def _set_block(self, fqn: str, module: BlockSparseLinear | BlockSparseConv2d,
+                   new: LayerResult) -> None:
+        """Move the block-sparse module of ``fqn`` to layout ``new`` in place: its values
+        (the same Parameter) and their optimizer state (every values-shaped tensor)
+        follow their dense positions; positions new to the mask start at 0."""
+        values = module.core.values
+        state = self.optimizer.state.get(values, {}) if self.optimizer else {}
+        module.core.set_layout(new, tuple(
+            v for v in state.values()
+            if isinstance(v, torch.Tensor) and v.shape == values.shape))
+        self.state[fqn]["mask"] = torch.from_numpy(new.mask.copy())
+
     # -- step ------------------------------------------------------------------------------
     def step(self) -> None:  # type: ignore[override]
         """Count one training step; on every ``T``-th step before ``T_end``, update the
@@ -449,8 +618,9 @@ class RegroupDST(BaseSparsifier):
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)
             return
-        original = module.parametrizations[tensor_name].original
-        W = _matrix(original) * res.mask2d
+        block = self._block.get(fqn)
+        W = _matrix(block.core.to_dense(block.core.values) if block is not None else
+                    module.parametrizations[tensor_name].original) * res.mask2d
         G = _matrix(grad)
         units, kept = layout_units(res, rank=G if res.format == "shuffled" else None)
         k = int(kept.sum())
@@ -469,7 +639,10 @@ class RegroupDST(BaseSparsifier):
         new = new_res.mask2d
         regroup.check_layout(new, new_res.format, tuple(new_res.block_shape),
                              new_res.row_perm, new_res.col_perm, new_res.panel_cols)
-        self._set_mask(module, tensor_name, old, new)
+        if block is not None:
+            self._set_block(fqn, block, new_res)
+        else:
+            self._set_mask(module, tensor_name, old, new)
         self.results[fqn] = new_res
         rec["churn"] = churn(old, new, W2)
         rec["seconds"] = time.perf_counter() - t0
@@ -525,7 +698,8 @@ class RegroupDST(BaseSparsifier):
         return {"sparsity": self.sparsity, "distribution": self.distribution,
                 "block": list(self.block), "format": self.format, "T": self.T,
                 "T_end": self.T_end, "alpha": self.alpha,
-                "relayout_every": self.relayout_every, "seed": self.seed}
+                "relayout_every": self.relayout_every, "seed": self.seed,
+                "execution": self.execution}
 
     def state_dict(self) -> dict[str, Any]:
         """The masks, the layouts, the step counters and the history: tensors and
@@ -546,6 +720,7 @@ class RegroupDST(BaseSparsifier):
                 "kept_blocks": int(r.metrics["kept_blocks"])}
         sd["dst"] = {"settings": self._settings(), "t": self._t, "updates": self._updates,
                      "densities": dict(self.densities), "layouts": layouts,
+                     "masked": sorted(self.masked),
                      "history": [dict(h) for h in self.history]}
         return sd
 
@@ -559,11 +734,26 @@ class RegroupDST(BaseSparsifier):
         >>> model.load_state_dict(saved_model_state, strict=False)
         >>> sparsifier.load_state_dict(saved_sparsifier_state)
 
+        With ``execution="block"``, :meth:`prepare` a fresh dense model of the architecture
+        with a sparsifier of the same settings and optimizer construction, then load this
+        state *first*: each block-sparse module is moved to its saved layout in place
+        (:meth:`BlockCore.set_layout <regroup.adapters.torch.sparse.BlockCore.set_layout>`),
+        so that the model's state dict (whose block layout buffers must then match: a
+        block-sparse module refuses another layout) and the optimizer's (``values`` has
+        the same shape and storage order) load next.
+
+        >>> sparsifier.prepare(model)
+        >>> sparsifier.load_state_dict(saved_sparsifier_state)
+        >>> model.load_state_dict(saved_model_state, strict=False)
+        >>> optimizer.load_state_dict(saved_optimizer_state)
+
         Raises
         ------
         RegroupError
-            Not prepared, other settings or layers, or a layout that fails
-            :func:`regroup.check_layout`; nothing is changed then.
+            Not prepared, other settings (``execution`` included) or layers, layers that
+            run masked here and block-sparse there (or the reverse), a layout that fails
+            :func:`regroup.check_layout` or does not fit its block-sparse module; nothing
+            is changed then.
         """
         caller = "RegroupDST.load_state_dict"
         if not self.groups:
@@ -571,12 +761,18 @@ class RegroupDST(BaseSparsifier):
         dst = state_dict.get("dst") if isinstance(state_dict, Mapping) else None
         if not isinstance(dst, Mapping):
             raise RegroupError(f"{caller}: not a RegroupDST state dict (no 'dst' entry)")
-        if dst["settings"] != self._settings():
-            diff = {k: v for k, v in dst["settings"].items() if self._settings().get(k) != v}
+        # (states saved before the execution option were masked)
+        saved = {"execution": "masked", **dst["settings"]}
+        if saved != self._settings():
+            diff = {k: v for k, v in saved.items() if self._settings().get(k) != v}
             raise RegroupError(f"{caller}: the state was saved with other settings: {diff}")
         if set(dst["layouts"]) != set(self.results):
             raise RegroupError(f"{caller}: the state has layers {sorted(dst['layouts'])}, "
                                f"this sparsifier {sorted(self.results)}")
+        if sorted(dst.get("masked", [])) != sorted(self.masked):
+            raise RegroupError(f"{caller}: the state runs {sorted(dst.get('masked', []))} "
+                               f"masked, this sparsifier {sorted(self.masked)} (another "
+                               "model structure?)")
         restored = {}
         for fqn, lay in dst["layouts"].items():
             shape = tuple(lay["shape"])
@@ -600,9 +796,22 @@ class RegroupDST(BaseSparsifier):
             except RegroupError as exc:
                 raise RegroupError(f"{caller}: the layout of {fqn} is not valid: "
                                    f"{exc}") from None
+            block = self._block.get(fqn)
+            if block is not None:
+                _, kept = layout_units(r)
+                if (r.format, tuple(r.block_shape), int(kept.sum())) != (
+                        block.core.format, block.core.block, block.core.n_blocks):
+                    raise RegroupError(
+                        f"{caller}: the layout of {fqn} ({r.format}, block "
+                        f"{tuple(r.block_shape)}, {int(kept.sum())} units) does not fit its "
+                        f"block-sparse module ({block.core.format}, block "
+                        f"{block.core.block}, {block.core.n_blocks} blocks)")
             restored[fqn] = r
         for group in self.groups:
             fqn = group["tensor_fqn"]
+            if fqn in self._block:
+                self._set_block(fqn, self._block[fqn], restored[fqn])
+                continue
             fake = _fake_sparsity(group["module"], group["tensor_name"])
             with torch.no_grad():
                 fake.mask.copy_(torch.from_numpy(restored[fqn].mask).to(
@@ -623,6 +832,12 @@ class RegroupDST(BaseSparsifier):
         :func:`to_block_sparse` reports per layer is kept in ``convert_report``. The
         sparsifier is done then (:meth:`step` refuses).
 
+        With ``execution="block"`` the layers are block-sparse modules already: their
+        hooks are removed, their path set to ``backend`` (as
+        :func:`~regroup.adapters.torch.set_backend`), and only the layers in
+        :attr:`masked` are squashed and converted as above (the element-wise ones and a
+        model that is itself the layer stay dense-masked).
+
         Returns
         -------
         nn.Module
@@ -632,15 +847,38 @@ class RegroupDST(BaseSparsifier):
             raise RegroupError("RegroupDST.convert: pass the model given to prepare()")
         if self._converted:
             raise RegroupError("RegroupDST.convert: the model is already converted")
+        if self._block and backend not in BACKENDS:
+            raise ValueError(f"The 'backend' parameter of RegroupDST.convert must be one of "
+                             f"{BACKENDS}. Got {backend!r} instead.")
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.squash_mask()
         self._converted = True
         self._arm()
-        blocked = {n: r for n, r in self.results.items() if n not in self.element_wise}
+        stay = dict(self.element_wise)
+        if "weight" in self.masked and "weight" not in stay:
+            stay["weight"] = self.masked["weight"]
+        blocked = {n: r for n, r in self.results.items()
+                   if n not in stay and n not in self._block}
         self.convert_report = to_block_sparse(model, Plan.from_result(blocked),
                                               backend=backend) if blocked else {}
+        for n, module in self._block.items():
+            module.core.backend = backend
+            module.core.dispatch_log.clear()
+            module.core.dispatch_records.clear()
+            self.convert_report[n] = (f"{type(module).__name__} (block-sparse since "
+                                      "prepare, execution='block')")
         self.convert_report.update({n: f"stays dense-masked: {why}"
-                                    for n, why in self.element_wise.items()})
+                                    for n, why in stay.items()})
         return model
+
+    def squash_mask(self, *args: Any, **kwargs: Any) -> None:
+        """torch.ao's ``squash_mask`` on the layers that run masked (a block-sparse
+        module of ``execution="block"`` has no mask to squash)."""
+        groups = self.groups
+        self.groups = [g for g in groups if g["tensor_fqn"] not in self._block]
+        try:
+            super().squash_mask(*args, **kwargs)
+        finally:
+            self.groups = groups

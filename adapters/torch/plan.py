@@ -546,7 +546,7 @@ def _not_regroupable(modules: Mapping[str, nn.Module], name: str) -> str | None:
     return None
 
 
-#: torch.nn modules whose use of their child layers is known (:func:`_kept_dense`).
+#: torch.nn modules whose use of their child layers is known (:func:`kept_dense`).
 _KNOWN_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
@@ -572,7 +572,7 @@ def _encoder_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
         bool(getattr(sa, "_qkv_same_embed_dim", False))
 
 
-def _kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str],
+def kept_dense(modules: Mapping[str, nn.Module], planned: Collection[str],
                 nm: Collection[str] = ()) -> dict[str, str]:
     """The ``planned`` layers that must stay dense-masked modules, with the reason: their
     weight is read directly by a torch.nn parent (found without tracing).
@@ -1029,13 +1029,13 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     if opts.anneal is not None and fixed_rows:
         notes.append("anneal: applied to the layers whose rows are not folded (a folded "
                      "row order is shared with other layers)")
-    dense = _kept_dense(modules, results, {n for n, r in results.items() if r.format == "nm"})
+    dense = kept_dense(modules, results, {n for n, r in results.items() if r.format == "nm"})
     if analysis is not None:
         for m, why in analysis.uncalled.items():
             if f"{m}.weight" not in results:
                 continue
             # torch.fx keeps torch.nn modules as leaves: a layer inside a known one is not
-            # called in the graph, which says nothing (_kept_dense knows how they use
+            # called in the graph, which says nothing (kept_dense knows how they use
             # their children; its sides say why they are not folded).
             if not _in_known_parent(modules, m):
                 dense.setdefault(f"{m}.weight", why)
@@ -1342,7 +1342,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                                f"{type(done).__name__}")
         _layer_tensor(modules, name)
     # What the model's structure forbids now, and what the planning saw (a trace).
-    dense = {**plan.dense, **_kept_dense(modules, plan.layers, nm)}
+    dense = {**plan.dense, **kept_dense(modules, plan.layers, nm)}
     out: dict[str, str] = {}
     # Every new module is built before the first is swapped in: a failure on a later
     # layer leaves the model as it was.
@@ -1359,7 +1359,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                 out[w] = f"stays dense-masked: {dense[w]}"
         layouts = {k: plan.current_result(w) for k, w in names.items() if w not in dense}
         if layouts:
-            swaps.append((mod_name, _moved(module, BlockSparseMultiheadAttention(
+            swaps.append((mod_name, on_device_of(module, BlockSparseMultiheadAttention(
                 module, **layouts, backend=backend))))
             out.update({names[k]: "BlockSparseMultiheadAttention" for k in layouts})
     for name in plan.layers:
@@ -1370,6 +1370,10 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
         if name in dense:
             out[name] = f"stays dense-masked: {dense[name]}"
             continue
+        if not mod_name:
+            out[name] = ("stays dense-masked: the model itself is the layer (to_block_sparse "
+                         "replaces submodules: wrap it, e.g. nn.Sequential(layer))")
+            continue
         if name in nm:
             if not isinstance(module, nn.Linear):
                 out[name] = ("stays dense-masked: torch's N:M (2:4) kernels multiply "
@@ -1378,7 +1382,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                 continue
             new_nm = NMLinear(plan.current_result(name), module.weight.detach(), module.bias,
                               backend=backend)
-            swaps.append((mod_name, _moved(module, new_nm)))
+            swaps.append((mod_name, on_device_of(module, new_nm)))
             out[name] = "NMLinear"
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(
@@ -1392,7 +1396,7 @@ def to_block_sparse(model: nn.Module, plan: Plan, *, backend: str = "auto"
                                                backend=backend)
         else:
             new = BlockSparseConv2d(r, module, backend=backend)
-        swaps.append((mod_name, _moved(module, new)))
+        swaps.append((mod_name, on_device_of(module, new)))
         out[name] = type(new).__name__
     for mod_name, new in swaps:
         parent, _, leaf = mod_name.rpartition(".")
@@ -1418,7 +1422,7 @@ def disable_nested_tensor(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _moved(old: nn.Module, new: nn.Module) -> nn.Module:
+def on_device_of(old: nn.Module, new: nn.Module) -> nn.Module:
     """``new`` on ``old``'s device (index buffers are built on the CPU)."""
     ref = next(old.parameters(), None)
     return new.to(ref.device) if ref is not None else new

@@ -222,6 +222,53 @@ class DispatchRecord:
     samples: list[float] = field(default_factory=list)
 
 
+def _core_arrays(result: LayerResult, n: int, m: int) -> dict[str, Any]:
+    """The index arrays of a block core for layout ``result`` of an (n, m) weight (checked):
+    the persistent :data:`LAYOUT_KEYS`, the derived BSR indices, and ``padded``."""
+    mask = np.asarray(result.mask2d, bool)
+    if mask.shape != (n, m):
+        raise RegroupError(f"layer {result.name!r}: layout shape {mask.shape} differs from "
+                           f"the weight's {(n, m)}")
+    check_layout(mask, result.format, result.block_shape, result.row_perm,
+                 result.col_perm, result.panel_cols)
+    br, bc = result.block_shape
+    P = -(-n // br)
+    row_perm = np.asarray(result.row_perm, np.int64)
+    if result.format == "grid":
+        Q = -(-m // bc)
+        gather = np.concatenate([result.col_perm, np.full(Q * bc - m, m)]).astype(np.int64)
+        R = np.zeros((P * br, Q * bc), bool)
+        R[:n, :m] = mask[np.ix_(row_perm, result.col_perm)]
+        kept = R.reshape(P, br, Q, bc).any(axis=(1, 3))
+        block_row, block_col = np.nonzero(kept)                      # row-major order
+    else:
+        tiles = [(p, cols[t:t + bc]) for p, cols in enumerate(result.panel_cols)
+                 for t in range(0, len(cols), bc)]
+        gather = np.full(len(tiles) * bc, m, np.int64)
+        for t, (_, cols) in enumerate(tiles):
+            gather[t * bc:t * bc + len(cols)] = cols
+        block_row = np.asarray([p for p, _ in tiles], np.int64)
+        block_col = np.arange(len(tiles), dtype=np.int64)
+        Q = len(tiles)
+    counts_r = np.bincount(block_row, minlength=P)
+    counts_c = np.bincount(block_col, minlength=Q)
+    perm_t = np.lexsort((block_row, block_col))   # the transposed layout's block order
+    identity = gather.size == m and np.array_equal(gather, np.arange(m)) and \
+        result.format == "grid"
+    return {"padded": (P * br, Q * bc),
+            "layout": [LAYOUT_VERSION, _FORMATS.index(result.format), br, bc, n, m],
+            "row_perm": row_perm, "col_gather": gather, "block_row": block_row,
+            "block_col": block_col,
+            "in_index": None if identity else gather, "out_index": _index(positions(row_perm)),
+            "crow": np.concatenate([[0], np.cumsum(counts_r)]), "col": block_col,
+            "crow_t": np.concatenate([[0], np.cumsum(counts_c)]),
+            "col_t": block_row[perm_t], "perm_t": perm_t}
+
+
+#: The derived (non-persistent) index buffers of a block core.
+_DERIVED_KEYS = ("in_index", "out_index", "crow", "col", "crow_t", "col_t", "perm_t")
+
+
 class BlockCore(nn.Module):
     """The kept blocks of one weight matrix (rows x cols) and the products they allow.
 
@@ -231,6 +278,7 @@ class BlockCore(nn.Module):
     ``in_index`` (None when the identity) is that gather; index ``cols`` reads an appended
     zero column (padding of short tiles and edges). ``out_index`` puts rows back. The
     layout buffers (:data:`LAYOUT_KEYS`) are persistent, the others derived from them.
+    :meth:`set_layout` moves the core to another layout with as many blocks, in place.
     """
 
     def __init__(self, result: LayerResult, weight2d: torch.Tensor, backend: str) -> None:
@@ -239,65 +287,92 @@ class BlockCore(nn.Module):
             raise ValueError(f"The 'backend' parameter must be one of {BACKENDS}. Got "
                              f"{backend!r} instead.")
         n, m = weight2d.shape
-        mask = np.asarray(result.mask2d, bool)
-        if mask.shape != (n, m):
-            raise RegroupError(f"layer {result.name!r}: layout shape {mask.shape} differs from "
-                               f"the weight's {(n, m)}")
-        check_layout(mask, result.format, result.block_shape, result.row_perm,
-                     result.col_perm, result.panel_cols)
+        arrays = _core_arrays(result, n, m)
         self.name, self.format, self.block = result.name, result.format, tuple(result.block_shape)
         self.backend = backend
         self.time_budget = TIME_BUDGET
         self.shape = (n, m)
-        br, bc = self.block
-        P = -(-n // br)
-        row_perm = np.asarray(result.row_perm, np.int64)
-        if self.format == "grid":
-            Q = -(-m // bc)
-            gather = np.concatenate([result.col_perm, np.full(Q * bc - m, m)]).astype(np.int64)
-            R = np.zeros((P * br, Q * bc), bool)
-            R[:n, :m] = mask[np.ix_(row_perm, result.col_perm)]
-            kept = R.reshape(P, br, Q, bc).any(axis=(1, 3))
-            block_row, block_col = np.nonzero(kept)                      # row-major order
-        else:
-            tiles = [(p, cols[t:t + bc]) for p, cols in enumerate(result.panel_cols)
-                     for t in range(0, len(cols), bc)]
-            gather = np.full(len(tiles) * bc, m, np.int64)
-            for t, (_, cols) in enumerate(tiles):
-                gather[t * bc:t * bc + len(cols)] = cols
-            block_row = np.asarray([p for p, _ in tiles], np.int64)
-            block_col = np.arange(len(tiles), dtype=np.int64)
-            Q = len(tiles)
-        self.padded = (P * br, Q * bc)
-        self.n_blocks = int(block_row.size)
-        header = [LAYOUT_VERSION, _FORMATS.index(self.format), br, bc, n, m]
-        for name, arr in (("layout", header), ("row_perm", row_perm), ("col_gather", gather),
-                          ("block_row", block_row), ("block_col", block_col)):
-            self.register_buffer(name, torch.from_numpy(np.asarray(arr, np.int64)))
-        identity = gather.size == m and np.array_equal(gather, np.arange(m)) and \
-            self.format == "grid"
-        self.register_buffer("in_index", None if identity else torch.from_numpy(gather),
-                             persistent=False)
-        self.register_buffer("out_index", _index(positions(row_perm)), persistent=False)
-        w = weight2d.detach()
-        Wz = torch.cat([w[torch.from_numpy(row_perm)], w.new_zeros((n, 1))], dim=1)
-        Wp = w.new_zeros(self.padded)
-        Wp[:n] = Wz[:, torch.from_numpy(gather)]
-        values = Wp.reshape(P, br, Q, bc).permute(0, 2, 1, 3)[
-            torch.from_numpy(block_row), torch.from_numpy(block_col)]
-        counts_r = np.bincount(block_row, minlength=P)
-        counts_c = np.bincount(block_col, minlength=Q)
-        perm_t = np.lexsort((block_row, block_col))   # the transposed layout's block order
-        for name, arr in (("crow", np.concatenate([[0], np.cumsum(counts_r)])),
-                          ("col", block_col),
-                          ("crow_t", np.concatenate([[0], np.cumsum(counts_c)])),
-                          ("col_t", block_row[perm_t]), ("perm_t", perm_t)):
-            self.register_buffer(name, torch.from_numpy(np.asarray(arr, np.int64)),
-                                 persistent=False)
-        self.values = nn.Parameter(values.contiguous().clone())
+        self.padded = arrays["padded"]
+        self.n_blocks = int(arrays["block_row"].size)
+        for name in (*LAYOUT_KEYS, *_DERIVED_KEYS):
+            arr = arrays[name]
+            self.register_buffer(name, None if arr is None else torch.from_numpy(
+                np.asarray(arr, np.int64)), persistent=name in LAYOUT_KEYS)
+        self.values = nn.Parameter(self.from_dense(weight2d.detach()).contiguous().clone())
         self.dispatch_log: dict[tuple, str] = {}
         self.dispatch_records: dict[tuple, DispatchRecord] = {}
         self._dense_cache: tuple[Any, torch.Tensor] | None = None
+
+    def _block_positions(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per kept block, the original rows (n_blocks, br, 1) and columns (n_blocks, 1,
+        bc) of its entries; ``rows`` / ``cols`` where they are padding."""
+        n, m = self.shape
+        br, bc = self.block
+        rows = torch.cat([self.row_perm, self.row_perm.new_full(
+            (self.padded[0] - n,), n)]).to(device)
+        r = rows[self.block_row.to(device)[:, None] * br + torch.arange(br, device=device)]
+        c = self.col_gather.to(device)[
+            self.block_col.to(device)[:, None] * bc + torch.arange(bc, device=device)]
+        return r[:, :, None], c[:, None, :]
+
+    def from_dense(self, W: torch.Tensor) -> torch.Tensor:
+        """The (n_blocks, br, bc) kept blocks of the (rows, cols) ``W`` (original
+        coordinates) in this layout's storage order, zero in the padding. It reads only
+        the kept positions."""
+        r, c = self._block_positions(W.device)
+        return F.pad(W, (0, 1, 0, 1))[r, c]
+
+    def to_dense(self, v: torch.Tensor) -> torch.Tensor:
+        """The (rows, cols) matrix, original coordinates, of blocks ``v`` (n_blocks, br,
+        bc) in this layout (0 off the kept blocks): the inverse of :meth:`from_dense` on
+        the kept positions, writing only those (:meth:`dense_weight` is this for
+        ``values``, in the form its paths use)."""
+        n, m = self.shape
+        r, c = self._block_positions(v.device)
+        out = v.new_zeros((n + 1, m + 1))
+        out[r, c] = v                   # (padding goes to row n / column m, cut off)
+        return out[:n, :m]
+
+    @torch.no_grad()
+    def set_layout(self, result: LayerResult, carry: tuple[torch.Tensor, ...] = ()) -> None:
+        """Move to layout ``result`` (same shape, format, block and number of kept blocks),
+        in place: the index buffers are rebuilt, and ``values`` (the same Parameter), its
+        ``grad`` and every tensor of ``carry`` (values-shaped, e.g. optimizer state) are
+        remapped through the dense positions: a position kept by both layouts keeps its
+        entry, one new to ``result`` gets 0.
+
+        Raises
+        ------
+        RegroupError
+            Another shape, format, block or block count, or an invalid layout; nothing is
+            changed then.
+        """
+        arrays = _core_arrays(result, *self.shape)
+        nb = int(arrays["block_row"].size)
+        if (result.format, tuple(result.block_shape), nb) != (self.format, self.block,
+                                                              self.n_blocks):
+            raise RegroupError(
+                f"layer {self.name!r}: set_layout needs a {self.format} layout of "
+                f"{self.block[0]}x{self.block[1]} blocks keeping {self.n_blocks} of them; "
+                f"got {result.format}, {tuple(result.block_shape)}, {nb} blocks")
+        for t in carry:
+            if tuple(t.shape) != tuple(self.values.shape):
+                raise RegroupError(f"layer {self.name!r}: set_layout carries tensors of the "
+                                   f"values' shape {tuple(self.values.shape)}, got "
+                                   f"{tuple(t.shape)}")
+        movers = [self.values, *carry]
+        if self.values.grad is not None:
+            movers.append(self.values.grad)
+        dense = [self.to_dense(t) for t in movers]
+        dev = self.values.device
+        for name in (*LAYOUT_KEYS, *_DERIVED_KEYS):
+            arr = arrays[name]
+            setattr(self, name, None if arr is None else torch.from_numpy(
+                np.asarray(arr, np.int64)).to(dev))
+        self.padded = arrays["padded"]
+        for t, d in zip(movers, dense):
+            t.copy_(self.from_dense(d))
+        self._dense_cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -311,7 +386,9 @@ class BlockCore(nn.Module):
                 raise RegroupError(
                     f"layer {self.name!r}: the state dict's block layout ({prefix + key!r}) "
                     "differs from this module's; load it into a dense model of the "
-                    "architecture with regroup.adapters.torch.load_block_sparse")
+                    "architecture with regroup.adapters.torch.load_block_sparse (in "
+                    "RegroupDST(execution='block') training, load the sparsifier's state "
+                    "dict first: it moves the modules to their saved layouts)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
