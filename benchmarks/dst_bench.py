@@ -280,6 +280,24 @@ class DSBLayer:
         return new, carried, stats
 
 
+def _batches(n: int, batch: int, seed: int):
+    """Index batches of ``batch`` training examples, reshuffled every epoch (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        if order.numel() < batch:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        idx, order = order[:batch], order[batch:]
+        yield idx
+
+
+def _sgd_step(model, opt, sched, X, y, idx) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    opt.step()
+    sched.step()
+
+
 def run(method: str, seed: int, data, cfg: dict) -> dict:
     """Train one method on one seed; its test accuracy and timings."""
     Xtr, ytr, Xte, yte = data
@@ -326,19 +344,12 @@ def run(method: str, seed: int, data, cfg: dict) -> dict:
         if method == "DSB" else {}
     dsb_stats = []
 
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
+    batches = _batches(len(Xtr), cfg["batch"], seed)
     t_train = t_mask = 0.0
     model.train()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        if order.numel() < cfg["batch"]:
-            order = torch.cat([order, torch.randperm(len(Xtr), generator=g)])
-        idx, order = order[:cfg["batch"]], order[cfg["batch"]:]
-        opt.zero_grad()
-        F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-        opt.step()
-        sched.step()
+        _sgd_step(model, opt, sched, Xtr, ytr, next(batches))
         t1 = time.perf_counter()
         if masks.tick():
             d = drop_fraction(masks.t, T_end, cfg["alpha"])
@@ -566,6 +577,118 @@ def _dense_hidden(dense: dict, model: nn.Module, enc) -> torch.Tensor:
     return out
 
 
+MOBILENET_METHODS = ("RigL", "RegroupDST", "block RigL")
+
+
+def digits_32(seed: int = 0):
+    """The digits split upscaled to 3 x 32 x 32 (bilinear), normalised with ImageNet's
+    statistics: inputs MobileNetV2's pretrained filters can read."""
+    Xtr, ytr, Xte, yte = load_digits_split(seed)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def up(X: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(X.view(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
+        return ((x.clamp(0, 1).expand(-1, 3, -1, -1) - mean) / std).contiguous()
+    return up(Xtr), ytr, up(Xte), yte
+
+
+def mobilenet_run(method: str, seed: int, data, cfg: dict) -> dict:
+    """Fine-tune MobileNetV2 (ImageNet weights, a new 10-way head) on digits at 32 x 32 with
+    its 1x1 convolutions sparse (ERK over them); every method through RegroupDST, started
+    from the pretrained weights' own layout (``init="magnitude"``)."""
+    import zoo
+    Xtr, ytr, Xte, yte = data
+    torch.manual_seed(seed)
+    model = zoo.mobilenet_v2()
+    model.classifier[1] = nn.Linear(model.classifier[1].in_features, 10)
+    names = [f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+    steps, T = cfg["steps"], cfg["T"]
+    T_end = int(round(0.75 * steps))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    block, fmt, every = {"RigL": (1, "grid", 0), "block RigL": (BLOCK, "grid", 0),
+                         "RegroupDST": (BLOCK, "shuffled", cfg["relayout_every"])}[method]
+    sparsifier = RegroupDST(cfg["sparsity"], distribution="erk", block=block, format=fmt,
+                            T=T, T_end=T_end, alpha=cfg["alpha"], relayout_every=every,
+                            optimizer=opt, init="magnitude", seed=seed)
+    sparsifier.prepare(model, [{"tensor_fqn": n} for n in names])
+    batches = _batches(len(Xtr), cfg["batch"], seed)
+    t_train = t_mask = 0.0
+    model.train()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _sgd_step(model, opt, sched, Xtr, ytr, next(batches))
+        t1 = time.perf_counter()
+        sparsifier.step()
+        t2 = time.perf_counter()
+        t_train += t2 - t0
+        t_mask += t2 - t1
+    model.eval()
+    with torch.no_grad():
+        acc = float(torch.cat([model(Xte[i:i + 256]).argmax(1)
+                               for i in range(0, len(Xte), 256)]).eq(yte).float().mean())
+    h = sparsifier.history
+    assert all(r["churn"] <= r["drop_fraction"] * (1 + 1e-9) for r in h)
+    tried = [r for r in h if r["relayout"] is not None]
+    kept = sum(int(sparsifier.results[n].mask.sum()) for n in names)
+    total = sum(int(np.prod(sparsifier.results[n].mask.shape)) for n in names)
+    return {"method": method, "seed": seed, "acc": acc, "train_s": t_train, "mask_s": t_mask,
+            "density": kept / total, "element_wise": len(sparsifier.element_wise),
+            "relayouts": f"{sum(bool(r['relayout']) for r in tried)}/{len(tried)}"}
+
+
+def mobilenet_main(args) -> int:
+    """Issue 13's MobileNetV2 target: RegroupDST within 1 point of RigL."""
+    cfg = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "T": args.T,
+           "alpha": args.alpha, "relayout_every": args.relayout_every,
+           "sparsity": args.sparsity}
+    seeds = list(range(args.seeds))
+    data = digits_32()
+    runs = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for m in MOBILENET_METHODS:
+            r = mobilenet_run(m, seed, data, cfg)
+            runs.append(r)
+            print(f"seed {seed} {m:12s} acc {100 * r['acc']:.2f}  train {r['train_s']:.1f} s "
+                  f"(mask updates {r['mask_s']:.2f} s, re-layouts {r['relayouts']})  "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    wall = time.perf_counter() - t0
+    acc = {m: np.array([r["acc"] for r in runs if r["method"] == m])
+           for m in MOBILENET_METHODS}
+    rows = []
+    lines = ["| method | test acc mean | sd | min | vs RigL (paired mean) | mask updates / "
+             "training time | density | s per run |", "|---|---|---|---|---|---|---|---|"]
+    for m in MOBILENET_METHODS:
+        mine = [r for r in runs if r["method"] == m]
+        share = sum(r["mask_s"] for r in mine) / sum(r["train_s"] for r in mine)
+        d = acc[m] - acc["RigL"]
+        row = {"method": m, "seeds": len(seeds), "acc_mean": float(acc[m].mean()),
+               "acc_sd": float(acc[m].std(ddof=1)) if len(seeds) > 1 else 0.0,
+               "acc_min": float(acc[m].min()), "vs_rigl": float(d.mean()),
+               "mask_update_share": share, "density": mine[0]["density"],
+               "train_s_per_run": float(np.mean([r["train_s"] for r in mine])),
+               "accs": " ".join(f"{a:.4f}" for a in acc[m]),
+               "relayouts": " ".join(r["relayouts"] for r in mine)}
+        rows.append(row)
+        lines.append(f"| {m} | {100 * row['acc_mean']:.2f} | {100 * row['acc_sd']:.2f} | "
+                     f"{100 * row['acc_min']:.2f} | {100 * row['vs_rigl']:+.2f} | "
+                     f"{100 * share:.1f} % | {row['density']:.4f} | "
+                     f"{row['train_s_per_run']:.1f} |")
+    header = [f"digits upscaled to 3x32x32, MobileNetV2 (ImageNet weights, new 10-way head), "
+              f"its 34 1x1 convs {100 * cfg['sparsity']:.0f} % sparse (ERK), b={BLOCK}, "
+              f"every method started from the pretrained weights' layout (init='magnitude'); "
+              f"{cfg['steps']} steps of batch {cfg['batch']}, Adam lr {cfg['lr']:g} cosine, "
+              f"T={cfg['T']}, T_end={round(0.75 * cfg['steps'])}, alpha={cfg['alpha']:g}, "
+              f"RegroupDST relayout_every={cfg['relayout_every']}; {len(seeds)} paired seeds; "
+              f"{wall:.0f} s wall.", ""]
+    write_outputs(args.out, "dst_mobilenet", rows, header + lines)
+    print("\n".join(header + lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -585,10 +708,16 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.1, help="--cost: layer density")
     ap.add_argument("--warm-rounds", type=int, default=3, help="--cost: refinement rounds")
     ap.add_argument("--repeat", type=int, default=3, help="--cost: timings (best kept)")
+    ap.add_argument("--mobilenet", action="store_true",
+                    help="MobileNetV2 (ImageNet weights) on digits at 32x32 instead of the MLP "
+                         "(RigL, RegroupDST, block RigL; set --steps, --T, --lr, --seeds)")
+    ap.add_argument("--sparsity", type=float, default=0.9, help="--mobilenet: of the 1x1 convs")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.cost:
         return cost_main(args)
+    if args.mobilenet:
+        return mobilenet_main(args)
     torch.set_num_threads(1)
     cfg = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "T": args.T,
            "alpha": args.alpha, "relayout_every": args.relayout_every}

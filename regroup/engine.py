@@ -118,10 +118,11 @@ def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
     br, bc = block
     if pattern.nnz == 0:
         raise RegroupError(f"{pattern.describe()} is empty (no nonzero): nothing to regroup")
-    # (N:M prunes dense weights; a warm start re-lays a layout out on dense scores)
+    # (N:M prunes dense weights; a warm start re-lays a layout out on dense scores; the
+    # magnitude objective groups a dense weight's |w|)
     if pattern.nnz == n * m and nm is None and not dense_ok:
         raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
-                           "nothing to regroup")
+                           "nothing to regroup (objective='magnitude' groups its |w|)")
     problem = None if nm is None else nm_problem(n, m, nm)
     if problem:     # N:M groups are never padded (the pipeline skips such layers)
         raise RegroupError(f"{pattern.describe()}: {problem}")
@@ -269,6 +270,7 @@ def _layer_options(pattern: Pattern, options: RegroupOptions | None, caller: str
     if not isinstance(pattern, Pattern):
         raise TypeError(f"The 'pattern' parameter of {caller} must be a Pattern. Got "
                         f"{type(pattern).__name__} instead.")
+    dense_ok = dense_ok or (opts.objective == "magnitude" and pattern.has_weights)
     _validate_pattern(pattern, opts.block, opts.edge, opts.nm, opts.format, dense_ok)
     return opts
 

@@ -171,6 +171,21 @@ def test_dst_bench_quick_trains_every_method_on_the_same_budget(tmp_path):
     assert "ttest_rel" in (tmp_path / "dst_bench_quick.md").read_text()
 
 
+def test_dst_bench_mobilenet_trains_every_method_at_the_same_density(tmp_path, real_mobilenet):
+    pytest.importorskip("sklearn")
+    bench = _bench("dst_bench")
+    assert bench.main(["--mobilenet", "--steps", "6", "--T", "2", "--seeds", "1",
+                       "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "dst_mobilenet.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == list(bench.MOBILENET_METHODS)
+    for r in rows:
+        assert 0 <= float(r["acc_mean"]) <= 1
+        # ERK at 90 % over the 34 1x1 convs; blocks round each layer's count up
+        assert 0.099 < float(r["density"]) < 0.11
+    assert float(rows[0]["vs_rigl"]) == 0
+
+
 def test_dst_bench_cost_relayout_never_keeps_less_than_before(tmp_path, zoo):
     pytest.importorskip("transformers")
     try:

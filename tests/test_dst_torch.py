@@ -396,6 +396,8 @@ _BAD = {
                   "must be a torch.optim.Optimizer or None. Got str"),
     "exclude": (dict(exclude=[1]), TypeError, "'exclude' parameter"),
     "seed": (dict(seed=-1), ValueError, "'seed' parameter"),
+    "init": (dict(init="pretrained"), ValueError, "'init' parameter of RegroupDST must be "
+             "one of 'random', 'magnitude'. Got 'pretrained'"),
 }
 
 
@@ -468,3 +470,61 @@ def test_a_layer_smaller_than_a_block_is_trained_element_wise():
     with torch.no_grad():
         got = model(x)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_magnitude_init_keeps_the_largest_weights_without_relayouts():
+    # block 1: RigL started from magnitude pruning (the top-k |w| of each layer); grid
+    # blocks that never move: the k blocks of most |w| in the identity order.
+    model = _mlp()
+    dense = {n: m.weight.detach().abs().clone() for n, m in _layers(model).items()}
+    sp = RegroupDST(0.8, block=1, format="grid", T=5, T_end=50, init="magnitude")
+    sp.prepare(model)
+    for n, W in dense.items():
+        r = sp.results[n]
+        k = int(r.mask.sum())
+        assert r.method == "magnitude identity" and k == r.metrics["kept_blocks"]
+        kept = W[torch.from_numpy(r.mask)]
+        assert kept.min() >= torch.topk(W.reshape(-1), k).values.min()    # the top k
+        w = read_mask(_layers(model)[n], "weight")[0]
+        assert torch.equal(w.abs(), W * torch.from_numpy(r.mask))
+    model = _mlp()
+    W = model[0].weight.detach().abs().double()             # 64 x 32: 8 x 4 blocks of 8
+    sp = RegroupDST(0.8, block=8, format="grid", T=5, T_end=50, init="magnitude")
+    sp.prepare(model)
+    r = sp.results["0.weight"]
+    per_block = W.reshape(8, 8, 4, 8).sum((1, 3)).reshape(-1)
+    k = int(r.metrics["kept_blocks"])
+    assert r.method == "magnitude identity" and r.row_perm.tolist() == list(range(64))
+    torch.testing.assert_close(W[torch.from_numpy(r.mask)].sum(),
+                               torch.topk(per_block, k).values.sum())
+
+
+def test_magnitude_init_with_relayouts_takes_regroups_layout_when_it_keeps_more():
+    # Planted structure a permutation finds: rows and columns of a block-diagonal weight
+    # shuffled; the identity order's best blocks keep little of it, regroup's all of it.
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    rng = np.random.default_rng(0)
+    W = np.kron(np.eye(4), np.ones((16, 16))) + 0.01 * rng.random((64, 64))
+    W = W[rng.permutation(64)][:, rng.permutation(64)]
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(W))
+    model = nn.Sequential(lin)
+    sp = RegroupDST(0.75, distribution="uniform", block=16, format="grid", T=5, T_end=50,
+                    relayout_every=1, init="magnitude")
+    sp.prepare(model)
+    r = sp.results["0.weight"]
+    assert r.method == "magnitude auto" and int(r.metrics["kept_blocks"]) == 4
+    check_layout(r.mask2d, r.format, r.block_shape, r.row_perm, r.col_perm, r.panel_cols)
+    kept = np.abs(W)[r.mask2d].sum() / np.abs(W).sum()
+    assert kept > 0.95                          # the planted blocks, found
+    ident = RegroupDST(0.75, distribution="uniform", block=16, format="grid", T=5, T_end=50,
+                       relayout_every=0, init="magnitude")
+    model2 = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        model2[0].weight.copy_(torch.from_numpy(W))
+    ident.prepare(model2)
+    assert np.abs(W)[ident.results["0.weight"].mask2d].sum() / np.abs(W).sum() < 0.5
+    # the weights outside the chosen layout are zero, inside they are the model's
+    w = read_mask(model[0], "weight")[0].detach().numpy()
+    np.testing.assert_allclose(w[r.mask2d], W[r.mask2d], rtol=1e-6)

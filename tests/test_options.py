@@ -157,3 +157,17 @@ def test_data_errors_are_value_errors_with_their_own_type():
     assert issubclass(regroup.PartitionerError, regroup.RegroupError)
     with pytest.raises(regroup.RegroupError, match="fully dense"):
         regroup_pattern(from_array(np.ones((32, 32))), block=8)
+
+
+def test_a_dense_weight_is_grouped_by_magnitude_when_asked():
+    # Fine-tuning a pretrained (dense) model starts from its |w|: a count objective has
+    # nothing to group, the magnitude objective does (planted blocks, rows and columns
+    # shuffled, found again).
+    rng = np.random.default_rng(0)
+    W = np.kron(np.eye(4), np.ones((16, 16))) + 0.01 * rng.random((64, 64))
+    W = W[rng.permutation(64)][:, rng.permutation(64)]
+    with pytest.raises(regroup.RegroupError, match=r"fully dense .*objective='magnitude'"):
+        regroup_pattern(from_array(W), block=16, budget="blocks=4")
+    r = regroup_pattern(from_array(W), block=16, budget="blocks=4", objective="magnitude")
+    assert r.metrics["kept_blocks"] == 4
+    assert np.abs(W)[r.mask2d].sum() > 0.98 * np.kron(np.eye(4), np.ones((16, 16))).sum()

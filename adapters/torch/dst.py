@@ -60,6 +60,7 @@ __all__ = ["RegroupDST"]
 
 FORMATS = ("grid", "shuffled")
 EXECUTIONS = ("masked", "block")
+INITS = ("random", "magnitude")
 # Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions).
 _RTOL = 1e-9
 
@@ -169,6 +170,15 @@ class RegroupDST(BaseSparsifier):
         first and last layers.
     seed : int >= 0, default=0
         The random initial kept sets and the re-layouts.
+    init : {"random", "magnitude"}, default="random"
+        The initial layouts. "random": identity orders and random kept units (training
+        from scratch: i.i.d. weights have no order better than another). "magnitude":
+        from the weights the model holds (fine-tuning a pretrained model): the units of
+        most ``|w|`` in the identity order for element-wise layers and when
+        ``relayout_every`` is 0 (orders never move: top-k weights, RigL from magnitude
+        pruning), else the better of that and regroup's layout of ``|w|``
+        (:func:`regroup.regroup_pattern`, method "auto", as many units);
+        ``results[name].method`` says which ("magnitude identity" / "magnitude auto").
     execution : {"masked", "block"}, default="masked"
         "masked": each layer keeps its dense weight under a ``FakeSparsity`` mask.
         "block": :meth:`prepare` swaps each layer for a :class:`BlockSparseLinear` /
@@ -203,10 +213,12 @@ class RegroupDST(BaseSparsifier):
 
     Notes
     -----
-    The initial layout of each layer has identity orders and a random kept set of
-    ``units_for_density(units, density)`` units (seeded): at initialisation the weights
-    are i.i.d., so no order is better than another, and the re-layouts find orders once
-    training gives the weights structure. Weights outside the mask are zeroed.
+    Each layer keeps ``units_for_density(units, density)`` units. With ``init="random"``
+    its initial layout has identity orders and a random kept set (seeded): at
+    initialisation the weights are i.i.d., so no order is better than another, and the
+    re-layouts find orders once training gives the weights structure; with
+    ``init="magnitude"`` it is chosen on the weights the model holds (see ``init``).
+    Weights outside the mask are zeroed.
 
     The dense gradient is collected by a hook on the output of each layer's
     ``FakeSparsity`` (``dL/dW`` before masking), armed only on the step before an
@@ -253,7 +265,7 @@ class RegroupDST(BaseSparsifier):
                  warm_rounds: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  exclude: str | Sequence[str] = (), seed: int = 0,
-                 execution: str = "masked") -> None:
+                 execution: str = "masked", init: str = "random") -> None:
         caller = "RegroupDST"
         self.sparsity = _real(sparsity, "sparsity", caller, 0, 1, high_open=True)
         if distribution not in DISTRIBUTIONS:
@@ -283,6 +295,10 @@ class RegroupDST(BaseSparsifier):
             raise ValueError(f"The 'execution' parameter of {caller} must be one of "
                              f"'masked', 'block'. Got {execution!r} instead.")
         self.execution = execution
+        if not isinstance(init, str) or init not in INITS:
+            raise ValueError(f"The 'init' parameter of {caller} must be one of 'random', "
+                             f"'magnitude'. Got {init!r} instead.")
+        self.init = init
         super().__init__(defaults={})
         self.results: dict[str, LayerResult] = {}
         self.densities: dict[str, float] = {}
@@ -397,11 +413,15 @@ class RegroupDST(BaseSparsifier):
                                         "element-wise (RigL), never re-laid out")
             units = make_units(shape2d, unit, fmt)
             k = units_for_density(units, float(d))
-            kept = np.zeros(units.n_units, bool)
-            kept[rng.choice(units.n_units, size=k, replace=False)] = True
-            kept = kept.reshape(units.table_shape)
-            layouts[n] = self._result(n, shape, units, kept,
-                                      np.zeros(units.table_shape), "identity")
+            if self.init == "magnitude":
+                layouts[n] = self._magnitude_layout(n, shape, _matrix(modules[n].weight),
+                                                    units, k)
+            else:
+                kept = np.zeros(units.n_units, bool)
+                kept[rng.choice(units.n_units, size=k, replace=False)] = True
+                kept = kept.reshape(units.table_shape)
+                layouts[n] = self._result(n, shape, units, kept,
+                                          np.zeros(units.table_shape), "identity")
             self.densities[n] = float(d)
         # Block execution: every block-sparse module is built before the model is touched.
         built = self._build_blocks(model, names, modules, layouts) \
@@ -545,6 +565,32 @@ class RegroupDST(BaseSparsifier):
             block_shape=tuple(lay.block_shape), format=lay.format, method=method,
             seed=self.seed, metrics={"chosen": "dst", "kept_blocks": int(kept.sum()),
                                      "kept_area": int(lay.kept_area), **(metrics or {})})
+
+    def _magnitude_layout(self, fqn: str, shape: tuple[int, ...], W: np.ndarray, units: Any,
+                          k: int) -> LayerResult:
+        """The initial layout of ``init="magnitude"``: the ``k`` units of most ``|w|`` in
+        the identity order, or regroup's layout of ``|w|`` keeping ``k`` units when it
+        keeps more (only where orders can move: re-layouts on, not element-wise)."""
+        mass = unit_scores(W, units, power=1)
+        kept = np.zeros(units.n_units, bool)
+        kept[np.argsort(-mass.reshape(-1), kind="stable")[:k]] = True
+        best = self._result(fqn, shape, units, kept.reshape(units.table_shape), mass,
+                            "magnitude identity")
+        if not self.relayout_every or fqn in self.element_wise:
+            return best
+        opts = RegroupOptions(block=units.block_shape, format=units.format, method="auto",
+                              budget=f"blocks={k}", objective="magnitude", seed=self.seed)
+        try:
+            out = regroup.regroup_pattern(regroup.from_array(np.abs(W), name=fqn),
+                                          options=opts)
+        except RegroupError:      # e.g. fewer nonzero weights than k units hold
+            return best
+        r_units, r_kept = layout_units(out)
+        if int(r_kept.sum()) != k or not (np.abs(W)[out.mask2d].sum()
+                                          > np.abs(W)[best.mask2d].sum()):
+            return best
+        return self._result(fqn, shape, r_units, r_kept, unit_scores(W, r_units, power=1),
+                            "magnitude auto")
 
     def _set_mask(self, module: nn.Module, name: str, old: np.ndarray | None,
                   new: np.ndarray) -> None:
