@@ -689,6 +689,79 @@ def mobilenet_main(args) -> int:
     return 0
 
 
+FFN = (384, 1536)      # MiniLM's feed-forward block: 384 -> 1536 -> 384
+
+
+def _step(model, opt, sp, x, y) -> None:
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    sp.step()
+
+
+def speed_main(args) -> int:
+    """Training-step time of RegroupDST with masked against block execution on MiniLM's
+    feed-forward shapes (an MLP 384 -> 1536 -> 384, GELU, random data): the same
+    sparsifier settings, side by side in one process, best of ``--repeat`` timings of
+    ``--steps`` steps each (no mask update inside a timing); and the time of one mask
+    update (drop and grow of both layers, no re-layout) per execution."""
+    from regroup.adapters.torch import set_backend
+    torch.set_num_threads(args.threads)
+    d, h = FFN
+    rows = []
+    for sparsity in args.speed_sparsities:
+        for fmt in ("grid", "shuffled"):
+            for execution in ("masked", "block"):
+                torch.manual_seed(0)
+                model = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                never = 10 ** 9
+                sp = RegroupDST(sparsity, distribution="uniform", block=BLOCK, format=fmt,
+                                T=never, T_end=never + 1, optimizer=opt, execution=execution)
+                sp.prepare(model)
+                if execution == "block":
+                    set_backend(model, "bsr")
+                x, y = torch.randn(args.batch, d), torch.randn(args.batch, d)
+                for _ in range(3):
+                    _step(model, opt, sp, x, y)          # warm-up
+                best = float("inf")
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        _step(model, opt, sp, x, y)
+                    best = min(best, (time.perf_counter() - t0) / args.steps)
+                # One mask update, two steps from now: the next step arms the hooks.
+                sp.T, sp.T_end = sp._t + 2, sp._t + 10
+                _step(model, opt, sp, x, y)
+                opt.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                opt.step()
+                t0 = time.perf_counter()
+                sp.step()
+                update = time.perf_counter() - t0
+                assert len(sp.history) == 2 and sp.history[-1]["dropped"] > 0
+                rows.append({"sparsity": sparsity, "format": fmt, "execution": execution,
+                             "step_ms": round(1e3 * best, 2),
+                             "update_ms": round(1e3 * update, 1)})
+                print(rows[-1], flush=True)
+    lines = [f"RegroupDST training step, MLP {d}-{h}-{d} (MiniLM's feed-forward shapes), "
+             f"b={BLOCK}, uniform density, batch {args.batch}, Adam, {args.threads} "
+             f"thread(s); best of {args.repeat} x {args.steps} steps; block execution on the "
+             "BSR path; one mask update = drop and grow of both layers.", "",
+             "| sparsity | format | masked ms / step | block ms / step | block / masked | "
+             "masked update ms | block update ms |", "|---|---|---|---|---|---|---|"]
+    for sparsity in args.speed_sparsities:
+        for fmt in ("grid", "shuffled"):
+            m, b = (next(r for r in rows if r["sparsity"] == sparsity and r["format"] == fmt
+                         and r["execution"] == e) for e in ("masked", "block"))
+            lines.append(f"| {sparsity:g} | {fmt} | {m['step_ms']} | {b['step_ms']} | "
+                         f"{b['step_ms'] / m['step_ms']:.2f} | {m['update_ms']} | "
+                         f"{b['update_ms']} |")
+    write_outputs(args.out, "dst_speed", rows, lines)
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -712,12 +785,19 @@ def main(argv=None) -> int:
                     help="MobileNetV2 (ImageNet weights) on digits at 32x32 instead of the MLP "
                          "(RigL, RegroupDST, block RigL; set --steps, --T, --lr, --seeds)")
     ap.add_argument("--sparsity", type=float, default=0.9, help="--mobilenet: of the 1x1 convs")
+    ap.add_argument("--speed", action="store_true",
+                    help="training-step time, masked vs block execution, MiniLM's FFN shapes "
+                         "(set --steps, --batch, --repeat, --threads)")
+    ap.add_argument("--speed-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    ap.add_argument("--threads", type=int, default=1, help="--speed: torch threads")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.cost:
         return cost_main(args)
     if args.mobilenet:
         return mobilenet_main(args)
+    if args.speed:
+        return speed_main(args)
     torch.set_num_threads(1)
     cfg = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "T": args.T,
            "alpha": args.alpha, "relayout_every": args.relayout_every}

@@ -10,7 +10,8 @@ and the same recovery (knowledge distillation from the dense model, block masks 
 - ``block magnitude`` the best b x b blocks of the DENSE weight by L1 norm, as many per
                       layer as auto keeps (no unstructured step, no permutation)
 - ``dsb``             regroup with DSB's grouping (runtime orders)
-- ``auto``            regroup's portfolio (runtime orders: ``--fold`` folds them)
+- ``auto``            regroup's portfolio, each layer planned on its own (``chain=None``;
+                      runtime orders: ``--fold`` folds them)
 - ``auto |w|``        auto ranking blocks by |w| alone (no calibration; ``--methods``)
 - ``auto chain``      auto with ``chain=0.01``: each layer planned again with the weights
                       of features its neighbours' kept blocks do not use scaled down
@@ -32,7 +33,8 @@ Fidelity to the dense model, before and after recovery:
   crops, other seeds than the ``--train`` crops).
 - BERT (all-MiniLM-L6-v2), every encoder Linear pruned per layer by L1: cosine of the
   mean-pooled, normalised sentence embeddings to the dense model's, on English sentences
-  from the standard library's docstrings (split into recovery and evaluation sets).
+  from the standard library's docstrings (split into recovery and evaluation sets); its
+  embedding tables (not pruned) stay frozen in recovery (``--train-embeddings`` trains them).
 
     python benchmarks/real_models.py                       # both models, all settings
     python benchmarks/real_models.py --model mobilenet --sparsities 0.9 --steps 60
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import multiprocessing
 import os
 import sys
 import time
@@ -255,6 +258,10 @@ def _by_length(tok, sentences):
 
 def run_bert(args, rows):
     dense, tok = zoo.minilm()
+    if not args.train_embeddings:
+        # Not pruned, and half of the parameters (30522 x 384 words): recovery trains the
+        # encoder (its Adam step and embedding gradient took ~30 % of each step).
+        dense.embeddings.requires_grad_(False)
     sentences = zoo.english_sentences(args.sentences)
     half = len(sentences) // 2
     train, evals = sentences[:half], _by_length(tok, sentences[half:])
@@ -292,6 +299,17 @@ def run_bert(args, rows):
                                        lambda m: embedding_cosine(m, tok, evals, dense_emb),
                                        kw, dense, scales, meta, rows):
                     pass
+
+
+def _task(job) -> list[dict]:
+    """The rows of one (model, sparsity) of the run (every seed, block and method)."""
+    args, (model, sparsity) = job
+    rows: list[dict] = []
+    if model == "bert":
+        run_bert(argparse.Namespace(**{**vars(args), "bert_sparsities": [sparsity]}), rows)
+    else:
+        run_mobilenet(argparse.Namespace(**{**vars(args), "sparsities": [sparsity]}), rows)
+    return rows
 
 
 def _scales(args, dense, layers, batches):
@@ -378,11 +396,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-calibration", dest="calibration", action="store_false",
                     help="rank blocks by |w| alone (no input norms)")
     ap.add_argument("--lr-bert", type=float, default=1e-4)
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="MiniLM: recovery trains the embeddings too (default: frozen)")
     ap.add_argument("--fold", action="store_true", help="auto folds its orders")
     ap.add_argument("--speed", action="store_true", help="time auto's block-sparse model")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="processes (each (model, sparsity) is a task; torch threads are "
+                         "shared out among them)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
         args.sparsities, args.bert_sparsities, args.blocks = [0.9], [0.8], [32]
         args.steps, args.train, args.eval, args.sentences, args.size = 2, 16, 32, 64, 96
@@ -399,15 +424,24 @@ def main(argv=None) -> int:
     else:
         args.methods = ["unstructured", "auto", "naive blocks", "block magnitude", "dsb"]
     t0 = time.perf_counter()
-    rows, lines = [], []
-    if args.model in ("bert", "all"):
-        run_bert(args, rows)
-        _table(rows, "minilm", lines)
-    if args.model in ("mobilenet", "all"):
-        run_mobilenet(args, rows)
-        _table(rows, "mobilenet_v2", lines)
-    lines.append(f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min; photographs: "
-                 f"{', '.join(zoo.photos())}.")
+    tasks = ([("bert", s) for s in args.bert_sparsities] if args.model in ("bert", "all")
+             else []) + ([("mobilenet", s) for s in args.sparsities]
+                         if args.model in ("mobilenet", "all") else [])
+    jobs = min(args.jobs, len(tasks))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs > 1:
+        # spawn: a forked child of a process that ran torch's thread pool can hang
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            done = pool.map(_task, [(args, t) for t in tasks], chunksize=1)
+    else:
+        done = [_task((args, t)) for t in tasks]
+    rows, lines = [r for task_rows in done for r in task_rows], []
+    _table(rows, "minilm", lines)
+    _table(rows, "mobilenet_v2", lines)
+    lines.append(f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min ({jobs} process"
+                 f"{'es' * (jobs > 1)} of {threads} torch thread{'s' * (threads > 1)}); "
+                 f"photographs: {', '.join(zoo.photos())}.")
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                   if k in rows[0] else 99)
     rows = [{k: r.get(k, "") for k in keys} for r in rows]

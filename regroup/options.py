@@ -36,6 +36,9 @@ BUDGET_SCOPES = ("layer", "global")
 # and a layer this dense gains nothing from block sparsity while it is the slowest input
 # a partitioner gets (every row shares columns with every other).
 DENSE_ABOVE = 0.95
+#: What ``chain="auto"`` (the default) becomes where it applies: regroup_model with
+#: example inputs to trace, a per-layer budget and a block format.
+CHAIN_AUTO = 0.01
 # Every format: the block layouts of regroup.blocks, and N:M (regroup.nm): a column
 # permutation and the N:M mask of the permuted weight.
 LAYOUT_FORMATS = (*FORMATS, "nm")
@@ -166,9 +169,9 @@ def _refine(v: Any) -> bool | None:
     raise _Invalid(TypeError)
 
 
-def _chain(v: Any) -> float | None:
-    if v is None:
-        return None
+def _chain(v: Any) -> float | str | None:
+    if v is None or (isinstance(v, str) and v == "auto"):
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise _Invalid(TypeError)
     try:
@@ -233,9 +236,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "anneal": Constraint("None or a number of seconds in (0, 1e6]",
                          _number(0.0, 1e6, low_open=True, optional=True),
                          (0, -2.0, float("inf"), "5", True, 1e300, 10**400)),
-    "chain": Constraint("None or a float in (0, 1)", _chain,
+    "chain": Constraint("None, 'auto' or a float in (0, 1)", _chain,
                         (0, 0.0, 1, 1.0, -0.5, 2, float("nan"), float("inf"), "0.01", True,
-                         10**400)),
+                         10**400, "Auto")),
     "layers": Constraint("None, a glob over weight names, or a non-empty list of them",
                          _layers, ("", [], [""], [3], 3, b"x")),
     "dense_above": Constraint("a float in (0, 1]", _number(0.0, 1.0, low_open=True),
@@ -298,18 +301,22 @@ class RegroupOptions:
     anneal : float, optional
         Seconds of simulated annealing after refinement (:mod:`regroup.anneal`; its
         moves are counted by a work model, so the result is the same on every machine).
-    chain : float in (0, 1), optional
+    chain : "auto", float in (0, 1) or None, default="auto"
         Models only (:func:`regroup.adapters.torch.regroup_model`, which traces the
-        layer graph; the other entry points refuse it). After every layer is planned,
+        layer graph; the other entry points refuse a number). After every layer is planned,
         each is planned again, sparsest first, two passes, with the magnitudes of its
         weights on dead features multiplied by ``chain``: output rows that no consumer's
         kept blocks read, input columns that no producer's kept blocks write (through
         BatchNorm and depthwise convolutions, where such a feature is a constant). Kept
         blocks then gather on the features that flow through the network. ``0.01`` is
-        the measured setting (MobileNetV2, top-1 agreement after recovery, paired seeds:
-        0.47 / 0.44 at 90 % sparsity vs 0.28 / 0.19 without and 0.39 / 0.37 for DSB's
-        grouping; 0.56 vs 0.55 at 80 %; ``benchmarks/README.md``). The metrics'
-        ``retained_magnitude`` stays in the layer's own units.
+        the measured setting (MobileNetV2, top-1 agreement after recovery, three paired
+        seeds: 0.45 at 90 % sparsity vs 0.26 without and 0.37 for DSB's grouping; 0.54
+        vs 0.51 and 0.43 at 80 %; folded, 0.41 vs 0.03 at 90 % and 0.52 vs 0.35 at 80 %;
+        ``benchmarks/README.md``). "auto" is :data:`CHAIN_AUTO` where it applies
+        (``regroup_model`` with ``example_inputs``, ``budget_scope="layer"``, a block
+        format) and None elsewhere; None plans each layer on its own (faster: chain
+        re-plans the layers whose features die, 2-8x the planning time at 80-90 %
+        sparsity). The metrics' ``retained_magnitude`` stays in the layer's own units.
     layers : str or sequence of str, optional
         Globs over weight names (``"encoder.*"``, ``"fc1.weight"``); None: every layer.
         An entry that is a layer's exact name also selects an embedding table, which is
@@ -335,7 +342,7 @@ class RegroupOptions:
     refine: bool | None = None
     time_limit: float | None = None
     anneal: float | None = None
-    chain: float | None = None
+    chain: float | str | None = "auto"
     layers: Any = None
     dense_above: float = DENSE_ABOVE
 
@@ -372,7 +379,8 @@ class RegroupOptions:
         """The options as recorded in result files and reports (JSON types); ``nm`` only
         with ``format="nm"`` (so block-format records are as before the option existed)."""
         nm = {} if self.nm is None else {"nm": list(self.nm)}
-        chain = {} if self.chain is None else {"chain": self.chain}
+        # (what "auto" became is recorded by the model planning that resolved it)
+        chain = {"chain": self.chain} if isinstance(self.chain, float) else {}
         return {"block": list(self.block), "format": self.format, **nm, "method": self.method,
                 "budget": str(self.budget), "budget_scope": self.budget_scope,
                 "layer_min": self.layer_min, "seed": self.seed,
@@ -412,10 +420,10 @@ class RegroupOptions:
         """Refuse ``chain`` for ``caller``, an entry point that does not know a model's
         layer graph (only :func:`regroup.adapters.torch.regroup_model` does): a
         ``ValueError`` naming the 'chain' parameter."""
-        if self.chain is not None:
-            raise ValueError(f"The 'chain' parameter of {caller} must be None: it plans a "
-                             "model's layers by which features their neighbours' kept blocks "
-                             "use, a layer graph only regroup_model traces. Got "
+        if isinstance(self.chain, float):
+            raise ValueError(f"The 'chain' parameter of {caller} must be None or 'auto': "
+                             "it plans a model's layers by which features their neighbours' "
+                             "kept blocks use, a layer graph only regroup_model traces. Got "
                              f"{self.chain!r} instead.")
 
     def named(self, name: str) -> bool:
@@ -505,6 +513,8 @@ def _check_format(out: dict[str, Any], values: dict[str, Any], caller: str) -> N
         refuse("block", f"left at its default with format='nm' (the N:M group, "
                f"1x{nm[1]}, is the block)")
     out["block"] = (1, nm[1])
+    if out["chain"] == "auto":          # "auto" plans no chain for N:M
+        out["chain"] = None
     for name, default in _BLOCK_ONLY.items():
         if out[name] != default:
             shown = repr(str(default) if isinstance(default, Budget) else default)

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -14,6 +15,9 @@ pytestmark = pytest.mark.slow
 def _bench(name="dlmc_bench"):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    # Registered under its name, as an import would: worker processes (real_models'
+    # --jobs) find its functions by that name.
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -184,6 +188,18 @@ def test_dst_bench_mobilenet_trains_every_method_at_the_same_density(tmp_path, r
         # ERK at 90 % over the 34 1x1 convs; blocks round each layer's count up
         assert 0.099 < float(r["density"]) < 0.11
     assert float(rows[0]["vs_rigl"]) == 0
+
+
+def test_dst_bench_speed_times_both_executions(tmp_path):
+    pytest.importorskip("torch")
+    bench = _bench("dst_bench")
+    assert bench.main(["--speed", "--steps", "1", "--repeat", "1", "--batch", "8",
+                       "--speed-sparsities", "0.9", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "dst_speed.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["format"], r["execution"]) for r in rows] == [
+        ("grid", "masked"), ("grid", "block"), ("shuffled", "masked"), ("shuffled", "block")]
+    assert all(float(r["step_ms"]) > 0 and float(r["update_ms"]) > 0 for r in rows)
 
 
 def test_dst_bench_cost_relayout_never_keeps_less_than_before(tmp_path, zoo):

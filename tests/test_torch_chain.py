@@ -43,7 +43,7 @@ def _flowing(masks):
 def test_chain_gathers_blocks_on_features_that_flow():
     x = torch.randn(2, 64)
     plain, chained = _chain_mlp(), _chain_mlp()
-    p0 = regroup_model(plain, block=8, mode="runtime", example_inputs=(x,))
+    p0 = regroup_model(plain, block=8, mode="runtime", example_inputs=(x,), chain=None)
     p1 = regroup_model(chained, block=8, mode="runtime", example_inputs=(x,), chain=0.01)
     m0, m1 = _masks(plain), _masks(chained)
     f0, f1 = _flowing(m0), _flowing(m1)
@@ -91,21 +91,24 @@ def test_chained_model_computes_the_masked_model(name, mode):
 def test_chain_option_is_validated_recorded_and_model_only(tmp_path):
     opts = RegroupOptions(chain=0.01)
     assert opts.record()["chain"] == 0.01 and RegroupOptions.from_record(opts.record()) == opts
+    assert RegroupOptions().chain == "auto"
     assert "chain" not in RegroupOptions().record()       # records as before the option
     assert opts.per_layer().chain is None
-    for bad in (0, 1.0, -0.5, float("nan")):
-        with pytest.raises(ValueError, match="'chain' parameter of RegroupOptions must be "
-                                             r"None or a float in \(0, 1\)"):
+    for bad in (0, 1.0, -0.5, float("nan"), "Auto"):
+        with pytest.raises((ValueError, TypeError), match="'chain' parameter of "
+                           r"RegroupOptions must be None, 'auto' or a float in \(0, 1\)"):
             RegroupOptions(chain=bad)
     with pytest.raises(TypeError, match="'chain' parameter"):
         RegroupOptions(chain="0.01")
     with pytest.raises(ValueError, match="'chain' parameter of RegroupOptions must be None"):
         RegroupOptions(format="nm", chain=0.01)
+    assert RegroupOptions(format="nm").chain is None      # "auto": no chain for N:M
     w = np.random.default_rng(0).standard_normal((32, 32))
     pat = regroup.from_array(w * (np.abs(w) > 1), name="fc.weight")
     with pytest.raises(ValueError, match="'chain' parameter of regroup_pattern must be "
-                                         "None: .* only regroup_model traces"):
+                                         "None or 'auto': .* only regroup_model traces"):
         regroup_pattern(pat, block=8, chain=0.01)
+    assert regroup_pattern(pat, block=8, chain="auto").mask.shape == (32, 32)
     with pytest.raises(ValueError, match="'chain' parameter of regroup_file must be None"):
         regroup_file(EXAMPLE, block=16, chain=0.01)
     lin = nn.Linear(32, 32)
@@ -115,6 +118,31 @@ def test_chain_option_is_validated_recorded_and_model_only(tmp_path):
     with pytest.raises(RegroupError, match=r"chain=\.\.\.\) traces the model"):
         regroup_model(model, block=8, mode="runtime", chain=0.01)
     with pytest.raises(ValueError, match="'chain' parameter of regroup_model must be None "
-                                         "with budget_scope='global'"):
+                                         "or 'auto' with budget_scope='global'"):
         regroup_model(model, block=8, mode="runtime", example_inputs=(torch.randn(2, 64),),
                       chain=0.01, budget_scope="global")
+
+
+def test_chain_auto_is_on_where_the_model_is_traced_with_a_layer_budget():
+    # "auto" (the default) is CHAIN_AUTO with example inputs and a per-layer budget, and
+    # off without them; the plan records what it became.
+    x = torch.randn(2, 64)
+    on = regroup_model(_chain_mlp(), block=8, mode="runtime", example_inputs=(x,))
+    assert on.options.chain == regroup.options.CHAIN_AUTO == 0.01
+    assert on.options.record()["chain"] == 0.01 and on.notes[-1].startswith("chain 0.01")
+    explicit = _chain_mlp()
+    regroup_model(explicit, block=8, mode="runtime", example_inputs=(x,), chain=0.01)
+    assert all(np.array_equal(a, b) for a, b in zip(_masks(explicit).values(),
+                                                    _masks(_applied(on)).values()))
+    off = regroup_model(_chain_mlp(), block=8, mode="runtime")          # nothing traced
+    assert off.options.chain is None and "chain" not in off.options.record()
+    glob = regroup_model(_chain_mlp(), block=8, mode="runtime", example_inputs=(x,),
+                         budget_scope="global")
+    assert glob.options.chain is None
+    assert not any("chain" in r.metrics for p in (off, glob) for r in p.layers.values())
+
+
+def _applied(plan):
+    model = _chain_mlp()
+    plan.apply(model)
+    return model

@@ -56,7 +56,7 @@ from regroup.engine import objective_matrix
 from regroup.io import layer_pattern
 from regroup.metrics import layer_metrics, retained
 from regroup.nm import nm_problem, run_nm_method
-from regroup.options import RegroupOptions, resolve_options
+from regroup.options import CHAIN_AUTO, RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
 from regroup.refine import refine_shared
 from regroup.result import LayerResult, load_result, save_result
@@ -877,11 +877,14 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
     opts = resolve_options(options, caller, **kwargs)
     nm = opts.format == "nm"
     check_mode(mode, example_inputs, caller)
-    if opts.chain is not None:
+    if opts.chain == "auto":
+        on = example_inputs is not None and opts.budget_scope == "layer"
+        opts = opts.replace(caller, chain=CHAIN_AUTO if on else None)
+    if isinstance(opts.chain, float):
         if opts.budget_scope != "layer":
-            raise ValueError(f"The 'chain' parameter of {caller} must be None with "
-                             "budget_scope='global' (the allotment would re-rank its blocks "
-                             f"by their own mass). Got {opts.chain!r} instead.")
+            raise ValueError(f"The 'chain' parameter of {caller} must be None or 'auto' "
+                             "with budget_scope='global' (the allotment would re-rank its "
+                             f"blocks by their own mass). Got {opts.chain!r} instead.")
         if example_inputs is None:
             raise RegroupError(f"{caller}(chain=...) traces the model to find which layers "
                                "read which features: pass example_inputs=(x,)")
@@ -1008,7 +1011,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         note = _refine_folds(folds, patterns, results, modules, opts)
         if note:
             notes.append(note)
-    if opts.chain is not None:
+    if isinstance(opts.chain, float):
         if analysis is None:
             inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             with training_flags(model):
