@@ -114,7 +114,7 @@ def run(variant: str, sparsity: float, seed: int, data, epochs: int, rounds: int
     hist = imp_regroup(model, train, rounds=rounds, sparsity=sparsity, block=BLOCK,
                        rewind=rewind,
                        seed=seed, evaluate=accuracy, layers=["fc1.weight", "fc2.weight"],
-                       mode="fold",
+                       mode="fold", chain=None,      # the published runs: per layer
                        example_inputs=(Xte[:2],),
                        callbacks=[channel_refill] if refill else (), **opts)
     return model, hist

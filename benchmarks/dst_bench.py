@@ -678,7 +678,7 @@ def mobilenet_main(args) -> int:
                      f"{100 * share:.1f} % | {row['density']:.4f} | "
                      f"{row['train_s_per_run']:.1f} |")
     header = [f"digits upscaled to 3x32x32, MobileNetV2 (ImageNet weights, new 10-way head), "
-              f"its 34 1x1 convs {100 * cfg['sparsity']:.0f} % sparse (ERK), b={BLOCK}, "
+              f"its 1x1 convs {100 * cfg['sparsity']:.0f} % sparse (ERK), b={BLOCK}, "
               f"every method started from the pretrained weights' layout (init='magnitude'); "
               f"{cfg['steps']} steps of batch {cfg['batch']}, Adam lr {cfg['lr']:g} cosine, "
               f"T={cfg['T']}, T_end={round(0.75 * cfg['steps'])}, alpha={cfg['alpha']:g}, "

@@ -379,8 +379,9 @@ class RegroupOptions:
         """The options as recorded in result files and reports (JSON types); ``nm`` only
         with ``format="nm"`` (so block-format records are as before the option existed)."""
         nm = {} if self.nm is None else {"nm": list(self.nm)}
-        # (what "auto" became is recorded by the model planning that resolved it)
-        chain = {"chain": self.chain} if isinstance(self.chain, float) else {}
+        # "auto" (the default) is left out, so records of every other entry point are as
+        # before the option; a model plan records what it became (a number or None).
+        chain = {} if self.chain == "auto" or self.format == "nm" else {"chain": self.chain}
         return {"block": list(self.block), "format": self.format, **nm, "method": self.method,
                 "budget": str(self.budget), "budget_scope": self.budget_scope,
                 "layer_min": self.layer_min, "seed": self.seed,
@@ -406,7 +407,7 @@ class RegroupOptions:
         Leaving ``format="nm"`` for a block format drops what N:M set (``nm``, and the
         ``(1, M)`` group as ``block``) unless ``changes`` gives them."""
         if self.format == "nm" and changes.get("format", "nm") != "nm":
-            changes = {"nm": None, "block": RegroupOptions.block, **changes}
+            changes = {"nm": None, "block": RegroupOptions.block, "chain": "auto", **changes}
         return resolve_options(self, caller, **changes)
 
     def require_blocks(self, caller: str, why: str) -> None:

@@ -198,7 +198,6 @@ def kill_parent(proc, children: list[int], seconds: float) -> list[int]:
     return [p for p in children if process_alive(p)]
 
 
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module of tiny layers: on a shared machine more threads

@@ -155,7 +155,8 @@ def test_block_execution_trains_as_the_masked_one(net, opt_kind, fmt, backend, d
 
 def test_the_dense_gradient_adds_up_over_every_backward_of_the_armed_step():
     model = _convnet()
-    sp = RegroupDST(0.75, block=8, T=2, T_end=20, execution="block")
+    sp = RegroupDST(0.75, block=8, T=2, T_end=20, optimizer=_opt(model, "sgd"),
+                    execution="block")
     sp.prepare(model)
     set_backend(model, "bsr")
     x, y = _data("conv")
@@ -314,7 +315,8 @@ def test_layers_a_parent_reads_directly_stay_masked():
             self.head.weight = self.tied.weight
 
     net = Net()
-    sp = RegroupDST(0.5, block=8, T=2, T_end=20, execution="block")
+    sp = RegroupDST(0.5, block=8, T=2, T_end=20, optimizer=_opt(net, "sgd"),
+                    execution="block")
     sp.prepare(net)
     assert set(sp._block) == {"fc.weight"} and isinstance(net.fc, BlockSparseLinear)
     assert set(sp.masked) == {"attn.out_proj.weight", "conv.weight", "tied.weight",
@@ -377,4 +379,7 @@ def test_bad_execution_is_refused(bad):
         RegroupDST(0.9, T_end=100, execution=bad)
     assert repr(bad) in str(info.value)
     assert RegroupDST(0.9, T_end=100).execution == "masked"
+    with pytest.raises(ValueError, match=r"^The 'optimizer' parameter of RegroupDST must be "
+                       r"a torch\.optim\.Optimizer with execution='block' .* Got None"):
+        RegroupDST(0.9, T_end=100, execution="block")
 

@@ -528,3 +528,14 @@ def test_magnitude_init_with_relayouts_takes_regroups_layout_when_it_keeps_more(
     # the weights outside the chosen layout are zero, inside they are the model's
     w = read_mask(model[0], "weight")[0].detach().numpy()
     np.testing.assert_allclose(w[r.mask2d], W[r.mask2d], rtol=1e-6)
+    # the planted blocks in place: the identity order is already best, and the result
+    # says why regroup's layout was not taken
+    plain = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        plain[0].weight.copy_(torch.from_numpy(np.kron(np.eye(4), np.ones((16, 16)))))
+    again = RegroupDST(0.75, distribution="uniform", block=16, format="grid", T=5, T_end=50,
+                       relayout_every=1, init="magnitude")
+    again.prepare(plain)
+    r = again.results["0.weight"]
+    assert r.method == "magnitude identity"
+    assert r.metrics["init_note"].startswith("regroup's layout keeps no more |w|")

@@ -135,7 +135,7 @@ def test_chain_auto_is_on_where_the_model_is_traced_with_a_layer_budget():
     assert all(np.array_equal(a, b) for a, b in zip(_masks(explicit).values(),
                                                     _masks(_applied(on)).values()))
     off = regroup_model(_chain_mlp(), block=8, mode="runtime")          # nothing traced
-    assert off.options.chain is None and "chain" not in off.options.record()
+    assert off.options.chain is None and off.options.record()["chain"] is None
     glob = regroup_model(_chain_mlp(), block=8, mode="runtime", example_inputs=(x,),
                          budget_scope="global")
     assert glob.options.chain is None
@@ -146,3 +146,18 @@ def _applied(plan):
     model = _chain_mlp()
     plan.apply(model)
     return model
+
+
+def test_a_saved_plan_keeps_what_chain_became(tmp_path):
+    # Saved and loaded, a plan's options say what "auto" became (None here: not traced),
+    # and a plan recorded before the option reads as planned without chain.
+    plan = regroup_model(_chain_mlp(), block=8, mode="runtime")
+    plan.save(tmp_path / "p.npz")
+    from regroup.adapters.torch import Plan
+    assert Plan.load(tmp_path / "p.npz").options.chain is None
+    traced = regroup_model(_chain_mlp(), block=8, mode="runtime",
+                           example_inputs=(torch.randn(2, 64),))
+    traced.save(tmp_path / "t.npz")
+    assert Plan.load(tmp_path / "t.npz").options.chain == 0.01
+    # leaving N:M restores the default
+    assert RegroupOptions(format="nm").replace(format="grid").chain == "auto"

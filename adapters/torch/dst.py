@@ -54,7 +54,7 @@ from regroup.options import RegroupOptions
 from regroup.result import LayerResult
 
 from .plan import Plan, kept_dense, on_device_of, to_block_sparse
-from .sparse import BACKENDS, BlockSparseConv2d, BlockSparseLinear
+from .sparse import BACKENDS, BlockSparseConv2d, BlockSparseLinear, set_backend
 
 __all__ = ["RegroupDST"]
 
@@ -164,7 +164,7 @@ class RegroupDST(BaseSparsifier):
         Its per-parameter state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, any
         tensor of the weight's shape) is zeroed wherever the weight is: at grown and
         dropped positions. It must hold every selected weight. Without it the caller
-        keeps stale momentum at new positions.
+        keeps stale momentum at new positions. Required with ``execution="block"``.
     exclude : glob or sequence of globs, default=()
         Weight names never sparsified (``"fc1.weight"``, ``"classifier.*"``), e.g. the
         first and last layers.
@@ -178,7 +178,8 @@ class RegroupDST(BaseSparsifier):
         ``relayout_every`` is 0 (orders never move: top-k weights, RigL from magnitude
         pruning), else the better of that and regroup's layout of ``|w|``
         (:func:`regroup.regroup_pattern`, method "auto", as many units);
-        ``results[name].method`` says which ("magnitude identity" / "magnitude auto").
+        ``results[name].method`` says which ("magnitude identity" / "magnitude auto"),
+        and ``results[name].metrics["init_note"]`` why regroup's was not taken.
     execution : {"masked", "block"}, default="masked"
         "masked": each layer keeps its dense weight under a ``FakeSparsity`` mask.
         "block": :meth:`prepare` swaps each layer for a :class:`BlockSparseLinear` /
@@ -228,11 +229,10 @@ class RegroupDST(BaseSparsifier):
     With ``execution="block"`` the weight of a block-sparse layer is its ``values``
     Parameter (n_blocks, br, bc), built at :meth:`prepare` from the masked weight: the
     optimizer's reference to the weight is replaced by ``values`` (its state gathered
-    onto the kept blocks), the bias stays the same Parameter. So pass ``optimizer`` or
-    build the optimizer after :meth:`prepare`: one built before and not passed would
-    keep training the dropped dense weight. A layer keeps its unit count, so ``values``
-    keeps its shape and object through every update; an update moves the module to its
-    new layout in place (:meth:`BlockCore.set_layout
+    onto the kept blocks), the bias stays the same Parameter: ``optimizer`` is required
+    (its state follows the blocks, which change storage slots at every update). A layer
+    keeps its unit count, so ``values`` keeps its shape and object through every update;
+    an update moves the module to its new layout in place (:meth:`BlockCore.set_layout
     <regroup.adapters.torch.sparse.BlockCore.set_layout>`): ``values``, its ``grad`` and
     every values-shaped optimizer state tensor are remapped through the dense positions
     (the BSR product needs the blocks in row-major order, so a kept unit may move to
@@ -295,6 +295,12 @@ class RegroupDST(BaseSparsifier):
             raise ValueError(f"The 'execution' parameter of {caller} must be one of "
                              f"'masked', 'block'. Got {execution!r} instead.")
         self.execution = execution
+        if execution == "block" and optimizer is None:
+            # values move between storage slots at every update: an optimizer the
+            # sparsifier does not hold would keep its state in the old slots.
+            raise ValueError(f"The 'optimizer' parameter of {caller} must be a "
+                             "torch.optim.Optimizer with execution='block' (its state follows "
+                             "the blocks as they move). Got None instead.")
         if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"The 'init' parameter of {caller} must be one of 'random', "
                              f"'magnitude'. Got {init!r} instead.")
@@ -583,14 +589,20 @@ class RegroupDST(BaseSparsifier):
         try:
             out = regroup.regroup_pattern(regroup.from_array(np.abs(W), name=fqn),
                                           options=opts)
-        except RegroupError:      # e.g. fewer nonzero weights than k units hold
-            return best
-        r_units, r_kept = layout_units(out)
-        if int(r_kept.sum()) != k or not (np.abs(W)[out.mask2d].sum()
-                                          > np.abs(W)[best.mask2d].sum()):
-            return best
-        return self._result(fqn, shape, r_units, r_kept, unit_scores(W, r_units, power=1),
-                            "magnitude auto")
+        except RegroupError as exc:      # e.g. fewer nonzero weights than k units hold
+            why = f"regroup's layout failed: {exc}"
+        else:
+            r_units, r_kept = layout_units(out)
+            mine, theirs = np.abs(W)[best.mask2d].sum(), np.abs(W)[out.mask2d].sum()
+            if int(r_kept.sum()) != k:
+                why = f"regroup's layout keeps {int(r_kept.sum())} units, not {k}"
+            elif not theirs > mine:
+                why = f"regroup's layout keeps no more |w| ({theirs:.6g} <= {mine:.6g})"
+            else:
+                return self._result(fqn, shape, r_units, r_kept,
+                                    unit_scores(W, r_units, power=1), "magnitude auto")
+        best.metrics["init_note"] = why
+        return best
 
     def _set_mask(self, module: nn.Module, name: str, old: np.ndarray | None,
                   new: np.ndarray) -> None:
@@ -910,9 +922,7 @@ class RegroupDST(BaseSparsifier):
         self.convert_report = to_block_sparse(model, Plan.from_result(blocked),
                                               backend=backend) if blocked else {}
         for n, module in self._block.items():
-            module.core.backend = backend
-            module.core.dispatch_log.clear()
-            module.core.dispatch_records.clear()
+            set_backend(module, backend)
             self.convert_report[n] = (f"{type(module).__name__} (block-sparse since "
                                       "prepare, execution='block')")
         self.convert_report.update({n: f"stays dense-masked: {why}"

@@ -458,6 +458,8 @@ class Plan:
 
 
 def _recorded_options(record: Mapping[str, Any], where: Any) -> RegroupOptions:
+    # A plan recorded before the chain option was planned without it.
+    record = {"chain": None, **record}
     try:
         return RegroupOptions.from_record(record)
     except (TypeError, ValueError) as exc:
@@ -1011,12 +1013,21 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         note = _refine_folds(folds, patterns, results, modules, opts)
         if note:
             notes.append(note)
+    # In runtime mode the trace serves the chain only: what it says about layers that
+    # are not called as modules is used when the whole model traced (fold mode reads it
+    # part by part and says so above).
+    trusted = analysis is not None
     if isinstance(opts.chain, float):
         if analysis is None:
             inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             with training_flags(model):
                 model.eval()
                 analysis = hidden_dims(model, inputs)
+            trusted = analysis.traced
+            if not trusted:
+                notes.append(f"chain: torch.fx could not trace {where} as a whole "
+                             f"({analysis.error}); dead features are found inside the parts "
+                             "traced on their own only")
         notes.append(_chain_reselect(patterns, results, sides, analysis, modules, opts))
     if opts.budget_scope == "global":
         names = list(results)
@@ -1033,7 +1044,7 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
         notes.append("anneal: applied to the layers whose rows are not folded (a folded "
                      "row order is shared with other layers)")
     dense = kept_dense(modules, results, {n for n, r in results.items() if r.format == "nm"})
-    if analysis is not None:
+    if trusted:
         for m, why in analysis.uncalled.items():
             if f"{m}.weight" not in results:
                 continue
