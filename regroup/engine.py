@@ -121,8 +121,9 @@ def _validate_pattern(pattern: Pattern, block: tuple[int, int], edge: str,
     # (N:M prunes dense weights; a warm start re-lays a layout out on dense scores; the
     # magnitude objective groups a dense weight's |w|)
     if pattern.nnz == n * m and nm is None and not dense_ok:
+        hint = " (objective='magnitude' groups its |w|)" if pattern.has_weights else ""
         raise RegroupError(f"{pattern.describe()} is fully dense (no pruned weight): "
-                           "nothing to regroup (objective='magnitude' groups its |w|)")
+                           f"nothing to regroup{hint}")
     problem = None if nm is None else nm_problem(n, m, nm)
     if problem:     # N:M groups are never padded (the pipeline skips such layers)
         raise RegroupError(f"{pattern.describe()}: {problem}")

@@ -593,14 +593,14 @@ class RegroupDST(BaseSparsifier):
             why = f"regroup's layout failed: {exc}"
         else:
             r_units, r_kept = layout_units(out)
-            mine, theirs = np.abs(W)[best.mask2d].sum(), np.abs(W)[out.mask2d].sum()
+            r_mass = unit_scores(W, r_units, power=1)
+            mine, theirs = mass[kept.reshape(mass.shape)].sum(), r_mass[r_kept].sum()
             if int(r_kept.sum()) != k:
                 why = f"regroup's layout keeps {int(r_kept.sum())} units, not {k}"
             elif not theirs > mine:
                 why = f"regroup's layout keeps no more |w| ({theirs:.6g} <= {mine:.6g})"
             else:
-                return self._result(fqn, shape, r_units, r_kept,
-                                    unit_scores(W, r_units, power=1), "magnitude auto")
+                return self._result(fqn, shape, r_units, r_kept, r_mass, "magnitude auto")
         best.metrics["init_note"] = why
         return best
 
