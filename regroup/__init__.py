@@ -23,7 +23,7 @@ list_partitioners / available_partitioners -- registered partitioner names
 """
 from __future__ import annotations
 
-from ._validation import FormatError, PartitionerError, RegroupError
+from .validation import FormatError, PartitionerError, RegroupError
 from .blocks import Budget, check_layout
 from .engine import regroup_budgets, regroup_pattern
 from .hypergraph import column_net, cut, km1, write_hgr

@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from ._validation import RegroupError
+from .validation import RegroupError
 
 __all__ = ["check_output", "check_outputs", "same_file", "default_output", "PartsDir",
            "PARTS_MARKER"]

@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from ._validation import FormatError
+from .validation import FormatError
 
 __all__ = ["ZipWriter", "raw_entry", "check_seal", "directory_size", "SEAL_PREFIX"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import RegroupError, check_choice, check_distinct_list
+from .validation import RegroupError, check_choice, check_distinct_list
 from .nm import check_nm_mask
 
 __all__ = ["FORMATS", "MAX_TABLE_CELLS", "Budget", "Candidates", "Layout", "assemble",

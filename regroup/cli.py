@@ -13,7 +13,7 @@ import re
 import sys
 
 from . import __version__
-from ._validation import (RegroupError, check_regular, missing_dependency, open_regular,
+from .validation import (RegroupError, check_regular, missing_dependency, open_regular,
                           printable, safe_filename)
 from .options import DENSE_ABOVE, LAYOUT_FORMATS
 
@@ -338,7 +338,7 @@ def cmd_inspect(args) -> int:
 
 def _hgr_targets(folder: str, names: list[str]) -> list[str]:
     """``folder/<name>.hgr`` for each layer, every file name made safe and distinct
-    (:func:`regroup._validation.safe_filename`) before anything is written; names that
+    (:func:`regroup.validation.safe_filename`) before anything is written; names that
     would still meet on a case-insensitive file system are refused, naming them."""
     files = [safe_filename(n) + ".hgr" for n in names]
     seen: dict[str, str] = {}

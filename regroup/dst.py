@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._validation import RegroupError, check_block, check_choice, check_int
+from .validation import RegroupError, check_block, check_choice, check_int, check_real
 from .blocks import FORMATS, Layout, layout_mask
 
 __all__ = ["DISTRIBUTIONS", "DropGrow", "Units", "churn", "drop_count", "drop_fraction",
@@ -42,18 +42,6 @@ __all__ = ["DISTRIBUTIONS", "DropGrow", "Units", "churn", "drop_count", "drop_fr
 
 
 # -- layer densities ---------------------------------------------------------------------------
-def _check_fraction(value: Any, name: str, caller: str, *, high_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"The {name!r} parameter of {caller} must be a float. Got "
-                        f"{value!r} instead.")
-    v = float(value)
-    if math.isnan(v) or v < 0 or v > 1 or (high_open and v == 1):
-        interval = "[0, 1)" if high_open else "[0, 1]"
-        raise ValueError(f"The {name!r} parameter of {caller} must be a float in "
-                         f"{interval}. Got {value!r} instead.")
-    return v
-
-
 def _check_shapes(shapes: Any, caller: str) -> list[tuple[int, ...]]:
     allowed = "a non-empty sequence of shapes (tuples of positive ints)"
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or not shapes:
@@ -186,7 +174,7 @@ def layer_densities(shapes: Sequence[Sequence[int]], sparsity: float, *,
     ``caller`` names the entry point in error messages."""
     check_choice(distribution, "distribution", caller, set(DISTRIBUTIONS))
     shapes = _check_shapes(shapes, caller)
-    sparsity = _check_fraction(sparsity, "sparsity", caller, high_open=True)
+    sparsity = check_real(sparsity, "sparsity", caller, 0, 1, high_open=True)
     fixed = _check_dense(dense, len(shapes), caller)
     sizes = np.array([math.prod(s) for s in shapes], dtype=float)
     return _scaled(DISTRIBUTIONS[distribution](shapes), sizes, sparsity, fixed, caller)
@@ -206,7 +194,7 @@ def drop_fraction(t: float, t_end: float, alpha: float = 0.3) -> float:
             bound = "> 0" if name == "t_end" else ">= 0"
             raise ValueError(f"The {name!r} parameter of {caller} must be a finite number "
                              f"{bound}. Got {v!r} instead.")
-    alpha = _check_fraction(alpha, "alpha", caller, high_open=False)
+    alpha = check_real(alpha, "alpha", caller, 0, 1)
     if t > t_end:
         return 0.0
     return alpha / 2 * (1 + math.cos(math.pi * t / t_end))
@@ -217,7 +205,7 @@ def drop_count(n_kept: int, fraction: float) -> int:
     n_kept)`` (rounding down, so the count never exceeds the fraction; RigL's PyTorch
     ports do the same), up to float rounding of the product."""
     n_kept = check_int(n_kept, "n_kept", "drop_count", low=0)
-    fraction = _check_fraction(fraction, "fraction", "drop_count", high_open=False)
+    fraction = check_real(fraction, "fraction", "drop_count", 0, 1)
     # 0.3 * 10 is 3.0000000000000004 and 0.29 * 100 is 28.999999999999996: forgive ulps.
     return min(int(math.floor(fraction * n_kept * (1 + 1e-12))), n_kept)
 
@@ -575,7 +563,7 @@ def units_for_density(units: Units, density: float) -> int:
     """Units to keep for a layer at ``density``: ``ceil(density * n_rows * n_cols /
     (br * bc))`` (DSB's tile budget), at most every unit."""
     u = _as_units(units, "units_for_density")
-    density = _check_fraction(density, "density", "units_for_density", high_open=False)
+    density = check_real(density, "density", "units_for_density", 0, 1)
     n, m = u.shape
     br, bc = u.block_shape
     return min(int(math.ceil(density * n * m / (br * bc) * (1 - 1e-12))), u.n_units)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import PartitionerError, RegroupError, check_int
+from .validation import PartitionerError, RegroupError, check_int
 from .anneal import anneal
 from .blocks import (MAX_TABLE_CELLS, Budget, Layout, build_layout, check_layout,
                      layout_mask, parse_budgets, table_cells)

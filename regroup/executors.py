@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ._validation import RegroupError, missing_dependency
+from .validation import RegroupError, missing_dependency
 
 __all__ = ["ENGINES", "execute", "capped_threads", "thread_limit", "THREADS_VARIABLE",
            "exit_with_parent", "child_sys_path", "connect_scheduler", "connect_timeout"]

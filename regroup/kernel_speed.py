@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_block, check_choice, check_int, missing_dependency
+from .validation import check_block, check_choice, check_int, missing_dependency
 from .blocks import FORMATS
 
 __all__ = ["BATCH", "KernelTimes", "speed_problem", "time_layer", "torch_versions"]

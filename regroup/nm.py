@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import RegroupError, as_rng, check_int
+from .validation import RegroupError, as_rng, check_int
 
 __all__ = ["check_nm", "nm_problem", "check_nm_mask", "nm_values", "nm_mask", "nm_retained",
            "row_topk_retained", "efficacy", "NMSearch", "nm_search", "asp_search",

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._validation import RegroupError, check_block
+from .validation import RegroupError, check_block
 from .blocks import FORMATS, Budget
 from .nm import NM_METHODS, check_nm, nm_method_problem
 from .partitioners import format_method, get_partitioner, list_partitioners, parse_method

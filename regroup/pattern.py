@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import RegroupError
+from .validation import RegroupError
 
 __all__ = ["Pattern", "from_array", "from_sparse", "count_kept"]
 

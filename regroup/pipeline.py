@@ -43,7 +43,7 @@ import numpy as np
 
 from ._atomic import atomic_write
 from ._outputs import PartsDir, check_outputs, same_file
-from ._validation import RegroupError, check_choice, check_int
+from .validation import RegroupError, check_choice, check_int
 from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
 from .executors import ENGINES, execute

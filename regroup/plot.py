@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._atomic import atomic_write
-from ._validation import missing_dependency
+from .validation import missing_dependency
 from .pattern import Pattern
 from .result import LayerResult
 

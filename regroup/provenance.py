@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
-from ._validation import RegroupError, open_regular
+from .validation import RegroupError, open_regular
 
 __all__ = ["TOOLS", "tool_versions", "file_sha256", "file_record", "FileRecord",
            "file_stamp", "tensor_bytes", "update_digest", "options_key"]
@@ -36,7 +36,7 @@ def tool_versions() -> dict[str, str | None]:
 
 def file_sha256(path: str | os.PathLike, what: str = "input") -> str:
     """SHA-256 of a file's bytes, read in 1 MiB chunks (a regular file only: a FIFO or
-    device is refused before it is opened, :func:`regroup._validation.open_regular`)."""
+    device is refused before it is opened, :func:`regroup.validation.open_regular`)."""
     return file_record(path, what).sha256
 
 

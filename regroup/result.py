@@ -55,7 +55,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ._atomic import atomic_write
-from ._validation import FormatError, open_regular
+from .validation import FormatError, open_regular
 from ._zip import ZipWriter, check_seal, directory_size, raw_entry
 from .blocks import positions
 from .nm import check_nm

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from ._validation import check_choice, check_int
+from .validation import check_choice, check_int
 
 __all__ = ["shared_counts", "jaccard", "knn_similarity", "similarity_graph",
            "condensed_distance", "condensed_rows", "METRICS", "DENSE_LIMIT",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import FormatError, RegroupError, check_regular, open_regular
+from .validation import FormatError, RegroupError, check_regular, open_regular
 from .io import (SUFFIXES, TORCH_SUFFIXES, group_tensors, index_file, mapped_torch,
                  read_npz_members, read_tensors, shape_problem)
 from .io.safetensors import read_safetensors, safetensors_index, safetensors_record

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._validation import RegroupError, check_distinct_list, check_int
+from .validation import RegroupError, check_distinct_list, check_int
 from .blocks import parse_budgets
 from .engine import regroup_budgets
 from .kernel_speed import BATCH, speed_problem, time_layer, torch_versions

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import as_rng, check_block
+from .validation import as_rng, check_block
 
 __all__ = ["Planted", "planted_weights", "planted_mask", "oracle_retained",
            "example_state_dict"]

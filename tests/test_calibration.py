@@ -89,8 +89,9 @@ def test_input_scales_refuses_bad_arguments():
         input_scales(model, [])
     with pytest.raises(RegroupError, match="nope.weight"):
         input_scales(model, [torch.randn(2, 4)], ["nope.weight"])
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="max_batches"):
+    for bad, kind in [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)]:
+        with pytest.raises(kind, match="'max_batches' parameter of input_scales must be an "
+                                       "int >= 1 or None"):
             input_scales(model, [torch.randn(2, 4)], max_batches=bad)
 
 

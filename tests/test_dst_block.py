@@ -375,7 +375,7 @@ def test_set_layout_is_a_fresh_core_of_the_positions_kept_in_both(fmt):
 @pytest.mark.parametrize("bad", ["Block", "dense", None, 1, ["block"]])
 def test_bad_execution_is_refused(bad):
     with pytest.raises(ValueError, match=r"^The 'execution' parameter of RegroupDST must "
-                       r"be one of 'masked', 'block'\. Got .* instead\.$") as info:
+                       r"be one of 'block', 'masked'\. Got .* instead\.$") as info:
         RegroupDST(0.9, T_end=100, execution=bad)
     assert repr(bad) in str(info.value)
     assert RegroupDST(0.9, T_end=100).execution == "masked"

@@ -378,10 +378,12 @@ _BAD = {
     "distribution": (dict(distribution="er"), ValueError,
                      "'distribution' parameter of RegroupDST must be one of 'erk', "
                      "'uniform'. Got 'er'"),
-    "block": (dict(block=0), ValueError, "'block' parameter of RegroupDST must be a "
-              "positive int or a pair"),
-    "block_type": (dict(block="16"), TypeError, "'block' parameter"),
-    "block_pair": (dict(block=(16, 0)), ValueError, r"Got \(16, 0\) instead"),
+    "block": (dict(block=0), ValueError, r"'block' parameter of RegroupDST must be an int "
+              r"in \[1, 65536\]. Got 0"),
+    "block_type": (dict(block=16.0), TypeError, "'block' parameter"),
+    "block_text": (dict(block="sixteen"), ValueError, "'block' parameter of RegroupDST must "
+                   "look like '32' or '32x16'"),
+    "block_pair": (dict(block=(16, 0)), ValueError, r"'block' parameter .* Got 0 instead"),
     "block_bool": (dict(block=True), TypeError, "'block' parameter"),
     "format": (dict(format="nm"), ValueError, "'format' parameter of RegroupDST must be "
                "one of 'grid', 'shuffled'. Got 'nm'"),
@@ -397,7 +399,7 @@ _BAD = {
     "exclude": (dict(exclude=[1]), TypeError, "'exclude' parameter"),
     "seed": (dict(seed=-1), ValueError, "'seed' parameter"),
     "init": (dict(init="pretrained"), ValueError, "'init' parameter of RegroupDST must be "
-             "one of 'random', 'magnitude'. Got 'pretrained'"),
+             "one of 'magnitude', 'random'. Got 'pretrained'"),
 }
 
 

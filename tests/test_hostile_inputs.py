@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from regroup import FormatError, RegroupError, regroup_checkpoint, regroup_file
-from regroup._validation import printable, safe_filename
+from regroup.validation import printable, safe_filename
 from regroup.cli import main
 from regroup.io import (index_file, read_npz_members, read_safetensors, read_tensors,
                         write_safetensors)

@@ -201,7 +201,7 @@ def test_hierarchical_and_dsb_above_the_dense_limit_order_rows_as_below(monkeypa
 
 
 def test_hierarchical_refuses_more_rows_than_its_limit_by_name():
-    from regroup._validation import PartitionerError
+    from regroup.validation import PartitionerError
     with pytest.raises(PartitionerError, match=f"limited to {hier_module.MAX_ROWS} rows "
                        r"\(regroup.partitioners.hierarchical.MAX_ROWS; got 8193\)"):
         hier_module.hierarchical(_random(8193, 4, 0.5), 16)

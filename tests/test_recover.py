@@ -142,11 +142,16 @@ def test_refuses_an_unmasked_model_and_bad_parameters():
     with pytest.raises(RegroupError, match="holds a mask"):
         recover(copy.deepcopy(teacher), teacher, [inp()], steps=1)
     _, student, _, _ = _student("mlp")
-    for kwargs, name in [({"steps": 0}, "steps"), ({"steps": 1.5}, "steps"),
-                         ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
-                         ({"loss": "l1"}, "loss"), ({"temperature": 0}, "temperature"),
-                         ({"log_every": 0}, "log_every")]:
-        with pytest.raises(ValueError, match=f"'{name}' parameter of recover"):
+    for kwargs, name, kind in [({"steps": 0}, "steps", ValueError),
+                               ({"steps": 1.5}, "steps", TypeError),
+                               ({"lr": -1.0}, "lr", ValueError),
+                               ({"lr": float("nan")}, "lr", ValueError),
+                               ({"lr": float("inf")}, "lr", ValueError),
+                               ({"lr": "0.1"}, "lr", TypeError),
+                               ({"loss": "l1"}, "loss", ValueError),
+                               ({"temperature": 0}, "temperature", ValueError),
+                               ({"log_every": 0}, "log_every", ValueError)]:
+        with pytest.raises(kind, match=f"'{name}' parameter of recover"):
             recover(student, teacher, [inp()], **kwargs)
     with pytest.raises(ValueError, match="'data' parameter of recover yielded no batch"):
         recover(student, teacher, [], steps=2)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regroup import RegroupError
+from regroup.validation import check_int
 
 from ._journal import training_flags
 
@@ -125,13 +126,10 @@ def input_scales(model: nn.Module, data: Iterable[Any], layers: Iterable[str] | 
     ------
     RegroupError
         ``data`` yielded no batch, or ``layers`` names a weight the model lacks.
-    ValueError
-        ``max_batches`` is not a positive int.
+    TypeError, ValueError
+        ``max_batches`` is not a positive int or None.
     """
-    if max_batches is not None and (not isinstance(max_batches, int) or
-                                    isinstance(max_batches, bool) or max_batches < 1):
-        raise ValueError("The 'max_batches' parameter of input_scales must be a positive "
-                         f"int or None. Got {max_batches!r} instead.")
+    check_int(max_batches, "max_batches", "input_scales", low=1, optional=True)
     targets = input_scales_targets(model)
     if layers is not None:
         wanted = list(layers)

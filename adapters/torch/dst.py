@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import numbers
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,6 +51,7 @@ from regroup.dst import (DISTRIBUTIONS, churn, drop_count, drop_fraction, drop_g
                          units_for_density, units_layout)
 from regroup.options import RegroupOptions
 from regroup.result import LayerResult
+from regroup.validation import check_block, check_choice, check_int, check_real
 
 from .plan import Plan, kept_dense, on_device_of, to_block_sparse
 from .sparse import BACKENDS, BlockSparseConv2d, BlockSparseLinear, set_backend
@@ -63,44 +63,6 @@ EXECUTIONS = ("masked", "block")
 INITS = ("random", "magnitude")
 # Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions).
 _RTOL = 1e-9
-
-
-def _real(value: Any, name: str, caller: str, low: float, high: float, *,
-          high_open: bool = False) -> float:
-    interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"The {name!r} parameter of {caller} must be a float in {interval}. "
-                        f"Got {value!r} instead.")
-    v = float(value)
-    if math.isnan(v) or v < low or v > high or (high_open and v == high):
-        raise ValueError(f"The {name!r} parameter of {caller} must be a float in {interval}. "
-                         f"Got {value!r} instead.")
-    return v
-
-
-def _int(value: Any, name: str, caller: str, low: int, *, optional: bool = False
-         ) -> int | None:
-    if value is None and optional:
-        return None
-    what = f"an int >= {low}{' or None' if optional else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"The {name!r} parameter of {caller} must be {what}. Got {value!r} "
-                        "instead.")
-    if value < low:
-        raise ValueError(f"The {name!r} parameter of {caller} must be {what}. Got {value!r} "
-                         "instead.")
-    return int(value)
-
-
-def _block(block: Any, caller: str) -> tuple[int, int]:
-    pair = (block, block) if isinstance(block, numbers.Integral) else block
-    ints = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-        isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in pair)
-    if not ints or min(pair) < 1:
-        raise (ValueError if ints else TypeError)(
-            f"The 'block' parameter of {caller} must be a positive int or a pair (rows, "
-            f"cols) of them. Got {block!r} instead.")
-    return int(pair[0]), int(pair[1])
 
 
 def _globs(exclude: Any, caller: str) -> tuple[str, ...]:
@@ -267,44 +229,32 @@ class RegroupDST(BaseSparsifier):
                  exclude: str | Sequence[str] = (), seed: int = 0,
                  execution: str = "masked", init: str = "random") -> None:
         caller = "RegroupDST"
-        self.sparsity = _real(sparsity, "sparsity", caller, 0, 1, high_open=True)
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"The 'distribution' parameter of {caller} must be one of "
-                             f"{', '.join(map(repr, sorted(DISTRIBUTIONS)))}. Got "
-                             f"{distribution!r} instead.")
-        self.distribution = distribution
-        self.block = _block(block, caller)
-        if format not in FORMATS:
-            raise ValueError(f"The 'format' parameter of {caller} must be one of 'grid', "
-                             f"'shuffled'. Got {format!r} instead.")
-        self.format = format
-        self.T = _int(T, "T", caller, 1)
-        self.T_end = _int(T_end, "T_end", caller, self.T)
-        self.alpha = _real(alpha, "alpha", caller, 0, 1)
-        self.relayout_every = _int(relayout_every, "relayout_every", caller, 0,
-                                   optional=True) or 0
-        self.warm_rounds = _int(warm_rounds, "warm_rounds", caller, 1, optional=True)
+        self.sparsity = check_real(sparsity, "sparsity", caller, 0, 1, high_open=True)
+        self.distribution = check_choice(distribution, "distribution", caller, DISTRIBUTIONS)
+        self.block = check_block(block, caller)
+        self.format = check_choice(format, "format", caller, FORMATS)
+        self.T = check_int(T, "T", caller, low=1)
+        self.T_end = check_int(T_end, "T_end", caller, low=self.T)
+        self.alpha = check_real(alpha, "alpha", caller, 0, 1)
+        self.relayout_every = check_int(relayout_every, "relayout_every", caller, low=0,
+                                        optional=True) or 0
+        self.warm_rounds = check_int(warm_rounds, "warm_rounds", caller, low=1,
+                                     optional=True)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"The 'optimizer' parameter of {caller} must be a "
                             f"torch.optim.Optimizer or None. Got {type(optimizer).__name__} "
                             "instead.")
         self.optimizer = optimizer
         self.exclude = _globs(exclude, caller)
-        self.seed = _int(seed, "seed", caller, 0)
-        if not isinstance(execution, str) or execution not in EXECUTIONS:
-            raise ValueError(f"The 'execution' parameter of {caller} must be one of "
-                             f"'masked', 'block'. Got {execution!r} instead.")
-        self.execution = execution
+        self.seed = check_int(seed, "seed", caller, low=0)
+        self.execution = check_choice(execution, "execution", caller, EXECUTIONS)
         if execution == "block" and optimizer is None:
             # values move between storage slots at every update: an optimizer the
             # sparsifier does not hold would keep its state in the old slots.
             raise ValueError(f"The 'optimizer' parameter of {caller} must be a "
                              "torch.optim.Optimizer with execution='block' (its state follows "
                              "the blocks as they move). Got None instead.")
-        if not isinstance(init, str) or init not in INITS:
-            raise ValueError(f"The 'init' parameter of {caller} must be one of 'random', "
-                             f"'magnitude'. Got {init!r} instead.")
-        self.init = init
+        self.init = check_choice(init, "init", caller, INITS)
         super().__init__(defaults={})
         self.results: dict[str, LayerResult] = {}
         self.densities: dict[str, float] = {}
@@ -905,9 +855,8 @@ class RegroupDST(BaseSparsifier):
             raise RegroupError("RegroupDST.convert: pass the model given to prepare()")
         if self._converted:
             raise RegroupError("RegroupDST.convert: the model is already converted")
-        if self._block and backend not in BACKENDS:
-            raise ValueError(f"The 'backend' parameter of RegroupDST.convert must be one of "
-                             f"{BACKENDS}. Got {backend!r} instead.")
+        if self._block:
+            check_choice(backend, "backend", "RegroupDST.convert", BACKENDS)
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ import regroup
 from regroup import RegroupError
 from regroup.options import RegroupOptions, resolve_options
 from regroup.result import LayerResult
+from regroup.validation import check_choice, check_int, check_real
 
 from ._journal import atomic
 from .masking import journaled_write_mask, read_mask, write_mask
@@ -50,7 +50,7 @@ __all__ = ["RegroupBlocks", "regroup_unstructured", "block_layout", "RegroupSpar
 def magnitude_mask(values: torch.Tensor, mask: torch.Tensor, amount: float) -> torch.Tensor:
     """``mask`` with the ``amount`` fraction of its surviving entries of smallest
     ``|values|`` removed (ties: lower flat index pruned first), as l1_unstructured does."""
-    _fraction(amount, "amount", "magnitude_mask")
+    check_real(amount, "amount", "magnitude_mask", 0, 1, high_open=True)
     keep = mask.bool().reshape(-1)
     alive = torch.nonzero(keep).reshape(-1)
     k = int(round(amount * alive.numel()))
@@ -60,22 +60,6 @@ def magnitude_mask(values: torch.Tensor, mask: torch.Tensor, amount: float) -> t
         order = np.lexsort((alive.cpu().numpy(), score))[:k]
         out[alive[torch.from_numpy(order).to(alive.device)]] = False
     return out.reshape(mask.shape)
-
-
-def _fraction(v: Any, name: str, caller: str, *, optional: bool = False,
-              low_open: bool = False) -> float | None:
-    """``v`` checked to be a fraction in [0, 1) ((0, 1) with ``low_open``; None allowed
-    when ``optional``)."""
-    if v is None and optional:
-        return None
-    interval = "(0, 1)" if low_open else "[0, 1)"
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"The {name!r} parameter of {caller} must be a float in {interval}"
-                        f"{' or None' if optional else ''}. Got {v!r} instead.")
-    if not (0 < v < 1 if low_open else 0 <= v < 1):
-        raise ValueError(f"The {name!r} parameter of {caller} must be a float in {interval}"
-                         f"{' or None' if optional else ''}. Got {v!r} instead.")
-    return float(v)
 
 
 # Why the IMP loop refuses format="nm": its rounds prune to a rising sparsity, while N:M
@@ -124,7 +108,7 @@ class RegroupBlocks(prune.BasePruningMethod):
         caller = "RegroupBlocks"
         self.options = resolve_options(options, caller, **kwargs)
         _per_tensor(self.options, caller)
-        self.amount = _fraction(amount, "amount", caller, optional=True)
+        self.amount = check_real(amount, "amount", caller, 0, 1, high_open=True, optional=True)
         self.layer = layer
         self.result: LayerResult | None = None
 
@@ -155,7 +139,7 @@ def regroup_unstructured(module: nn.Module, name: str = "weight",
     caller = "regroup_unstructured"
     opts = resolve_options(options, caller, **kwargs)
     _per_tensor(opts, caller)
-    _fraction(amount, "amount", caller, optional=True)
+    check_real(amount, "amount", caller, 0, 1, high_open=True, optional=True)
     RegroupBlocks.apply(module, name, amount, layer=f"{type(module).__name__}.{name}",
                         options=opts, importance_scores=importance_scores)
     return module
@@ -199,7 +183,8 @@ class RegroupSparsifier(BaseSparsifier):
         caller = "RegroupSparsifier"
         opts = resolve_options(options, caller, **kwargs)
         _per_tensor(opts, caller, layers=True)
-        level = _fraction(sparsity_level, "sparsity_level", caller, optional=True)
+        level = check_real(sparsity_level, "sparsity_level", caller, 0, 1, high_open=True,
+                           optional=True)
         super().__init__(defaults={"sparsity_level": level, "options": opts})
         self.results: dict[str, LayerResult] = {}
 
@@ -234,7 +219,8 @@ class RegroupSparsifier(BaseSparsifier):
             opts = resolve_options(self.options, where, **overrides)
             _per_tensor(opts, where, layers=True)
             if "sparsity_level" in entry:
-                _fraction(entry["sparsity_level"], "sparsity_level", where, optional=True)
+                check_real(entry["sparsity_level"], "sparsity_level", where, 0, 1, high_open=True,
+                           optional=True)
             entries.append({**{k: v for k, v in entry.items() if k in self._KEYS},
                             "options": opts})
         if self.options.layers is not None:
@@ -367,13 +353,9 @@ def imp_regroup(model: nn.Module, train: Callable[[nn.Module, int], Any], *,
                         "(plain IMP without regrouping is regroup=False). Got None instead.")
     opts = resolve_options(options, caller, **kwargs)
     opts.require_blocks(caller, NM_NOT_IMP)
-    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
-        raise ValueError(f"The 'rounds' parameter of {caller} must be an int >= 1. Got "
-                         f"{rounds!r} instead.")
-    _fraction(sparsity, "sparsity", caller, low_open=True)
-    if scope not in ("global", "layer"):
-        raise ValueError(f"The 'scope' parameter of {caller} must be 'global' or 'layer'. "
-                         f"Got {scope!r} instead.")
+    check_int(rounds, "rounds", caller, low=1)
+    check_real(sparsity, "sparsity", caller, 0, 1, low_open=True, high_open=True)
+    check_choice(scope, "scope", caller, ("global", "layer"))
     if not isinstance(regroup, bool):
         raise TypeError(f"The 'regroup' parameter of {caller} must be a bool. Got "
                         f"{regroup!r} instead.")

@@ -60,6 +60,7 @@ from regroup.options import CHAIN_AUTO, RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
 from regroup.refine import refine_shared
 from regroup.result import LayerResult, load_result, save_result
+from regroup.validation import check_choice
 
 from ._holders import Holders, refuse_meta
 from ._journal import Journal, atomic, training_flags
@@ -785,9 +786,7 @@ def _nm_fold_order(dim, patterns: dict[str, regroup.Pattern], modules,
 def check_mode(mode: Any, example_inputs: Any, caller: str) -> None:
     """Refuse a ``mode`` not in :data:`MODES`, and "fold" without ``example_inputs``
     (errors name ``caller``)."""
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"The 'mode' parameter of {caller} must be one of {MODES}. Got "
-                         f"{mode!r} instead.")
+    check_choice(mode, "mode", caller, MODES)
     if mode == "fold" and example_inputs is None:
         raise RegroupError(f"{caller}(mode='fold') traces the model to find where "
                            "permutations fold: pass example_inputs=(x,), or use "

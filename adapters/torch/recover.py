@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from regroup import RegroupError
+from regroup.validation import check_int, check_real
 
 from .calibration import call_model
 from .masking import mask_source
@@ -135,21 +136,14 @@ def _loss_fn(loss: str | Callable, temperature: float) -> Callable:
 
 
 def _check(steps: Any, lr: Any, loss: Any, temperature: Any, log_every: Any) -> None:
-    def bad(name: str, want: str, got: Any) -> ValueError:
-        return ValueError(f"The {name!r} parameter of {_CALLER} must be {want}. Got "
-                          f"{got!r} instead.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise bad("steps", "an int >= 1", steps)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-            math.isfinite(lr) and lr > 0):
-        raise bad("lr", "a finite float > 0", lr)
+    check_int(steps, "steps", _CALLER, low=1)
+    check_real(lr, "lr", _CALLER, 0, math.inf, low_open=True, high_open=True)
     if not callable(loss) and loss not in LOSSES:
-        raise bad("loss", f"one of {LOSSES} or a callable (student, teacher) -> loss", loss)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise bad("temperature", "a finite float > 0", temperature)
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise bad("log_every", "an int >= 1", log_every)
+        raise ValueError(f"The 'loss' parameter of {_CALLER} must be one of {LOSSES} or a "
+                         f"callable (student, teacher) -> loss. Got {loss!r} instead.")
+    check_real(temperature, "temperature", _CALLER, 0, math.inf, low_open=True,
+               high_open=True)
+    check_int(log_every, "log_every", _CALLER, low=1)
 
 
 @torch.no_grad()

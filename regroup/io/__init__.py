@@ -45,7 +45,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
-from .._validation import (FormatError, RegroupError, check_regular, missing_dependency,
+from ..validation import (FormatError, RegroupError, check_regular, missing_dependency,
                            open_regular)
 from ..options import DENSE_ABOVE, resolve_options
 from ..pattern import Pattern, count_kept, from_array, from_sparse

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import FormatError, open_regular
+from ..validation import FormatError, open_regular
 
 __all__ = ["parse_mtx", "read_mtx"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import atomic_write
-from .._validation import FormatError, open_regular
+from ..validation import FormatError, open_regular
 from ..provenance import FileRecord, checked_record, sha256_rest, update_digest
 
 __all__ = ["read_safetensors", "safetensors_index", "safetensors_record",

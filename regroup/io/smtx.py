@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._atomic import atomic_write
-from .._validation import FormatError, open_regular
+from ..validation import FormatError, open_regular
 
 __all__ = ["parse_smtx", "read_smtx", "write_smtx", "generate_smtx"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import PartitionerError
+from ..validation import PartitionerError
 from ._isolate import call_isolated, run_isolated
 from ._panels import check_perm
 from .registry import (PartitionerSpec, available_partitioners, format_method,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import PartitionerError
+from ..validation import PartitionerError
 from ..executors import THREADS_VARIABLE, child_sys_path, thread_limit
 
 __all__ = ["run_isolated", "call_isolated"]

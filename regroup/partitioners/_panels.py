@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import PartitionerError
+from ..validation import PartitionerError
 
 __all__ = ["n_panels", "panel_sizes", "labels_to_perm", "check_perm", "AFFINITY_CELLS"]
 

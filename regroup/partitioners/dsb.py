@@ -36,7 +36,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import PartitionerError
+from ..validation import PartitionerError
 from ..similarity import DENSE_LIMIT, condensed_rows
 from .hierarchical import MAX_ROWS
 from .registry import PartitionerSpec, register

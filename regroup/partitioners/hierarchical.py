@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validation import PartitionerError, missing_dependency
+from ..validation import PartitionerError, missing_dependency
 from ..similarity import DENSE_LIMIT, condensed_distance, jaccard
 from .registry import PartitionerSpec, register
 

@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from .._validation import missing_dependency, native_seed
+from ..validation import missing_dependency, native_seed
 from ..hypergraph import column_net
 from .registry import PartitionerSpec, register
 from ._panels import labels_to_perm, n_panels

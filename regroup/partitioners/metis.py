@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import missing_dependency, native_seed
+from ..validation import missing_dependency, native_seed
 from ..similarity import METRICS, similarity_graph
 from .registry import PartitionerSpec, register
 from ._panels import labels_to_perm, n_panels, panel_sizes

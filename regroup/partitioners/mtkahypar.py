@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validation import PartitionerError, missing_dependency, native_seed
+from ..validation import PartitionerError, missing_dependency, native_seed
 from ..executors import thread_limit
 from ..hypergraph import column_net
 from .registry import PartitionerSpec, register

@@ -5,7 +5,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .._validation import check_choice
+from ..validation import check_choice
 
 __all__ = [
     "PartitionerSpec",

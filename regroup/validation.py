@@ -1,4 +1,4 @@
-"""Input validation and error types shared by the public API.
+"""Input validation and error types shared by the public API (the core and the adapters).
 
 Validation happens once, at the public boundary. Messages name the parameter, the caller,
 what was expected and what arrived; they describe data (shape, dtype, nnz), never print it.
@@ -6,10 +6,11 @@ what was expected and what arrived; they describe data (shape, dtype, nnz), neve
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 import os
 import stat
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Literal, overload
 
 import numpy as np
 
@@ -18,6 +19,7 @@ __all__ = [
     "FormatError",
     "PartitionerError",
     "check_int",
+    "check_real",
     "check_choice",
     "check_block",
     "check_distinct_list",
@@ -45,19 +47,70 @@ class PartitionerError(RegroupError, RuntimeError):
     """A partitioner crashed, exceeded its time limit, or returned an invalid grouping."""
 
 
+@overload
+def check_int(value: Any, name: str, caller: str, *, low: int | None = ...,
+              high: int | None = ..., optional: Literal[False] = ...) -> int: ...
+@overload
+def check_int(value: Any, name: str, caller: str, *, low: int | None = ...,
+              high: int | None = ..., optional: bool) -> int | None: ...
 def check_int(value: Any, name: str, caller: str, *, low: int | None = None,
-              high: int | None = None) -> int:
-    """Return ``value`` as int or raise ``TypeError``/``ValueError`` naming it."""
+              high: int | None = None, optional: bool = False) -> int | None:
+    """Return ``value`` as int (None passes when ``optional``) or raise
+    ``TypeError``/``ValueError`` naming the parameter, the caller and the range."""
+    if value is None and optional:
+        return None
+    if high is not None:
+        want = f"an int in [{'-inf' if low is None else low}, {high}]"
+    else:
+        want = "an int" if low is None else f"an int >= {low}"
+    want += " or None" if optional else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"The {name!r} parameter of {caller} must be an int. "
+        raise TypeError(f"The {name!r} parameter of {caller} must be {want}. "
                         f"Got {value!r} instead.")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"The {name!r} parameter of {caller} must be an int in "
-                         f"[{lo}, {hi}]. Got {value!r} instead.")
+        raise ValueError(f"The {name!r} parameter of {caller} must be {want}. "
+                         f"Got {value!r} instead.")
     return value
+
+
+@overload
+def check_real(value: Any, name: str, caller: str, low: float = ..., high: float = ..., *,
+               low_open: bool = ..., high_open: bool = ...,
+               optional: Literal[False] = ...) -> float: ...
+@overload
+def check_real(value: Any, name: str, caller: str, low: float = ..., high: float = ..., *,
+               low_open: bool = ..., high_open: bool = ..., optional: bool) -> float | None: ...
+def check_real(value: Any, name: str, caller: str, low: float = -math.inf,
+               high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
+               optional: bool = False) -> float | None:
+    """Return ``value`` as float (None passes when ``optional``) or raise
+    ``TypeError``/``ValueError`` naming the parameter, the caller and the interval
+    (``low_open``/``high_open`` exclude an end; NaN is always refused)."""
+    if value is None and optional:
+        return None
+    if math.isinf(high) and not math.isinf(low):
+        want = f"a {'finite ' if high_open else ''}float {'>' if low_open else '>='} {low:g}"
+    elif math.isinf(low) and not math.isinf(high):
+        want = f"a {'finite ' if low_open else ''}float {'<' if high_open else '<='} {high:g}"
+    elif math.isinf(low):
+        want = "a float"
+    else:
+        want = (f"a float in {'(' if low_open else '['}{low:g}, "
+                f"{high:g}{')' if high_open else ']'}")
+    want += " or None" if optional else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"The {name!r} parameter of {caller} must be {want}. "
+                        f"Got {value!r} instead.")
+    try:
+        v = float(value)
+    except OverflowError:                    # an int beyond the float range: 10**400
+        v = math.inf if value > 0 else -math.inf
+    if math.isnan(v) or v < low or v > high or (low_open and v == low) or \
+            (high_open and v == high):
+        raise ValueError(f"The {name!r} parameter of {caller} must be {want}. "
+                         f"Got {value!r} instead.")
+    return v
 
 
 def check_choice(value: Any, name: str, caller: str, options) -> str:
