@@ -413,10 +413,7 @@ def cmd_show(args) -> int:
                   inputs={"input": args.input, "--result": args.result})
     # The first usable layer is one the block fits (a MobileNet's 32x27 stem is not).
     pats, _ = read_patterns(args.input, layers=options.layers, block=options.block,
-                            dense_above=options.dense_above)
-    if options.nm is not None:     # and, for N:M, one whose columns M divides
-        from .nm import nm_problem
-        pats = [p for p in pats if not nm_problem(p.n_rows, p.n_cols, options.nm)] or pats
+                            dense_above=options.dense_above, nm=options.nm)
     pat = pats[0]
     if args.result:
         from .result import load_result

@@ -11,7 +11,6 @@ import numpy as np
 
 from .engine import regroup_pattern
 from .io import read_patterns
-from .nm import nm_problem
 from .options import RegroupOptions, resolve_options
 
 __all__ = ["compare", "summarize", "COLUMNS", "SUMMARY_COLUMNS"]
@@ -53,13 +52,8 @@ def compare(paths: Sequence[str], methods: Sequence[str], *,
     runs = [opts.replace("compare", method=m).per_layer() for m in methods]
     rows = []
     for path in paths:
-        patterns, skipped = read_patterns(
-            path, layers=opts.layers, block=None if opts.nm is not None else opts.block,
-            dense_above=opts.dense_above)
-        if opts.nm is not None:    # as regroup run: N:M groups are never padded
-            skipped += [(p.name, nm_problem(p.n_rows, p.n_cols, opts.nm)) for p in patterns
-                        if nm_problem(p.n_rows, p.n_cols, opts.nm)]
-            patterns = [p for p in patterns if not nm_problem(p.n_rows, p.n_cols, opts.nm)]
+        patterns, skipped = read_patterns(path, layers=opts.layers, block=opts.block,
+                                          dense_above=opts.dense_above, nm=opts.nm)
         if on_skip is not None:
             for name, reason in skipped:
                 on_skip(str(path), name, reason)

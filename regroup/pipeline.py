@@ -168,16 +168,9 @@ def usable_pattern(name: str, weight: Any, mask: Any, where: str, opts: RegroupO
                    ) -> tuple[Pattern | None, str | None]:
     """``(pattern, None)`` for a loaded tensor to regroup under ``opts``, or
     ``(None, why not)`` (the pipeline's rule; :mod:`regroup.sweep` uses it too)."""
-    # N:M: the column rule below replaces the block's (its 1xM group fits any such matrix)
-    block = None if opts.nm is not None else opts.block
-    pat, reason = layer_pattern(name, weight, mask, source=where, block=block,
-                                dense_above=opts.dense_above,
-                                skip_embeddings=not opts.named(name),
-                                dense=opts.nm is not None)
-    if pat is not None and opts.nm is not None:
-        reason = nm_problem(pat.n_rows, pat.n_cols, opts.nm)
-        pat = None if reason else pat
-    return pat, reason
+    return layer_pattern(name, weight, mask, source=where, block=opts.block,
+                         dense_above=opts.dense_above, skip_embeddings=not opts.named(name),
+                         nm=opts.nm)
 
 
 def index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:

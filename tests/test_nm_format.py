@@ -453,6 +453,27 @@ def test_compare_runs_the_nm_searches_side_by_side(small_npz, tmp_path, capsys):
     assert main(["compare", str(small_npz), "--format", "nm", "--methods", "sort"]) == 2
 
 
+def test_compare_and_run_take_the_same_nm_layers(tmp_path):
+    """One N:M layer rule (regroup.io.layer_pattern(nm=)): a dense weight is pruned (N:M's
+    usual input), a matrix smaller than the block options' default is taken (a 1xM group
+    fits it), columns M does not divide are skipped - in compare and run alike."""
+    rng = np.random.default_rng(0)
+    tensors = {"dense.weight": rng.standard_normal((24, 32)),
+               "tiny.weight": _weights(3, 4, 8), "odd.weight": _weights(1, 24, 30)}
+    src = tmp_path / "m.npz"
+    np.savez(src, **tensors)
+    rows = compare([src], ["auto"], format="nm")
+    assert [r["layer"] for r in rows] == ["dense.weight", "tiny.weight"]
+    run = regroup_file(src, format="nm")
+    assert [r.name for r in run.layers] == ["dense.weight", "tiny.weight"]
+    assert [name for name, _ in run.skipped] == ["odd.weight"]
+    for r in run.layers:
+        _check_layer(r, tensors[r.name], (2, 4))
+    # The block formats keep their own rule: the dense weight is not pruned there.
+    assert [r["layer"] for r in compare([src], ["identity"], block=4)] == ["tiny.weight",
+                                                                         "odd.weight"]
+
+
 def test_nm_layers_hold_the_nm_mask_of_the_weight_read_from_a_prune_pair(tmp_path):
     """The score is |weight| where a mask keeps it: a prune pair (weight_orig, mask)."""
     w = _weights(6, 16, 32, 1.0)

@@ -55,7 +55,7 @@ from regroup.blocks import build_layout, layout_mask, positions
 from regroup.engine import objective_matrix
 from regroup.io import layer_pattern
 from regroup.metrics import layer_metrics, retained
-from regroup.nm import nm_problem, run_nm_method
+from regroup.nm import run_nm_method
 from regroup.options import CHAIN_AUTO, RegroupOptions, resolve_options
 from regroup.provenance import tool_versions
 from regroup.refine import refine_shared
@@ -914,10 +914,8 @@ def regroup_model(model: nn.Module, *, options: RegroupOptions | None = None,
             # layer_pattern says why a tensor is not usable (empty, dense, too small, ...).
             pattern, why = layer_pattern(name, w.numpy(), mask.cpu().numpy(),
                                          source=where, block=opts.block,
-                                         dense_above=opts.dense_above, dense=nm)
-            if pattern is not None and nm:
-                why = nm_problem(pattern.n_rows, pattern.n_cols, opts.nm)
-                pattern = None if why else pattern
+                                         dense_above=opts.dense_above,
+                                         nm=opts.nm if nm else None)
         if pattern is None:
             skipped[name] = why
         else:

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..validation import (FormatError, RegroupError, check_regular, missing_dependency,
                            open_regular)
+from ..nm import nm_problem
 from ..options import DENSE_ABOVE, resolve_options
 from ..pattern import Pattern, count_kept, from_array, from_sparse
 from ..provenance import FileRecord, checked_record, file_stamp, sha256_rest
@@ -600,13 +601,15 @@ def tensor_problem(name: str, shape, *, block: tuple[int, int] | None = None,
 
 def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>",
                   block: tuple[int, int] | None = None, dense_above: float = 1.0,
-                  skip_embeddings: bool = False, dense: bool = False
+                  skip_embeddings: bool = False, nm: tuple[int, int] | None = None
                   ) -> tuple[Pattern | None, str | None]:
     """One layer's Pattern from its weight and/or mask, or ``(None, reason)`` when it is
     not usable: not a tensor, wrong shape, an embedding table (``skip_embeddings``),
     empty, fully dense, of density above ``dense_above``, smaller than ``block``. The
     defaults skip only what no regrouping can take, as before these options existed.
-    ``dense``: take dense tensors too (N:M prunes them; no density rule applies).
+    ``nm``: the rule of the N:M format instead - dense tensors are taken too (N:M prunes
+    them; no density rule applies), ``block`` does not apply (a 1xM group fits any
+    matrix), and the column count must be a multiple of M (groups are never padded).
 
     The density is counted before the pattern is built, so a skipped dense table costs
     one pass over its values, not a sparse copy of them.
@@ -628,6 +631,12 @@ def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>
     if problem:
         return None, problem
     rows, cols = shape[0], int(np.prod(shape[1:]))
+    dense = nm is not None
+    if dense:
+        problem = nm_problem(rows, cols, nm)
+        if problem:
+            return None, problem
+        block = None
     if isinstance(ref, Pattern):
         kept = ref.nnz
     else:
@@ -667,13 +676,14 @@ def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>
 
 def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
                           block: tuple[int, int] | None = None, dense_above: float = 1.0,
-                          skip_embeddings: bool = False, explicit: Collection[str] = ()
+                          skip_embeddings: bool = False, explicit: Collection[str] = (),
+                          nm: tuple[int, int] | None = None
                           ) -> tuple[list[Pattern], list[tuple[str, str]]]:
     """Apply the state-dict conventions to named tensors.
 
     Returns the usable layers and ``(name, reason)`` for every tensor that is not one
-    (:func:`layer_pattern`; the layers named in ``explicit`` are exempt from
-    ``skip_embeddings``).
+    (:func:`layer_pattern`, with its ``nm`` rule; the layers named in ``explicit`` are
+    exempt from ``skip_embeddings``).
     """
     patterns: list[Pattern] = []
     skipped: list[tuple[str, str]] = []
@@ -681,7 +691,8 @@ def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
         pat, reason = layer_pattern(name, tensors.get(wkey) if wkey else None,
                                     tensors[mkey] if mkey else None, source=source,
                                     block=block, dense_above=dense_above,
-                                    skip_embeddings=skip_embeddings and name not in explicit)
+                                    skip_embeddings=skip_embeddings and name not in explicit,
+                                    nm=nm)
         if pat is None:
             skipped.append((name, reason))
         else:
@@ -691,13 +702,13 @@ def patterns_from_tensors(tensors: dict[str, Any], *, source: str = "<tensors>",
 
 def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = None,
                   block: tuple[int, int] | None = None, dense_above: float = DENSE_ABOVE,
-                  skip_embeddings: bool = True
+                  skip_embeddings: bool = True, nm: tuple[int, int] | None = None
                   ) -> tuple[list[Pattern], list[tuple[str, str]]]:
     """Read the usable layers of a file, selected by glob.
 
-    ``block``: skip matrices smaller than it (None: no size check). ``dense_above`` and
-    ``skip_embeddings`` (embedding tables not named exactly in ``layers``) skip what
-    ``regroup run`` skips (:func:`layer_pattern`).
+    ``block``: skip matrices smaller than it (None: no size check). ``dense_above``,
+    ``skip_embeddings`` (embedding tables not named exactly in ``layers``) and ``nm`` (the
+    N:M format's rule) skip what ``regroup run`` skips (:func:`layer_pattern`).
 
     Returns
     -------
@@ -725,7 +736,7 @@ def read_patterns(path: str | os.PathLike, *, layers: str | list[str] | None = N
         tensors = {k: tensors[k] for n, w, m in groups if n in keep for k in (w, m) if k}
     patterns, skipped = patterns_from_tensors(
         tensors, source=path, block=block, dense_above=selection.dense_above,
-        skip_embeddings=skip_embeddings, explicit=selection.layers or ())
+        skip_embeddings=skip_embeddings, explicit=selection.layers or (), nm=nm)
     if not patterns:
         why = "; ".join(f"{n}: {r}" for n, r in skipped[:6]) or "the file holds no tensor"
         more = f" (and {len(skipped) - 6} more)" if len(skipped) > 6 else ""
