@@ -19,6 +19,8 @@ column count is not a multiple of M are skipped (none of these).
     python benchmarks/nm_bench.py --model minilm --layers 1 --nm 2:4
     python benchmarks/nm_bench.py --quick              # smoke run (CI, slow marker)
     python benchmarks/nm_bench.py --models             # whole models: folded vs own orders
+    python benchmarks/nm_bench.py --windows --nm 2:4   # 24-column windows solved exactly
+    python benchmarks/nm_bench.py --jobs 2             # matrices in two processes
 
 ``--models`` runs :func:`regroup.adapters.torch.regroup_model` with ``format="nm"`` on the
 dense models (MobileNetV2's 1x1 convolutions and classifier; MiniLM's encoder Linear
@@ -27,12 +29,19 @@ gathered at run time) and once with ``mode="fold"`` (one order per hidden dimens
 searched on its consumers together and folded into its producers: no gather): the kept
 ``|w|`` of both against plain N:M, how many layers fold, CPU seconds.
 
+``--windows`` solves windows of each matrix exactly (the first <= 96 rows, columns 0-23
+and 24-47; :func:`regroup.nm.nm_optimum`) and reports each search's share of the optimal
+gain over plain N:M.
+
+Searches run on one BLAS thread, so that CPU seconds compare them.
+
 Results: ``results/nm_bench.{csv,md}`` (or ``nm_bench_quick``); ``--models``:
-``results/nm_models.{csv,md}``.
+``results/nm_models.{csv,md}``; ``--windows``: ``results/nm_windows.{csv,md}``.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -51,11 +60,13 @@ from regroup.nm import (asp_search, check_nm, efficacy, nm_retained,  # noqa: E4
                         nm_search, row_topk_retained)
 
 
-def minilm_matrices(layers: int | None) -> dict[str, np.ndarray]:
+def minilm_matrices(layers: int | None, first: int = 0) -> dict[str, np.ndarray]:
+    """|w| of the 2-D encoder weights of MiniLM's layers ``first .. layers - 1``."""
     model, _ = zoo.minilm(layers)
     return {name: p.detach().abs().double().numpy()
             for name, p in model.named_parameters()
-            if name.startswith("encoder.") and p.ndim == 2}
+            if name.startswith("encoder.") and p.ndim == 2
+            and int(name.split(".")[2]) >= first}
 
 
 def mobilenet_matrices() -> dict[str, np.ndarray]:
@@ -71,22 +82,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("minilm", "mobilenet", "all"), default="all")
     ap.add_argument("--layers", type=int, default=None, help="MiniLM layers (default all 6)")
+    ap.add_argument("--first-layer", type=int, default=0,
+                    help="MiniLM's first layer searched (with --layers: a range)")
+    ap.add_argument("--tag", default="", help="results/nm_bench_TAG.{csv,md}")
     ap.add_argument("--nm", nargs="+", default=["2:4", "1:4", "4:8"])
     ap.add_argument("--asp-escapes", type=int, default=100)
-    ap.add_argument("--kicks", type=int, default=8, help="regroup's kicks (nm_search)")
+    ap.add_argument("--kicks", type=int, default=None,
+                    help="regroup's kicks (default: nm_search's)")
+    ap.add_argument("--no-asp", action="store_true", help="regroup and plain only")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="matrices searched in this many processes (CPU seconds are "
+                         "per search either way)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", action="store_true",
                     help="whole models through regroup_model: fold vs runtime orders")
+    ap.add_argument("--window-cols", type=int, default=None, help="--windows' width (24)")
+    ap.add_argument("--windows", action="store_true",
+                    help="24-column windows solved exactly: each search's share of the "
+                         "optimal gain")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     patterns = [check_nm(v, "nm_bench.py", "--nm") for v in args.nm]
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and (args.models or args.windows):
+        ap.error("--jobs applies to the per-matrix comparison, not to --models or --windows")
     if args.models:
         return models_main(args, patterns)
     mats: dict[str, np.ndarray] = {}
     if args.model in ("minilm", "all"):
         mats.update({f"minilm/{k}": v for k, v in
-                     minilm_matrices(1 if args.quick else args.layers).items()})
+                     minilm_matrices(1 if args.quick else args.layers,
+                                     0 if args.quick else args.first_layer).items()})
     if args.model in ("mobilenet", "all"):
         mats.update({f"mobilenet_v2/{k}": v for k, v in mobilenet_matrices().items()})
     if args.quick:
@@ -94,29 +122,107 @@ def main(argv=None) -> int:
                   for k in [k for k in mats if k.startswith(model)][:2]]
         mats = {k: mats[k][:64, :64] for k in firsts}
         args.asp_escapes = 2
-    rows = []
-    for (n, m) in patterns:
-        for name, A in mats.items():
-            if A.shape[1] % m:
-                continue
-            plain = nm_retained(A, (n, m))
-            ceiling = row_topk_retained(A, (n, m))
-            row = {"nm": f"{n}:{m}", "matrix": name, "shape": "x".join(map(str, A.shape)),
-                   "plain": round(plain, 3), "ceiling": round(ceiling, 3)}
-            searches = [("regroup", nm_search, {"kicks": args.kicks})]
-            if m <= 4:
-                searches.append(("asp", asp_search, {"escape_attempts": args.asp_escapes}))
-            for label, search, kwargs in searches:
-                t0 = time.process_time()
-                r = search(A, (n, m), seed=args.seed, **kwargs)
-                row[f"{label} kept"] = round(r.retained, 3)
-                row[f"{label} gain"] = round(r.retained - plain, 3)
-                row[f"{label} efficacy"] = round(efficacy(r.retained, plain, ceiling), 4)
-                row[f"{label} cpu s"] = round(time.process_time() - t0, 2)
-            rows.append(row)
-            print(row, flush=True)
+    if args.windows:
+        return windows_main(args, patterns, mats)
+    tasks = [(name, A, (n, m), args) for (n, m) in patterns for name, A in mats.items()
+             if A.shape[1] % m == 0]
+    jobs = min(args.jobs, len(tasks))
+    if jobs > 1:
+        # largest first, so that the pool does not end on one long search; rows come back
+        # in the table's order
+        order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].size)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(jobs) as pool:
+            done = dict(zip(order, pool.imap(_matrix_row, [tasks[k] for k in order])))
+        rows = [done[k] for k in range(len(tasks))]
+    else:
+        rows = [_matrix_row(task) for task in tasks]
     lines = _tables(rows)
-    write_outputs(args.out, "nm_bench_quick" if args.quick else "nm_bench", rows, lines)
+    stem = "nm_bench_quick" if args.quick else "nm_bench"
+    write_outputs(args.out, f"{stem}_{args.tag}" if args.tag else stem, rows, lines)
+    print("\n".join(lines))
+    return 0
+
+
+def _matrix_row(task: tuple[str, np.ndarray, tuple[int, int], Any]) -> dict:
+    """One matrix and pattern: plain, ceiling, and each search's kept |w|, gain, efficacy
+    and CPU seconds. Searches run on one BLAS thread: process time then compares them
+    (ASP's search does no matrix products; regroup's does)."""
+    from threadpoolctl import threadpool_limits
+
+    name, A, (n, m), args = task
+    plain = nm_retained(A, (n, m))
+    ceiling = row_topk_retained(A, (n, m))
+    row = {"nm": f"{n}:{m}", "matrix": name, "shape": "x".join(map(str, A.shape)),
+           "plain": round(plain, 3), "ceiling": round(ceiling, 3)}
+    searches = [("regroup", nm_search, {} if args.kicks is None else {"kicks": args.kicks})]
+    if m <= 4 and not args.no_asp:
+        searches.append(("asp", asp_search, {"escape_attempts": args.asp_escapes}))
+    with threadpool_limits(1):
+        for label, search, kwargs in searches:
+            t0 = time.process_time()
+            r = search(A, (n, m), seed=args.seed, **kwargs)
+            row[f"{label} kept"] = round(r.retained, 3)
+            row[f"{label} gain"] = round(r.retained - plain, 3)
+            row[f"{label} efficacy"] = round(efficacy(r.retained, plain, ceiling), 4)
+            row[f"{label} cpu s"] = round(time.process_time() - t0, 2)
+    print(row, flush=True)
+    return row
+
+
+def windows_main(args, patterns: list[tuple[int, int]], mats: dict[str, np.ndarray]) -> int:
+    """Windows small enough to solve exactly (the first <= 96 rows, columns 0-23 and
+    24-47 of every matrix that wide): each search's gain over plain N:M against the
+    optimum's (:func:`regroup.nm.nm_optimum`), summed over the windows."""
+    from regroup import RegroupError
+    from regroup.nm import nm_optimum
+
+    cols = 24 if args.window_cols is None else args.window_cols
+    rows, lines = [], []
+    for n, m in patterns:
+        if cols % m:
+            continue
+        for name, A in mats.items():
+            for w in range(2):
+                if A.shape[1] < (w + 1) * cols:
+                    continue
+                W = A[:96, w * cols:(w + 1) * cols]
+                try:
+                    best = nm_optimum(W, (n, m), max_subsets=1_000_000, time_limit=300)
+                except RegroupError as exc:     # too many subsets, or HiGHS out of time
+                    print(f"{n}:{m} {name} window {w}: no optimum ({exc})", flush=True)
+                    continue
+                row = {"nm": f"{n}:{m}", "matrix": name, "window": w,
+                       "shape": "x".join(map(str, W.shape)), "plain": round(best.plain, 4),
+                       "optimal gain": round(best.retained - best.plain, 4)}
+                searches = [("regroup", nm_search,
+                             {} if args.kicks is None else {"kicks": args.kicks})]
+                if m <= 4 and not args.no_asp:
+                    searches.append(("asp", asp_search,
+                                     {"escape_attempts": args.asp_escapes}))
+                for label, search, kwargs in searches:
+                    r = search(W, (n, m), seed=args.seed, **kwargs)
+                    row[f"{label} gain"] = round(r.retained - r.plain, 4)
+                rows.append(row)
+                print(row, flush=True)
+        sub = [r for r in rows if r["nm"] == f"{n}:{m}"]
+        if not sub:
+            continue
+        opt = sum(r["optimal gain"] for r in sub)
+        if opt <= 0:
+            lines += [f"### {n}:{m}: no window gains over plain N:M", ""]
+            continue
+        lines += [f"### {n}:{m}, {len(sub)} windows of {cols} columns", "",
+                  "| search | share of the summed optimal gain | windows at the optimum |",
+                  "|---|---|---|"]
+        for label in ("regroup", "asp"):
+            if f"{label} gain" in sub[0]:
+                at = sum(r[f"{label} gain"] >= r["optimal gain"] - 1e-6 for r in sub)
+                lines.append(f"| {label} | {sum(r[f'{label} gain'] for r in sub) / opt:.4f} | "
+                             f"{at}/{len(sub)} |")
+        lines.append("")
+    stem = "nm_windows_quick" if args.quick else "nm_windows"
+    write_outputs(args.out, f"{stem}_{args.tag}" if args.tag else stem, rows, lines)
     print("\n".join(lines))
     return 0
 

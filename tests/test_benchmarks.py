@@ -151,6 +151,16 @@ def test_nm_bench_quick_compares_plain_asp_and_regroup(tmp_path):
         else:
             assert r["asp kept"] == ""          # ASP's splits are for M <= 4
     assert "### 2:4" in (tmp_path / "nm_bench_quick.md").read_text()
+    # windows solved exactly: no search beats the optimum, none loses to plain N:M
+    assert bench.main(["--quick", "--windows", "--nm", "2:4", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "nm_windows_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    # MiniLM's two 64x64 matrices give two windows each; MobileNetV2's first ones are narrower
+    assert sum(r["matrix"].startswith("minilm/") for r in rows) == 4
+    assert all(r["shape"].endswith("x24") for r in rows)
+    for r in rows:
+        for label in ("regroup", "asp"):
+            assert -1e-9 <= float(r[f"{label} gain"]) <= float(r["optimal gain"]) + 1e-6
 
 
 def test_dst_bench_quick_trains_every_method_on_the_same_budget(tmp_path):
