@@ -179,6 +179,7 @@ def windows_main(args, patterns: list[tuple[int, int]], mats: dict[str, np.ndarr
 
     cols = 24 if args.window_cols is None else args.window_cols
     rows, lines = [], []
+    unsolved: list[str] = []
     for n, m in patterns:
         if cols % m:
             continue
@@ -190,7 +191,8 @@ def windows_main(args, patterns: list[tuple[int, int]], mats: dict[str, np.ndarr
                 try:
                     best = nm_optimum(W, (n, m), max_subsets=1_000_000, time_limit=300)
                 except RegroupError as exc:     # too many subsets, or HiGHS out of time
-                    print(f"{n}:{m} {name} window {w}: no optimum ({exc})", flush=True)
+                    unsolved.append(f"{n}:{m} {name} window {w}: {exc}")
+                    print(f"no optimum: {unsolved[-1]}", flush=True)
                     continue
                 row = {"nm": f"{n}:{m}", "matrix": name, "window": w,
                        "shape": "x".join(map(str, W.shape)), "plain": round(best.plain, 4),
@@ -221,9 +223,16 @@ def windows_main(args, patterns: list[tuple[int, int]], mats: dict[str, np.ndarr
                 lines.append(f"| {label} | {sum(r[f'{label} gain'] for r in sub) / opt:.4f} | "
                              f"{at}/{len(sub)} |")
         lines.append("")
+    if unsolved:
+        lines += [f"Windows left out (no exact optimum): {len(unsolved)}", ""] + \
+            [f"- {u}" for u in unsolved] + [""]
+    print("\n".join(lines))
+    if not rows:
+        print("nm_bench.py --windows: no window could be solved exactly; nothing written",
+              file=sys.stderr)
+        return 1
     stem = "nm_windows_quick" if args.quick else "nm_windows"
     write_outputs(args.out, f"{stem}_{args.tag}" if args.tag else stem, rows, lines)
-    print("\n".join(lines))
     return 0
 
 
