@@ -48,7 +48,6 @@ from .allocation import allot, apply_allotment, layer_offer
 from .engine import regroup_pattern
 from .executors import ENGINES, execute
 from .io import layer_pattern, tensor_problem
-from .nm import nm_problem
 from .pattern import Pattern
 from .options import RegroupOptions, resolve_options
 from .provenance import options_key, tool_versions
@@ -177,13 +176,8 @@ def index_problem(ref: LayerRef, opts: RegroupOptions) -> str | None:
     """Why ``ref`` is no layer to regroup, known before loading it (None: load it)."""
     if ref.problem is not None or ref.shape is None:
         return ref.problem
-    problem = tensor_problem(ref.name, ref.shape,
-                             block=None if opts.nm is not None else opts.block,
-                             skip_embeddings=not opts.named(ref.name))
-    if problem is None and opts.nm is not None:
-        # N:M groups are never padded: a column count M does not divide is skipped.
-        problem = nm_problem(ref.shape[0], int(np.prod(ref.shape[1:])), opts.nm)
-    return problem
+    return tensor_problem(ref.name, ref.shape, block=opts.block,
+                          skip_embeddings=not opts.named(ref.name), nm=opts.nm)
 
 
 def regroup_layer(source: Source, ref: LayerRef, opts: RegroupOptions, part: str | None,

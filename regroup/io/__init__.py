@@ -581,10 +581,12 @@ def embedding_name(name: str, shape) -> str | None:
 
 
 def tensor_problem(name: str, shape, *, block: tuple[int, int] | None = None,
-                   skip_embeddings: bool = False) -> str | None:
+                   skip_embeddings: bool = False, nm: tuple[int, int] | None = None
+                   ) -> str | None:
     """Why tensor ``name`` of this shape is not a layer to regroup, known without its data
     (None when it may be one): rank or size (:func:`shape_problem`), an embedding table
-    (with ``skip_embeddings``), a matrix smaller than ``block``."""
+    (with ``skip_embeddings``), a matrix smaller than ``block``; with ``nm`` (the N:M
+    format) ``block`` does not apply and the column count must be a multiple of M."""
     problem = shape_problem(shape)
     if problem:
         return problem
@@ -594,6 +596,8 @@ def tensor_problem(name: str, shape, *, block: tuple[int, int] | None = None,
         return (f"embedding table ({table!r}): rows are looked up, not multiplied; "
                 "name it exactly in layers to regroup it")
     rows, cols = shape[0], int(np.prod(shape[1:]))
+    if nm is not None:        # a 1xM group fits any matrix; groups are never padded
+        return nm_problem(rows, cols, nm)
     if block is not None and (block[0] > rows or block[1] > cols):
         return f"matrix {rows}x{cols} is smaller than the block {block[0]}x{block[1]}"
     return None
@@ -627,15 +631,12 @@ def layer_pattern(name: str, weight: Any, mask: Any, *, source: str = "<tensors>
         return None, f"not a tensor ({type(ref).__name__})"
     else:
         shape = tuple(int(s) for s in ref.shape)
-    problem = tensor_problem(name, shape, skip_embeddings=skip_embeddings)
+    problem = tensor_problem(name, shape, skip_embeddings=skip_embeddings, nm=nm)
     if problem:
         return None, problem
     rows, cols = shape[0], int(np.prod(shape[1:]))
     dense = nm is not None
     if dense:
-        problem = nm_problem(rows, cols, nm)
-        if problem:
-            return None, problem
         block = None
     if isinstance(ref, Pattern):
         kept = ref.nnz
