@@ -18,16 +18,18 @@ as what it covers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from .validation import RegroupError, check_choice, check_distinct_list
+from .validation import RegroupError, check_choice, check_distinct_list, is_permutation
 from .nm import check_nm_mask
 
 __all__ = ["FORMATS", "MAX_TABLE_CELLS", "Budget", "Candidates", "Layout", "assemble",
-           "build_layout", "candidates", "check_layout", "group_indicator", "layout_mask",
+           "build_layout", "candidates", "check_layout", "group_indicator", "group_sums",
+           "layout_mask", "mostly_stored", "summing_form",
            "parse_budgets", "positions", "select", "select_blocks", "table_cells"]
 
 FORMATS = ("grid", "shuffled")
@@ -143,6 +145,19 @@ def _sizes(n: int, b: int) -> np.ndarray:
     return s
 
 
+def group_sums(A: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+    """Sums of the dense array ``A`` over consecutive groups of ``size`` entries along
+    ``axis`` (the last group short when ``size`` does not divide it): ``np.add.reduceat``
+    at ``0, size, 2*size, ...``, several times faster as a reshaped sum."""
+    n = A.shape[axis]
+    full = n - n % size
+    A = np.moveaxis(A, axis, 0)
+    out = A[:full].reshape(full // size, size, *A.shape[1:]).sum(axis=1)
+    if full < n:
+        out = np.concatenate([out, A[full:].sum(axis=0, keepdims=True)])
+    return np.moveaxis(out, 0, axis)
+
+
 def _budget_limits(budget: Budget, nnz: int, n: int, m: int):
     if budget.kind == "iso":
         return float(nnz) * (budget.value or 1.0), None
@@ -232,25 +247,60 @@ def table_cells(shape: tuple[int, int], block: tuple[int, int], fmt: str) -> int
     return P * (-(-m // block[1]) if fmt == "grid" else m)
 
 
-def candidates(M: sp.csr_matrix, row_perm, col_perm, block: tuple[int, int],
+# A matrix is summed densely when at least this share of its entries is stored and it
+# has at most this many cells (a 64 MiB float64 copy).
+DENSE_SHARE = 0.25
+DENSE_CELLS = 1 << 23
+
+
+def mostly_stored(M: sp.spmatrix) -> bool:
+    """Whether the sparse ``M`` is better summed as a dense copy: at least
+    ``DENSE_SHARE`` of its entries stored, at most ``DENSE_CELLS`` cells."""
+    n, m = M.shape
+    return n * m <= DENSE_CELLS and M.nnz >= DENSE_SHARE * n * m
+
+
+def summing_form(M: sp.spmatrix) -> sp.coo_matrix | np.ndarray:
+    """``M`` as :func:`candidates` sums it fastest: a dense copy when
+    :func:`mostly_stored` (its slices sum several times faster; the sums agree up to the
+    order of floating-point additions), else COO. Build it once for many layouts of one
+    matrix."""
+    if mostly_stored(M):
+        return M.toarray()
+    return M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
+
+
+def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int, int],
                fmt: str) -> Candidates:
-    """The candidate blocks of ``M`` (values = objective mass) under fixed permutations."""
+    """The candidate blocks of ``M`` (values = objective mass) under fixed permutations.
+
+    ``M`` is a scipy sparse matrix (a COO one is used as is: refinement rebuilds the
+    candidates many times from one) or a dense 2-D ndarray (summed panel by panel, faster
+    when most entries are stored)."""
     check_choice(fmt, "format", "candidates", set(FORMATS))
-    # A COO input is used as is (refinement rebuilds candidates many times from one).
-    coo = M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
-    n, m = coo.shape
+    dense = isinstance(M, np.ndarray)
+    coo = None if dense else M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
+    n, m = M.shape
     br, bc = block
     row_perm = np.asarray(row_perm, np.intp)
     P, Q = -(-n // br), -(-m // bc)
-    panel = positions(row_perm)[coo.row] // br
     area = np.outer(_sizes(n, br), _sizes(m, bc))
+    if dense:
+        # (panels, columns): each column's mass over each panel's rows.
+        colmass = group_sums(M[row_perm], br, 0)
+    else:
+        panel = positions(row_perm)[coo.row] // br
     if fmt == "grid":
         col_perm = np.asarray(col_perm, np.intp)
-        flat = panel * Q + positions(col_perm)[coo.col] // bc
-        mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
+        if dense:
+            mass = group_sums(colmass[:, col_perm], bc, 1)
+        else:
+            flat = panel * Q + positions(col_perm)[coo.col] // bc
+            mass = np.bincount(flat, weights=coo.data, minlength=P * Q).reshape(P, Q)
         return Candidates("grid", (br, bc), (n, m), row_perm, col_perm, mass, area)
-    colmass = np.bincount(panel * m + coo.col, weights=coo.data,
-                          minlength=P * m).reshape(P, m)
+    if not dense:
+        colmass = np.bincount(panel * m + coo.col, weights=coo.data,
+                              minlength=P * m).reshape(P, m)
     # Per panel, columns by decreasing mass (stable: lower index first on ties).
     order = np.argsort(-colmass, axis=1, kind="stable")
     padded = np.zeros((P, Q * bc))
@@ -268,11 +318,11 @@ def assemble(c: Candidates, kept: np.ndarray) -> Layout:
         return Layout("grid", c.block_shape, c.shape, c.row_perm, c.col_perm, None, kept,
                       area, mass)
     m, bc = c.shape[1], c.block_shape[1]
-    bounds = np.minimum(np.arange(kept.shape[1] + 1) * bc, m)
-    panel_cols = tuple(
-        np.concatenate([c.order[p, bounds[t]:bounds[t + 1]] for t in np.flatnonzero(kept[p])])
-        .astype(np.intp) if kept[p].any() else np.zeros(0, np.intp)
-        for p in range(kept.shape[0]))
+    # Position k of panel p's column order is kept when its tile k // bc is: the kept
+    # columns of each panel, tile after tile, in one pass.
+    in_order = np.repeat(kept, bc, axis=1)[:, :m]
+    cols = c.order[in_order].astype(np.intp)
+    panel_cols = tuple(np.split(cols, np.cumsum(in_order.sum(axis=1))[:-1]))
     return Layout("shuffled", c.block_shape, c.shape, c.row_perm, None, panel_cols, kept,
                   area, mass)
 
@@ -282,8 +332,8 @@ def select(c: Candidates, budget: Budget, nnz: int) -> np.ndarray:
     return select_blocks(c.mass, c.area, budget, nnz, *c.shape)
 
 
-def build_layout(M: sp.spmatrix, row_perm, col_perm, block: tuple[int, int], fmt: str,
-                 budget: Budget, nnz: int | None = None) -> Layout:
+def build_layout(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int, int],
+                 fmt: str, budget: Budget, nnz: int | None = None) -> Layout:
     """Choose the kept blocks of ``M`` (values = objective mass) under ``budget``.
 
     ``col_perm`` is required for "grid" and ignored for "shuffled" (each panel picks its
@@ -297,19 +347,34 @@ def build_layout(M: sp.spmatrix, row_perm, col_perm, block: tuple[int, int], fmt
     return assemble(c, select(c, budget, nnz))
 
 
+def _panel_table(panel_cols: Sequence[np.ndarray], m: int) -> np.ndarray:
+    """(n_panels, m) bool: panel p keeps column c (columns taken as valid)."""
+    lengths = np.fromiter((len(c) for c in panel_cols), np.intp, len(panel_cols))
+    table = np.zeros((len(panel_cols), m), bool)
+    if lengths.sum():
+        cols = np.concatenate([np.asarray(c, np.intp) for c in panel_cols])
+        table[np.repeat(np.arange(lengths.size), lengths), cols] = True
+    return table
+
+
+def _spread(table: np.ndarray, row_perm: np.ndarray, br: int) -> np.ndarray:
+    """The (n, m) mask whose row ``row_perm[i]`` is row ``i // br`` of the panel table."""
+    n = row_perm.size
+    mask = np.empty((n, table.shape[1]), bool)
+    mask[row_perm] = table[np.arange(n) // br]
+    return mask
+
+
 def layout_mask(layout: Layout) -> np.ndarray:
     """The refilled mask in original coordinates, shape ``layout.shape``, dtype bool."""
     n, m = layout.shape
     br, bc = layout.block_shape
-    mask = np.zeros((n, m), dtype=bool)
     if layout.format == "grid":
+        mask = np.zeros((n, m), dtype=bool)
         regrouped = np.repeat(np.repeat(layout.kept, br, axis=0)[:n], bc, axis=1)[:, :m]
         mask[np.ix_(layout.row_perm, layout.col_perm)] = regrouped
         return mask
-    for p, cols in enumerate(layout.panel_cols):
-        if cols.size:
-            mask[np.ix_(layout.row_perm[p * br:(p + 1) * br], cols)] = True
-    return mask
+    return _spread(_panel_table(layout.panel_cols, m), layout.row_perm, br)
 
 
 def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
@@ -323,7 +388,7 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
     n, m = mask.shape
     br, bc = block
     row_perm = np.asarray(row_perm)
-    if sorted(row_perm.tolist()) != list(range(n)):
+    if not is_permutation(row_perm, n):
         raise RegroupError("row_perm is not a permutation of the rows")
     if fmt == "nm":
         if nm is None or tuple(block) != (1, nm[1]):
@@ -336,7 +401,7 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
         return
     if fmt == "grid":
         col_perm = np.asarray(col_perm)
-        if sorted(col_perm.tolist()) != list(range(m)):
+        if not is_permutation(col_perm, m):
             raise RegroupError("col_perm is not a permutation of the columns")
         R = mask[np.ix_(row_perm, col_perm)]
         P, Q = -(-n // br), -(-m // bc)
@@ -350,15 +415,17 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
     P = -(-n // br)
     if panel_cols is None or len(panel_cols) != P:
         raise RegroupError(f"shuffled layout needs {P} panel column lists")
-    expect = np.zeros_like(mask)
-    for p, cols in enumerate(panel_cols):
-        cols = np.asarray(cols, np.intp)
-        if np.unique(cols).size != cols.size:
-            raise RegroupError(f"panel {p} lists a column twice")
-        rest = cols.size % bc
+    cols = [np.asarray(c) for c in panel_cols]
+    for p, c in enumerate(cols):
+        if c.ndim != 1 or (c.size and (not np.issubdtype(c.dtype, np.integer)
+                                       or c.min() < 0 or c.max() >= m)):
+            raise RegroupError(f"panel {p} lists something other than columns in [0, {m})")
+        rest = c.size % bc
         if rest and rest != m % bc:
-            raise RegroupError(f"panel {p} keeps {cols.size} columns, not whole tiles of {bc}")
-        expect[np.ix_(row_perm[p * br:(p + 1) * br], cols)] = True
-    if not np.array_equal(expect, mask):
+            raise RegroupError(f"panel {p} keeps {c.size} columns, not whole tiles of {bc}")
+    table = _panel_table(cols, m)
+    twice = np.flatnonzero(table.sum(axis=1) != [c.size for c in cols])
+    if twice.size:
+        raise RegroupError(f"panel {int(twice[0])} lists a column twice")
+    if not np.array_equal(_spread(table, row_perm.astype(np.intp), br), mask):
         raise RegroupError("mask differs from the union of the panels' column tiles")
-

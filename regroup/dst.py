@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .validation import RegroupError, check_block, check_choice, check_int, check_real
-from .blocks import FORMATS, Layout, layout_mask
+from .validation import (RegroupError, check_block, check_choice, check_int, check_real,
+                         is_permutation)
+from .blocks import FORMATS, Layout, group_sums, layout_mask
 
 __all__ = ["DISTRIBUTIONS", "DropGrow", "Units", "churn", "drop_count", "drop_fraction",
            "drop_grow", "erk_densities", "layer_densities", "layout_units", "make_units",
@@ -267,19 +268,11 @@ class Units:
 
 def _check_perm(perm: Any, n: int, name: str, caller: str) -> np.ndarray:
     arr = np.asarray(perm)
-    ok = arr.shape == (n,) and np.issubdtype(arr.dtype, np.integer)
-    if ok:
-        arr = arr.astype(np.intp, copy=False)
-        seen = np.zeros(n, bool)
-        ok = n == 0 or (arr.min() >= 0 and arr.max() < n)
-        if ok:
-            seen[arr] = True
-            ok = bool(seen.all())
-    if not ok:
+    if not is_permutation(arr, n):
         raise ValueError(f"The {name!r} parameter of {caller} must be a permutation of "
                          f"range({n}). Got an array of shape {arr.shape} and dtype "
                          f"{arr.dtype} that is not one instead.")
-    return arr
+    return arr.astype(np.intp, copy=False)
 
 
 def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str) -> np.ndarray:
@@ -305,8 +298,7 @@ def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str) -> np
 
 def _panel_column_sums(A: np.ndarray, row_perm: np.ndarray, br: int) -> np.ndarray:
     """(n_panels, n_cols): each column's sum of ``A`` over each panel's rows."""
-    starts = np.arange(0, row_perm.size, br)
-    return np.add.reduceat(A[row_perm], starts, axis=0)
+    return group_sums(A[row_perm], br)
 
 
 def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any = None,
@@ -402,8 +394,8 @@ def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any
             within[p, c[:full]] = np.arange(full)
             group[p, c[full:]] = 2
     if rank is not None:
-        score = _panel_column_sums(np.square(_check_2d(rank, (n, m), "rank", caller)),
-                                   rows, br)
+        sq = np.square(_check_2d(rank, (n, m), "rank", caller))
+        score = _panel_column_sums(sq, rows, br)
         within = np.where(group == 1, -score, within)
     index = np.broadcast_to(np.arange(m), (P, m))
     order = np.lexsort((index, within, group), axis=-1).astype(np.intp)
@@ -443,8 +435,11 @@ def unit_scores(values: Any, units: Any, *, power: float = 2) -> np.ndarray:
             or not math.isfinite(power):
         raise ValueError(f"The 'power' parameter of {caller} must be a finite number > 0. "
                          f"Got {power!r} instead.")
-    A = np.abs(_check_2d(values, u.shape, "values", caller))
-    A = np.square(A) if power == 2 else A if power == 1 else A ** power
+    A = np.abs(_check_2d(values, u.shape, "values", caller))    # a new array: work in it
+    if power == 2:
+        np.square(A, out=A)
+    elif power != 1:
+        np.power(A, power, out=A)
     return _unit_sums(A, u)
 
 
@@ -454,7 +449,7 @@ def _unit_sums(A: np.ndarray, u: Units) -> np.ndarray:
     br, bc = u.block_shape
     S = _panel_column_sums(A, u.row_perm, br)
     S = np.take_along_axis(S, u.col_orders, axis=1)
-    return np.add.reduceat(S, np.arange(0, u.shape[1], bc), axis=1)
+    return group_sums(S, bc, 1)
 
 
 def _check_kept(kept: Any, u: Units, name: str, caller: str) -> np.ndarray:
@@ -492,8 +487,10 @@ def units_kept(units: Units, mask: Any) -> np.ndarray:
     """
     caller = "units_kept"
     u = _as_units(units, caller)
-    # (as float: a sum of bools in numpy is a logical or)
-    counts = _unit_sums((_check_2d(mask, u.shape, "mask", caller) != 0).astype(float), u)
+    arr = np.asarray(mask)
+    kept = arr if arr.dtype == np.bool_ and arr.shape == u.shape else \
+        _check_2d(arr, u.shape, "mask", caller) != 0
+    counts = _unit_sums(kept, u)      # group sums of bools count them (as ints)
     area = u.area()
     partial = (counts > 0) & (counts < area)
     if partial.any():

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from .validation import PartitionerError, RegroupError, check_int
 from .anneal import anneal
 from .blocks import (MAX_TABLE_CELLS, Budget, Layout, build_layout, check_layout,
-                     layout_mask, parse_budgets, table_cells)
+                     layout_mask, parse_budgets, summing_form, table_cells)
 from .columns import PROFILE_CLUSTER_LIMIT, clustered_columns, group_columns
 from .metrics import layer_metrics, nm_metrics
 from .nm import (NM_METHODS, efficacy, nm_mask, nm_problem, nm_retained, row_topk_retained,
@@ -349,11 +349,12 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     V, use_mag = objective_matrix(pattern, opts)
     total = float(V.sum()) or 1.0
     nnz = pattern.nnz
-    start = build_layout(V, rows, cols, block, format, budget, nnz)
+    S = summing_form(V)
+    start = build_layout(S, rows, cols, block, format, budget, nnz)
     notes: list[str] = []
     lay = (local_search(V, start, budget, nnz, max_rounds=rounds,
                         time_limit=opts.time_limit, notes=notes) if rounds else start)
-    identity = build_layout(V, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
+    identity = build_layout(S, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
                             format, budget, nnz)
     metrics = layer_metrics(pattern, lay, identity)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),

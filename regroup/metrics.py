@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import Layout, group_indicator, layout_mask
-from .hypergraph import column_net, km1
+from .blocks import Layout, group_sums, layout_mask, mostly_stored, positions
 from .pattern import Pattern
 
 __all__ = ["retained", "fill", "panel_km1", "layer_metrics", "nm_metrics"]
@@ -51,29 +50,82 @@ def fill(matrix: sp.csr_matrix, mask2d: np.ndarray) -> float:
     return float(mask2d[coo.row, coo.col].sum() / area)
 
 
+def _km1(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], row_perm: np.ndarray,
+         br: int) -> int:
+    """:func:`panel_km1` from the coordinates of the stored entries (no duplicates)."""
+    n, m = shape
+    if rows.size == 0:
+        return 0
+    P = -(-n // br)
+    key = cols.astype(np.int64) * P + positions(row_perm)[rows] // br
+    # Distinct (column, panel) pairs minus non-empty columns = sum over columns of
+    # (lambda - 1). A presence table when it is small next to the entries, else a sort.
+    if m * P <= 4 * key.size + (1 << 16):
+        pairs = int(np.count_nonzero(np.bincount(key, minlength=m * P)))
+    else:
+        pairs = int(np.unique(key).size)
+    return pairs - int(np.count_nonzero(np.bincount(cols, minlength=m)))
+
+
+def _dense_km1(stored: np.ndarray, row_perm: np.ndarray, br: int) -> int:
+    """:func:`panel_km1` from the dense 0/1 array of stored entries."""
+    touched = np.count_nonzero(group_sums(stored[row_perm], br), axis=0)   # per column
+    return int(np.sum(np.maximum(touched - 1, 0)))
+
+
 def panel_km1(matrix: sp.csr_matrix, row_perm: np.ndarray, br: int) -> int:
-    """km1 of the partition of rows into consecutive panels of ``row_perm``."""
-    labels = group_indicator(row_perm, br).indices   # one entry per row: its panel
-    return km1(column_net(matrix), labels)
+    """km1 of the partition of rows into consecutive panels of ``row_perm``: the
+    unweighted column-net ``km1`` (:func:`regroup.hypergraph.km1`), counted straight from
+    the stored entries."""
+    coo = sp.csr_matrix(matrix).tocoo()
+    coo.sum_duplicates()
+    return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), br)
 
 
 def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:
     """The metrics above for the layout ``lay`` of ``pattern`` (and the ``identity``
     layout of the same format and budget)."""
-    B = pattern.binary()
-    mask2d = layout_mask(lay)
+    n, m = pattern.n_rows, pattern.n_cols
+    nnz = pattern.nnz
     br = lay.block_shape[0]
+    mask, mask_id = layout_mask(lay), layout_mask(identity)
+    mag = None
+    if mostly_stored(pattern.matrix):
+        # Most entries stored: dense masks beat indexing every entry.
+        M = pattern.matrix       # its entries as True (explicit zeros are stored ones)
+        stored = sp.csr_matrix((np.ones(M.nnz, bool), M.indices, M.indptr),
+                               shape=M.shape).toarray()
+        n_hit = int(np.count_nonzero(stored & mask))
+        n_hit_id = int(np.count_nonzero(stored & mask_id))
+        if pattern.has_weights:
+            W = pattern.matrix.toarray()
+            total = W.sum()
+            mag = float(W[mask].sum() / total) if total != 0 else 0.0
+        km1 = _dense_km1(stored, lay.row_perm, br)
+        km1_id = _dense_km1(stored, identity.row_perm, br)
+    else:
+        coo = pattern.matrix.tocoo()    # canonical: the 0/1 pattern has the same entries
+        rows, cols = coo.row, coo.col
+        hit = mask[rows, cols]
+        n_hit = int(np.count_nonzero(hit))
+        n_hit_id = int(np.count_nonzero(mask_id[rows, cols]))
+        if pattern.has_weights:
+            total = coo.data.sum()
+            mag = float(coo.data[hit].sum() / total) if total != 0 else 0.0
+        km1 = _km1(rows, cols, (n, m), lay.row_perm, br)
+        km1_id = _km1(rows, cols, (n, m), identity.row_perm, br)
+    area = lay.kept_area
     return {
-        "nnz": pattern.nnz,
+        "nnz": nnz,
         "density": pattern.density,
-        "retained": retained(B, mask2d),
-        "retained_magnitude": retained(pattern.matrix, mask2d) if pattern.has_weights else None,
-        "retained_identity": retained(B, layout_mask(identity)),
+        "retained": n_hit / nnz if nnz else 0.0,
+        "retained_magnitude": mag,
+        "retained_identity": n_hit_id / nnz if nnz else 0.0,
         "kept_blocks": lay.kept_blocks,
-        "kept_area": lay.kept_area,
-        "fill": fill(B, mask2d),
-        "km1": panel_km1(B, lay.row_perm, br),
-        "km1_identity": panel_km1(B, identity.row_perm, br),
+        "kept_area": area,
+        "fill": n_hit / area if area else 0.0,
+        "km1": km1,
+        "km1_identity": km1_id,
     }
 
 

@@ -186,21 +186,28 @@ def from_array(weight: Any, *, name: str = "weight", mask: Any = None) -> Patter
                 raise RegroupError(f"layer {name!r}: weight contains NaN or inf "
                                    f"({bad} values)")
         keep = w2 != 0
-    rows, cols = np.nonzero(keep)   # row-major: each row's columns come sorted
-    del keep
+    # Row-major flat indices: each row's columns come sorted (1-D nonzero and a modulo
+    # are several times faster than the 2-D nonzero).
+    flat = np.flatnonzero(keep)
+    per_row = np.count_nonzero(keep, axis=1)
     if w is not None:
-        kept = w.reshape(n, k)[rows, cols].astype(np.float64)
-        finite = np.isfinite(kept)
-        if not finite.all():
-            raise RegroupError(f"layer {name!r}: kept weights contain NaN or inf "
-                               f"({int((~finite).sum())} values)")
-        data = np.abs(kept)
+        # (boolean indexing walks the same row-major order, faster than fancy indexing)
+        kept = w.reshape(n, k)[keep].astype(np.float64, copy=False)   # a new array
+        if m is not None:          # without a mask the whole weight was checked above
+            finite = np.isfinite(kept)
+            if not finite.all():
+                raise RegroupError(f"layer {name!r}: kept weights contain NaN or inf "
+                                   f"({int((~finite).sum())} values)")
+        data = np.abs(kept, out=kept)
     else:
-        data = np.ones(rows.size)
-    idx = np.int32 if max(rows.size, k) < 2**31 - 1 else np.int64
+        data = np.ones(flat.size)
+    del keep
+    idx = np.int32 if max(flat.size, k) < 2**31 - 1 else np.int64
+    cols = (flat % k).astype(idx) if flat.size < n * k else \
+        np.tile(np.arange(k, dtype=idx), n)          # every entry kept
     indptr = np.zeros(n + 1, idx)
-    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    mat = sp.csr_matrix((data, cols.astype(idx), indptr), shape=(n, k))
+    np.cumsum(per_row, out=indptr[1:])
+    mat = sp.csr_matrix((data, cols, indptr), shape=(n, k))
     mat.has_sorted_indices = True
     return Pattern(name=name, matrix=mat, shape=shape, has_weights=w is not None)
 

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .assignment import Assigned, assign_within
-from .blocks import Budget, Layout, build_layout, positions
+from .blocks import Budget, Layout, build_layout, group_sums, positions, summing_form
 
 __all__ = ["refine", "refine_shared", "step_bounds", "MAX_STEP_CELLS", "REFINE_WORK"]
 
@@ -48,37 +48,53 @@ def _panel_column_indicator(lay: Layout, m: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(cols.size), (cols, panels)), shape=(m, len(lengths)))
 
 
-def _group_sums(coo: sp.coo_matrix, axis: int, perm: np.ndarray, size: int) -> np.ndarray:
+def _group_sums(M: sp.coo_matrix | np.ndarray, axis: int, perm: np.ndarray, size: int
+                ) -> np.ndarray:
     """Dense (items x groups) sums of the matrix's mass: for axis 0, each row's mass per
     column group of ``perm``; for axis 1, each column's mass per row panel. A bincount
-    over the nonzeros: much faster than the sparse product with a group indicator."""
+    over the nonzeros (much faster than the sparse product with a group indicator), or
+    sums of the dense matrix's slices."""
+    if isinstance(M, np.ndarray):
+        return group_sums(M[:, perm], size, 1) if axis == 0 else group_sums(M[perm], size).T
     k = -(-perm.size // size)
     pos = positions(perm)
-    items, other = (coo.row, coo.col) if axis == 0 else (coo.col, coo.row)
-    n_items = coo.shape[axis]
+    items, other = (M.row, M.col) if axis == 0 else (M.col, M.row)
+    n_items = M.shape[axis]
     flat = items.astype(np.int64) * k + pos[other] // size
-    return np.bincount(flat, weights=coo.data, minlength=n_items * k).reshape(n_items, k)
+    return np.bincount(flat, weights=M.data, minlength=n_items * k).reshape(n_items, k)
 
 
-def _row_values(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+class _Mass:
+    """The objective matrix in the forms the steps read: CSR, and what
+    :func:`build_layout` sums fastest (:func:`regroup.blocks.summing_form`)."""
+
+    def __init__(self, V: sp.spmatrix):
+        self.csr = sp.csr_matrix(V)
+        self.sums = summing_form(self.csr)
+        self.dense = self.sums if isinstance(self.sums, np.ndarray) else None
+
+
+def _row_values(V: _Mass, lay: Layout) -> np.ndarray:
     """(rows x panels) mass of row i on the kept columns of panel p."""
     if lay.format == "grid":
-        return _group_sums(coo, 0, lay.col_perm, lay.block_shape[1]) @ lay.kept.T.astype(float)
-    return (V @ _panel_column_indicator(lay, V.shape[1])).toarray()
+        return _group_sums(V.sums, 0, lay.col_perm, lay.block_shape[1]) @ \
+            lay.kept.T.astype(float)
+    ind = _panel_column_indicator(lay, V.csr.shape[1])
+    return V.dense @ ind.toarray() if V.dense is not None else (V.csr @ ind).toarray()
 
 
-def _col_values(coo: sp.coo_matrix, lay: Layout) -> np.ndarray:
+def _col_values(V: _Mass, lay: Layout) -> np.ndarray:
     """(columns x column groups) mass of column j on the kept blocks of group g (grid)."""
-    return _group_sums(coo, 1, lay.row_perm, lay.block_shape[0]) @ lay.kept.astype(float)
+    return _group_sums(V.sums, 1, lay.row_perm, lay.block_shape[0]) @ lay.kept.astype(float)
 
 
-def _rows_step(V: sp.csr_matrix, coo: sp.coo_matrix, lay: Layout, work: int) -> Assigned:
-    return assign_within(_row_values(V, coo, lay), lay.block_shape[0], start=lay.row_perm,
+def _rows_step(V: _Mass, lay: Layout, work: int) -> Assigned:
+    return assign_within(_row_values(V, lay), lay.block_shape[0], start=lay.row_perm,
                          work_limit=work)
 
 
-def _cols_step(coo: sp.coo_matrix, lay: Layout, work: int) -> Assigned:
-    return assign_within(_col_values(coo, lay), lay.block_shape[1], start=lay.col_perm,
+def _cols_step(V: _Mass, lay: Layout, work: int) -> Assigned:
+    return assign_within(_col_values(V, lay), lay.block_shape[1], start=lay.col_perm,
                          work_limit=work)
 
 
@@ -118,9 +134,8 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
     Steps above ``MAX_STEP_CELLS`` are left out and the work stops at ``REFINE_WORK``
     (:func:`step_bounds`); why is appended to ``notes`` when given.
     """
-    V = sp.csr_matrix(V)
-    coo = V.tocoo()
-    n, m = V.shape
+    mass = _Mass(V)
+    n, m = mass.csr.shape
     block = layout.block_shape
     deadline = None if time_limit is None else time.perf_counter() + time_limit
     best, best_score = layout, layout.kept_mass
@@ -140,12 +155,12 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
             if deadline is not None and time.perf_counter() > deadline:
                 return best
             if step == "rows":
-                done = _rows_step(V, coo, best, work)
-                cand = build_layout(coo, done.perm, best.col_perm, block, best.format,
+                done = _rows_step(mass, best, work)
+                cand = build_layout(mass.sums, done.perm, best.col_perm, block, best.format,
                                     budget, nnz)
             else:
-                done = _cols_step(coo, best, work)
-                cand = build_layout(coo, best.row_perm, done.perm, block, best.format,
+                done = _cols_step(mass, best, work)
+                cand = build_layout(mass.sums, best.row_perm, done.perm, block, best.format,
                                     budget, nnz)
             work -= done.work
             score = cand.kept_mass
@@ -190,9 +205,8 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
     n_layers = len(layers)
     if not (len(rows) == len(cols) == n_layers):
         raise ValueError("refine_shared: 'layers', 'rows' and 'cols' differ in length")
-    Vs = [sp.csr_matrix(V) for V, _, _, _ in layers]
-    coos = [V.tocoo() for V in Vs]
-    weights = [1.0 / (float(V.sum()) or 1.0) for V in Vs]
+    masses = [_Mass(V) for V, _, _, _ in layers]
+    weights = [1.0 / (float(V.csr.sum()) or 1.0) for V in masses]
     lays = [lay for _, lay, _, _ in layers]
     keys: dict = {}
     for i, lay in enumerate(lays):
@@ -216,13 +230,13 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
 
     def relaid(i: int, lay: Layout, row_perm, col_perm) -> Layout:
         _, _, budget, nnz = layers[i]
-        new = build_layout(coos[i], row_perm, col_perm, lay.block_shape, lay.format, budget,
+        new = build_layout(masses[i].sums, row_perm, col_perm, lay.block_shape, lay.format, budget,
                            nnz)
         own_rows, own_cols = rows[i] is None, cols[i] is None and lay.format == "grid"
         if own_rows or own_cols:
             left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-            new = refine(Vs[i], new, budget, nnz, rows=own_rows, cols=own_cols, max_rounds=2,
-                         time_limit=left, notes=notes)
+            new = refine(masses[i].csr, new, budget, nnz, rows=own_rows, cols=own_cols,
+                         max_rounds=2, time_limit=left, notes=notes)
         return new
 
     n_items = {}
@@ -254,8 +268,8 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
                 return lays
             members = [(i, 0) for i in range(n_layers) if rows[i] == key] + \
                       [(i, 1) for i in range(n_layers) if cols[i] == key]
-            values = sum(weights[i] * (_row_values(Vs[i], coos[i], lays[i]) if axis == 0
-                                       else _col_values(coos[i], lays[i]))
+            values = sum(weights[i] * (_row_values(masses[i], lays[i]) if axis == 0
+                                       else _col_values(masses[i], lays[i]))
                          for i, axis in members)
             done = assign_within(values, size, start=keys[key][0], work_limit=work)
             work -= done.work

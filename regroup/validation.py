@@ -23,6 +23,7 @@ __all__ = [
     "check_choice",
     "check_block",
     "check_distinct_list",
+    "is_permutation",
     "as_rng",
     "native_seed",
     "missing_dependency",
@@ -175,6 +176,20 @@ def check_distinct_list(value: Any, name: str, caller: str, allowed: str,
     if not out:
         raise fail(ValueError)
     return tuple(out)
+
+
+def is_permutation(perm: Any, n: int) -> bool:
+    """Whether ``perm`` is a 1-D integer array holding each of ``0 .. n-1`` once."""
+    arr = np.asarray(perm)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        return False
+    if n == 0:
+        return True
+    if arr.min() < 0 or arr.max() >= n:
+        return False
+    seen = np.zeros(n, bool)
+    seen[arr] = True
+    return bool(seen.all())
 
 
 def as_rng(rng: Any) -> np.random.Generator:

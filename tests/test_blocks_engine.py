@@ -5,8 +5,9 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from regroup import Budget, RegroupError, check_layout, from_array, regroup_pattern
-from regroup.blocks import build_layout, layout_mask
+from regroup import (Budget, RegroupError, check_layout, from_array, from_sparse,
+                     regroup_pattern)
+from regroup.blocks import build_layout, group_sums, layout_mask
 
 from .conftest import random_mask, recompute_retained
 
@@ -259,3 +260,51 @@ def test_auto_continues_past_candidates_that_run_out_of_time():
     assert set(r.metrics["failed"]) == {"sort", "hierarchical", "hierarchical:linkage=complete",
                                         "metis", "metis:graph=jaccard"}
     assert all("exceeded its time limit of 0.0001 s" in m for m in r.metrics["failed"].values())
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 12), st.integers(0, 1),
+       st.integers(0, 2**31 - 1))
+def test_group_sums_is_reduceat_at_group_starts(n, m, size, axis, seed):
+    A = np.random.default_rng(seed).standard_normal((n, m))
+    size = min(size, A.shape[axis])
+    want = np.add.reduceat(A, np.arange(0, A.shape[axis], size), axis=axis)
+    got = group_sums(A, size, axis)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(2, 40), st.integers(2, 40), st.floats(0.05, 1.0), st.booleans(),
+       st.sampled_from(["grid", "shuffled"]), st.integers(0, 2**31 - 1))
+def test_layer_metrics_agree_dense_and_sparse(monkeypatch, n, m, density, weighted, fmt,
+                                              seed):
+    # The dense branch (most entries stored) and the sparse one give the definitions.
+    import regroup.blocks as blocks
+    from regroup.metrics import fill, layer_metrics, panel_km1, retained
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, m)) * (rng.random((n, m)) < density)
+    pat = from_array(W if weighted else W != 0)
+    if weighted and pat.nnz:
+        # An explicitly stored zero counts as a kept position.
+        X = sp.csr_matrix(W)
+        X.data[0] = 0.0
+        pat = from_sparse(X, has_weights=True)
+        assert pat.nnz == X.nnz
+    block, budget = (2, 3), Budget.parse("iso")
+    lay = build_layout(pat.matrix, rng.permutation(n), rng.permutation(m), block, fmt,
+                       budget, pat.nnz)
+    ident = build_layout(pat.matrix, np.arange(n), np.arange(m), block, fmt, budget,
+                         pat.nnz)
+    B, mask = pat.binary(), layout_mask(lay)
+    want = {"retained": retained(B, mask), "fill": fill(B, mask),
+            "retained_identity": retained(B, layout_mask(ident)),
+            "retained_magnitude": retained(pat.matrix, mask) if weighted else None,
+            "km1": panel_km1(B, lay.row_perm, 2), "km1_identity": panel_km1(B, np.arange(n), 2)}
+    for share in (0.0, 2.0):          # everything dense, nothing dense
+        monkeypatch.setattr(blocks, "DENSE_SHARE", share)
+        got = layer_metrics(pat, lay, ident)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12) if value is not None \
+                else got[key] is None, (key, share)

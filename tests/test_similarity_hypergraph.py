@@ -3,8 +3,12 @@ import pytest
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from regroup import column_net, cut, km1, write_hgr
 from regroup.hypergraph import format_hgr
+from regroup.metrics import panel_km1
 from regroup.similarity import jaccard, knn_similarity, shared_counts, similarity_graph
 
 
@@ -100,3 +104,32 @@ def test_dense_blas_path_matches_sparse_path(monkeypatch, weighted):
     np.testing.assert_allclose(S.shared_counts(X), ref_s, rtol=1e-12)
     np.testing.assert_allclose(S.jaccard(X), ref_j, rtol=1e-12)
     assert abs(S.knn_similarity(X, 7, block_rows=50) - ref_k).max() < 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 9), st.floats(0.0, 1.0),
+       st.integers(0, 2**31 - 1))
+def test_panel_km1_counts_like_the_column_net(n, m, br, density, seed):
+    # Wide, sparse matrices take the sort branch; dense ones the presence table.
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, m, density=density, format="csr", random_state=rng)
+    perm = rng.permutation(n)
+    labels = np.empty(n, np.intp)
+    labels[perm] = np.arange(n) // br
+    expect = km1(column_net(X), labels) if X.nnz else 0
+    assert panel_km1(X, perm, br) == expect == int(np.sum(np.array(
+        _naive_lambda(X, labels), dtype=np.int64) - 1))
+
+
+def test_panel_km1_on_a_wide_sparse_matrix():
+    # Columns x panels far above the entries: counted by sorting, not by a table.
+    rng = np.random.default_rng(3)
+    cols = rng.choice(200_000, 300, replace=False)
+    X = sp.csr_matrix((np.ones(900), (rng.integers(0, 6, 900), np.repeat(cols, 3))),
+                      shape=(6, 200_000))
+    X.sum_duplicates()
+    perm = rng.permutation(6)
+    labels = np.empty(6, np.intp)
+    labels[perm] = np.arange(6) // 2
+    assert X.shape[1] * 3 > 4 * X.nnz + (1 << 16)
+    assert panel_km1(X, perm, 2) == km1(column_net(X), labels) > 0

@@ -689,11 +689,11 @@ class RegroupDST(BaseSparsifier):
         except RegroupError as exc:      # e.g. too few nonzeros to fill k units
             return cur, False, f"re-layout failed: {exc}"
         new = out.mask2d
-        _, new_kept = layout_units(out)
         before, after = float(V[mask].sum()), float(V[new].sum())
         c = churn(old, new, W2)
-        if int(new_kept.sum()) != k:
-            return cur, False, f"keeps {int(new_kept.sum())} units, not {k}"
+        # (the count the engine reports; update_mask checks the mask is a layout of it)
+        if int(out.metrics["kept_blocks"]) != k:
+            return cur, False, f"keeps {int(out.metrics['kept_blocks'])} units, not {k}"
         if not after > before * (1 + _RTOL):
             return cur, False, "no gain"
         if c > d * (1 + _RTOL):
