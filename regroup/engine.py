@@ -176,9 +176,11 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         format and block and the pattern's matrix shape, with orders that are
         permutations and a mask that is the union of its blocks. The pattern may be
         fully dense (scores of every position).
+        With ``row_perm`` (``col_perm``) the start takes that order for the rows (grid
+        columns) instead of ``init``'s, and the refinement leaves it in place.
         ``metrics["chosen"]`` is ``"warm"`` and ``metrics["warm_start"]`` holds
-        ``{"rounds": max rounds, "start": the start's retained share of the objective}``.
-        Not with ``row_perm``, ``col_perm`` or ``anneal``.
+        ``{"rounds": max rounds, "start": the start's retained share of the objective,
+        "fixed": the sides given}``. Not with ``anneal``.
     warm_rounds : int, optional
         Refinement rounds of a warm start (default :data:`WARM_ROUNDS`); ``init`` only.
     **kwargs
@@ -199,8 +201,6 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
     caller = "regroup_pattern"
     opts = _layer_options(pattern, options, caller, kwargs, dense_ok=init is not None)
     n, m = pattern.n_rows, pattern.n_cols
-    if init is not None or warm_rounds is not None:
-        return _regroup_warm(pattern, opts, init, warm_rounds, row_perm, col_perm, caller)
     if row_perm is not None:
         if opts.format == "nm":
             raise ValueError(f"The 'row_perm' parameter of {caller} applies to the grid "
@@ -212,6 +212,8 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
                              "format only, and to nm (shuffled panels pick their own "
                              "columns).")
         col_perm = _fixed_perm(col_perm, m, "col_perm", caller)
+    if init is not None or warm_rounds is not None:
+        return _regroup_warm(pattern, opts, init, warm_rounds, row_perm, col_perm, caller)
     if opts.format == "nm":
         return _regroup_nm(pattern, opts, col_perm)
     return _regroup(pattern, opts, row_perm, col_perm, caller, None)
@@ -333,18 +335,18 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     if opts.format == "nm":
         raise ValueError(f"The 'init' parameter of {caller} applies to the grid and "
                          "shuffled formats only. Got format 'nm' instead.")
-    for name, value in (("row_perm", row_perm), ("col_perm", col_perm),
-                        ("anneal", opts.anneal)):
-        if value is not None:
-            raise ValueError(f"The {name!r} parameter of {caller} does not combine with "
-                             "'init' (a warm start refines init's own orders). Got both "
-                             "instead.")
+    if opts.anneal is not None:
+        raise ValueError(f"The 'anneal' parameter of {caller} does not combine with "
+                         "'init' (a warm start refines init's orders). Got both instead.")
     rounds = WARM_ROUNDS if rounds is None else check_int(rounds, "warm_rounds", caller,
                                                           low=1, high=1000)
     if opts.refine is False:
         rounds = 0
     t0 = time.perf_counter()
     rows, cols = _check_init(init, pattern, opts, caller)
+    # A fixed side (folded into a neighbour) starts from the given order and stays.
+    rows = rows if row_perm is None else row_perm
+    cols = cols if col_perm is None else col_perm
     block, format, budget = opts.block, opts.format, opts.budget
     V, use_mag = objective_matrix(pattern, opts)
     total = float(V.sum()) or 1.0
@@ -352,8 +354,12 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     S = summing_form(V)
     start = build_layout(S, rows, cols, block, format, budget, nnz)
     notes: list[str] = []
-    lay = (local_search(V, start, budget, nnz, max_rounds=rounds,
-                        time_limit=opts.time_limit, notes=notes) if rounds else start)
+    free_rows, free_cols = row_perm is None, col_perm is None
+    if not (free_rows or (free_cols and format == "grid")):
+        rounds = 0                       # every order fixed: the blocks only
+    lay = (local_search(V, start, budget, nnz, max_rounds=rounds, rows=free_rows,
+                        cols=free_cols, time_limit=opts.time_limit, notes=notes)
+           if rounds else start)
     identity = build_layout(S, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
                             format, budget, nnz)
     metrics = layer_metrics(pattern, lay, identity)
@@ -361,7 +367,10 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
                     "chosen": "warm", "refined": rounds > 0,
                     "refine_gain": (lay.kept_mass - start.kept_mass) / total if rounds
                     else None,
-                    "warm_start": {"rounds": rounds, "start": start.kept_mass / total}})
+                    "warm_start": {"rounds": rounds, "start": start.kept_mass / total,
+                                   "fixed": [side for side, perm in (("rows", row_perm),
+                                                                     ("cols", col_perm))
+                                             if perm is not None]}})
     if notes:
         metrics["bounds"] = notes
     return LayerResult(

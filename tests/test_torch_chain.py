@@ -52,6 +52,8 @@ def test_chain_gathers_blocks_on_features_that_flow():
     for n in m0:
         assert m0[n].sum() == m1[n].sum()
     assert all(r.metrics["chain"] == 0.01 for r in p1.layers.values())
+    # Re-planned as warm starts from the first plan, not by the partitioners again.
+    assert all(r.metrics["chosen"] == "warm" for r in p1.layers.values())
     assert not any("chain" in r.metrics for r in p0.layers.values())
     assert p1.options.chain == 0.01 and p1.notes[-1].startswith("chain 0.01: 3 of 3 layers")
     # retained_magnitude stays in the layer's own units.
