@@ -147,8 +147,10 @@ def _sizes(n: int, b: int) -> np.ndarray:
 
 def group_sums(A: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
     """Sums of the dense array ``A`` over consecutive groups of ``size`` entries along
-    ``axis`` (the last group short when ``size`` does not divide it): ``np.add.reduceat``
-    at ``0, size, 2*size, ...``, several times faster as a reshaped sum."""
+    ``axis`` (the last group short when ``size`` does not divide it): for floats,
+    ``np.add.reduceat`` at ``0, size, 2*size, ...`` (up to rounding), several times
+    faster as a reshaped sum. Bools and small ints are summed as ``ndarray.sum`` sums
+    them (bools are counted), not kept in their type as ``reduceat`` keeps them."""
     n = A.shape[axis]
     full = n - n % size
     A = np.moveaxis(A, axis, 0)
@@ -254,19 +256,18 @@ DENSE_CELLS = 1 << 23
 
 
 def mostly_stored(M: sp.spmatrix) -> bool:
-    """Whether the sparse ``M`` is better summed as a dense copy: at least
-    ``DENSE_SHARE`` of its entries stored, at most ``DENSE_CELLS`` cells."""
+    """Whether the sparse ``M`` is summed as a dense copy: at least ``DENSE_SHARE`` of
+    its entries stored, at most ``DENSE_CELLS`` cells."""
     n, m = M.shape
     return n * m <= DENSE_CELLS and M.nnz >= DENSE_SHARE * n * m
 
 
 def summing_form(M: sp.spmatrix) -> sp.coo_matrix | np.ndarray:
-    """``M`` as :func:`candidates` sums it fastest: a dense copy when
-    :func:`mostly_stored` (its slices sum several times faster; the sums agree up to the
-    order of floating-point additions), else COO. Build it once for many layouts of one
-    matrix."""
+    """``M`` in the form :func:`candidates` sums it in: a dense float64 copy when
+    :func:`mostly_stored` (its slices sum several times faster than the entries), else
+    COO. Build it once for many layouts of one matrix."""
     if mostly_stored(M):
-        return M.toarray()
+        return M.toarray().astype(np.float64, copy=False)
     return M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
 
 
@@ -275,10 +276,14 @@ def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int
     """The candidate blocks of ``M`` (values = objective mass) under fixed permutations.
 
     ``M`` is a scipy sparse matrix (a COO one is used as is: refinement rebuilds the
-    candidates many times from one) or a dense 2-D ndarray (summed panel by panel, faster
-    when most entries are stored)."""
+    candidates many times from one) or a dense 2-D ndarray. A matrix that is
+    :func:`mostly_stored` is summed as a dense float64 array whichever form it comes in
+    (:func:`summing_form` converts it once for many calls): the sums, and so the blocks
+    chosen among exact ties, do not depend on the form."""
     check_choice(fmt, "format", "candidates", set(FORMATS))
-    dense = isinstance(M, np.ndarray)
+    dense = isinstance(M, np.ndarray) or mostly_stored(M)
+    if dense:
+        M = M.astype(np.float64, copy=False) if isinstance(M, np.ndarray) else M.toarray()
     coo = None if dense else M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
     n, m = M.shape
     br, bc = block

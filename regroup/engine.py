@@ -161,14 +161,17 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         are then not partitioned or refined, only the other side and the kept blocks are
         chosen. This is how a permutation shared with a neighbouring layer (folded into
         it) is respected. With ``row_perm`` given, the method is not run for the rows and
-        ``metrics["chosen"]`` is ``"fixed"``. Format "nm" takes ``col_perm`` only: no
-        search is run, the N:M mask of those columns is taken (``chosen`` "fixed").
+        ``metrics["chosen"]`` is ``"fixed"`` (``"warm"`` with ``init``). Format "nm"
+        takes ``col_perm`` only: no search is run, the N:M mask of those columns is taken
+        (``chosen`` "fixed").
     init : LayerResult, optional
         Warm start (grid and shuffled): no partitioner runs. The start is ``init``'s
         orders (``row_perm``, and ``col_perm`` for grid) with the kept blocks re-picked
         for this pattern under the budget (for shuffled, each panel's tiles are re-picked
         from the panel's column masses); then at most ``warm_rounds`` rounds of
-        refinement (:func:`regroup.refine.refine`; none with ``refine=False``). The
+        refinement (:func:`regroup.refine.refine`; none when the options do not refine:
+        ``refine=False``, or ``None`` with a single method) and, with ``anneal``, the
+        annealing and refinement that follow it in the cold path. The
         result never keeps less mass than that start. The start is ``init``'s own layout
         when ``init`` was made for this pattern with these options; when the blocks have
         equal area (shape divisible by the block) and ``init``'s blocks fit the budget,
@@ -180,7 +183,7 @@ def regroup_pattern(pattern: Pattern, *, options: RegroupOptions | None = None,
         columns) instead of ``init``'s, and the refinement leaves it in place.
         ``metrics["chosen"]`` is ``"warm"`` and ``metrics["warm_start"]`` holds
         ``{"rounds": max rounds, "start": the start's retained share of the objective,
-        "fixed": the sides given}``. Not with ``anneal``.
+        "fixed": the sides given}``.
     warm_rounds : int, optional
         Refinement rounds of a warm start (default :data:`WARM_ROUNDS`); ``init`` only.
     **kwargs
@@ -335,12 +338,12 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     if opts.format == "nm":
         raise ValueError(f"The 'init' parameter of {caller} applies to the grid and "
                          "shuffled formats only. Got format 'nm' instead.")
-    if opts.anneal is not None:
-        raise ValueError(f"The 'anneal' parameter of {caller} does not combine with "
-                         "'init' (a warm start refines init's orders). Got both instead.")
+    if opts.anneal is not None and row_perm is not None:
+        raise ValueError(f"The 'anneal' parameter of {caller} moves rows, which row_perm "
+                         "fixes (a folded dimension); leave anneal unset for such layers")
     rounds = WARM_ROUNDS if rounds is None else check_int(rounds, "warm_rounds", caller,
                                                           low=1, high=1000)
-    if opts.refine is False:
+    if not opts.refines:
         rounds = 0
     t0 = time.perf_counter()
     rows, cols = _check_init(init, pattern, opts, caller)
@@ -360,6 +363,14 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     lay = (local_search(V, start, budget, nnz, max_rounds=rounds, rows=free_rows,
                         cols=free_cols, time_limit=opts.time_limit, notes=notes)
            if rounds else start)
+    anneal_gain = None
+    if opts.anneal is not None:           # as in the cold path, after the refinement
+        before = lay.kept_mass
+        lay = anneal(V, lay, budget, nnz, seconds=opts.anneal, seed=opts.seed)
+        if lay.kept_mass > before and rounds:
+            lay = local_search(V, lay, budget, nnz, max_rounds=rounds, cols=free_cols,
+                               time_limit=opts.time_limit, notes=notes)
+        anneal_gain = (lay.kept_mass - before) / total
     identity = build_layout(S, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
                             format, budget, nnz)
     metrics = layer_metrics(pattern, lay, identity)
@@ -371,6 +382,8 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
                                    "fixed": [side for side, perm in (("rows", row_perm),
                                                                      ("cols", col_perm))
                                              if perm is not None]}})
+    if opts.anneal is not None:
+        metrics["anneal_gain"] = anneal_gain
     if notes:
         metrics["bounds"] = notes
     return LayerResult(

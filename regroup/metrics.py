@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from .blocks import Layout, group_sums, layout_mask, mostly_stored, positions
 from .pattern import Pattern
+from .validation import is_permutation
 
 __all__ = ["retained", "fill", "panel_km1", "layer_metrics", "nm_metrics"]
 
@@ -73,13 +74,21 @@ def _dense_km1(stored: np.ndarray, row_perm: np.ndarray, br: int) -> int:
     return int(np.sum(np.maximum(touched - 1, 0)))
 
 
-def panel_km1(matrix: sp.csr_matrix, row_perm: np.ndarray, br: int) -> int:
+def panel_km1(matrix: sp.spmatrix | Pattern, row_perm: np.ndarray, br: int) -> int:
     """km1 of the partition of rows into consecutive panels of ``row_perm``: the
     unweighted column-net ``km1`` (:func:`regroup.hypergraph.km1`), counted straight from
     the stored entries."""
-    coo = sp.csr_matrix(matrix).tocoo()
+    X = matrix.matrix if isinstance(matrix, Pattern) else matrix
+    coo = sp.csr_matrix(X).tocoo()
     coo.sum_duplicates()
-    return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), br)
+    n = coo.shape[0]
+    if not is_permutation(row_perm, n):
+        raise ValueError(f"The 'row_perm' parameter of panel_km1 must be a permutation of "
+                         f"range({n}). Got {np.asarray(row_perm)!r} instead.")
+    if isinstance(br, bool) or not isinstance(br, (int, np.integer)) or br < 1:
+        raise ValueError(f"The 'br' parameter of panel_km1 must be an int >= 1. Got "
+                         f"{br!r} instead.")
+    return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), int(br))
 
 
 def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:

@@ -308,3 +308,18 @@ def test_layer_metrics_agree_dense_and_sparse(monkeypatch, n, m, density, weight
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12) if value is not None \
                 else got[key] is None, (key, share)
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_build_layout_sums_any_form_and_dtype_alike(fmt):
+    # Dense unsigned ints, dense floats and the sparse matrix pick the same blocks.
+    rng = np.random.default_rng(2)
+    W = (rng.integers(0, 4, (12, 10)) * (rng.random((12, 10)) < 0.5)).astype(np.uint8)
+    rows, cols = rng.permutation(12), rng.permutation(10)
+    budget = Budget.parse("blocks=3")
+    got = [build_layout(M, rows, cols, (3, 2), fmt, budget, int(np.count_nonzero(W)))
+           for M in (W, W.astype(float), sp.csr_matrix(W.astype(float)))]
+    for lay in got[1:]:
+        np.testing.assert_array_equal(layout_mask(lay), layout_mask(got[0]))
+        assert lay.kept_mass == got[0].kept_mass
+    assert got[0].kept_mass == max(lay.kept_mass for lay in got) > 0

@@ -562,6 +562,8 @@ def test_warm_start_keeps_the_fixed_sides(fmt):
     warm = regroup_pattern(from_array(w1), options=opts, init=init, row_perm=rows)
     np.testing.assert_array_equal(warm.row_perm, rows)
     assert warm.metrics["warm_start"]["fixed"] == ["rows"]
+    # Grid columns are still refined; shuffled panels have nothing else to move.
+    assert warm.metrics["refined"] is (fmt == "grid")
     assert warm.metrics["retained_magnitude"] >= warm.metrics["warm_start"]["start"] - 1e-12
     check_layout(warm.mask2d, fmt, (8, 8), warm.row_perm, warm.col_perm, warm.panel_cols)
     if fmt == "grid":
@@ -577,6 +579,43 @@ def test_warm_start_keeps_the_fixed_sides(fmt):
         moved = regroup_pattern(from_array(w1), options=opts, init=init, col_perm=cols)
         np.testing.assert_array_equal(moved.col_perm, cols)
         assert moved.metrics["warm_start"]["fixed"] == ["cols"]
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("seed", range(6))
+def test_warm_start_reproduces_init_among_exact_ties(fmt, seed):
+    # Mostly stored, values on a 0.1 grid: many blocks tie exactly. The warm start sums
+    # the same way as the plan it starts from, so it re-picks the same blocks.
+    rng = np.random.default_rng(seed)
+    w = np.round(rng.random((24, 20)), 1) * (rng.random((24, 20)) < 0.6)
+    for opts in (RegroupOptions(block=4, format=fmt, method="identity",
+                                budget="blocks=6", refine=False),
+                 RegroupOptions(block=4, format=fmt, budget="blocks=6")):
+        init = regroup_pattern(from_array(w), options=opts)
+        warm = regroup_pattern(from_array(w), options=opts, init=init)
+        np.testing.assert_array_equal(warm.mask, init.mask)
+
+
+def test_warm_start_reproduces_the_reviewed_tie():
+    w = np.array([[.9, 0, .1, 0, .5, .8], [0, 0, 0, 0, .8, .5], [0, 0, 0, .3, .1, .3],
+                  [0, 0, .2, .6, .6, .1]])
+    opts = RegroupOptions(block=2, method="identity", budget="blocks=2", refine=False)
+    init = regroup_pattern(from_array(w), options=opts)
+    warm = regroup_pattern(from_array(w), options=opts, init=init)
+    np.testing.assert_array_equal(warm.mask, init.mask)
+
+
+def test_warm_start_anneals_like_the_cold_path():
+    rng = np.random.default_rng(4)
+    p = _pattern(rng, 48, 32, 0.3)
+    init = regroup_pattern(p, block=8, method="identity")
+    warm = regroup_pattern(p, block=8, init=init, anneal=0.05, seed=1)
+    assert warm.metrics["anneal_gain"] >= 0
+    assert warm.metrics["retained_magnitude"] >= warm.metrics["warm_start"]["start"] - 1e-12
+    check_layout(warm.mask2d, "grid", (8, 8), warm.row_perm, warm.col_perm, None)
+    # Deterministic for a seed.
+    again = regroup_pattern(p, block=8, init=init, anneal=0.05, seed=1)
+    np.testing.assert_array_equal(again.mask, warm.mask)
 
 
 def _flipped(mask):
@@ -619,8 +658,10 @@ WARM_ERRORS = {
     "fixed_row_perm": (lambda g, o: dict(init=g, block=8, row_perm=np.zeros(32, np.intp)),
                        ValueError, "'row_perm' parameter of regroup_pattern is an ordering "
                        "that is not a permutation"),
-    "with_anneal": (lambda g, o: dict(init=g, block=8, anneal=1.0), ValueError,
-                    "'anneal' parameter of regroup_pattern does not combine"),
+    "anneal_fixed_rows": (lambda g, o: dict(init=g, block=8, anneal=1.0,
+                                            row_perm=np.arange(32)), ValueError,
+                          "'anneal' parameter of regroup_pattern moves rows, which row_perm "
+                          "fixes"),
     "nm": (lambda g, o: dict(init=g, format="nm"), ValueError,
            "'init' parameter of regroup_pattern applies to the grid and shuffled formats"),
 }

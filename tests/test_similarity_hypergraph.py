@@ -133,3 +133,15 @@ def test_panel_km1_on_a_wide_sparse_matrix():
     labels[perm] = np.arange(6) // 2
     assert X.shape[1] * 3 > 4 * X.nnz + (1 << 16)
     assert panel_km1(X, perm, 2) == km1(column_net(X), labels) > 0
+
+
+def test_panel_km1_checks_its_order_and_takes_a_pattern():
+    from regroup import from_sparse
+    X = sp.csr_matrix(np.eye(4))
+    for bad in (np.arange(5), np.array([0, 0, 1, 2]), np.array([0, 1, 2, 7])):
+        with pytest.raises(ValueError, match="'row_perm' parameter of panel_km1 must be"):
+            panel_km1(X, bad, 2)
+    with pytest.raises(ValueError, match="'br' parameter of panel_km1"):
+        panel_km1(X, np.arange(4), 0)
+    X = sp.csr_matrix(np.ones((4, 3)))
+    assert panel_km1(from_sparse(X), np.arange(4), 2) == panel_km1(X, np.arange(4), 2) == 3

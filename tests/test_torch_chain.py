@@ -163,3 +163,12 @@ def test_a_saved_plan_keeps_what_chain_became(tmp_path):
     assert Plan.load(tmp_path / "t.npz").options.chain == 0.01
     # leaving N:M restores the default
     assert RegroupOptions(format="nm").replace(format="grid").chain == "auto"
+
+
+def test_chain_replans_anneal_unfolded_rows_as_the_first_plan_did():
+    x = torch.randn(2, 64)
+    model = _chain_mlp()
+    plan = regroup_model(model, block=8, mode="runtime", example_inputs=(x,), chain=0.01,
+                         anneal=0.02)
+    for r in plan.layers.values():
+        assert r.metrics["chosen"] == "warm" and r.metrics["anneal_gain"] >= 0

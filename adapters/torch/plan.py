@@ -1113,7 +1113,8 @@ def _chain_reselect(patterns: Mapping[str, regroup.Pattern], results: dict[str, 
     layers first (the few blocks of a very sparse layer decide which features survive),
     :data:`CHAIN_ROUNDS` passes, a layer re-planned only when its live features changed.
     A re-plan is a warm start from the layer's current plan (:func:`regroup.regroup_pattern`
-    with ``init``; no partitioner, no annealing); folded sides keep their orders.
+    with ``init``: no partitioner runs; refined and annealed as the options say, so with
+    ``refine=False`` only its blocks are re-picked); folded sides keep their orders.
     Returns the plan note."""
     eps = opts.chain
     order = sorted(results, key=lambda n: (patterns[n].density, n))
@@ -1147,9 +1148,10 @@ def _chain_reselect(patterns: Mapping[str, regroup.Pattern], results: dict[str, 
             # A warm start from the layer's plan (its orders, blocks re-picked for the
             # scaled weights, then refined) in place of the partitioners: 2.5x less plan
             # time on MobileNetV2 for the same recovery (benchmarks/README.md).
-            new = regroup.regroup_pattern(
-                weighted, options=opts.per_layer().replace("regroup_model", anneal=None),
-                init=r, row_perm=rp, col_perm=cp)
+            layer_opts = opts.per_layer() if rp is None else opts.per_layer().replace(
+                "regroup_model", anneal=None)
+            new = regroup.regroup_pattern(weighted, options=layer_opts, init=r,
+                                          row_perm=rp, col_perm=cp)
             metrics = dict(new.metrics, chain=eps)
             if pat.has_weights:      # in the layer's own units, not the weighted ones
                 metrics["retained_magnitude"] = retained(pat.matrix,
