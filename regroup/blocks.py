@@ -267,8 +267,14 @@ def summing_form(M: sp.spmatrix) -> sp.coo_matrix | np.ndarray:
     :func:`mostly_stored` (its slices sum several times faster than the entries), else
     COO. Build it once for many layouts of one matrix."""
     if mostly_stored(M):
-        return M.toarray().astype(np.float64, copy=False)
+        return _float_array(M)
     return M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
+
+
+def _float_array(M: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """``M`` as a dense float64 array (no copy when it is one)."""
+    arr = M if isinstance(M, np.ndarray) else M.toarray()
+    return arr.astype(np.float64, copy=False)
 
 
 def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int, int],
@@ -283,7 +289,7 @@ def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int
     check_choice(fmt, "format", "candidates", set(FORMATS))
     dense = isinstance(M, np.ndarray) or mostly_stored(M)
     if dense:
-        M = M.astype(np.float64, copy=False) if isinstance(M, np.ndarray) else M.toarray()
+        M = _float_array(M)
     coo = None if dense else M if isinstance(M, sp.coo_matrix) else sp.csr_matrix(M).tocoo()
     n, m = M.shape
     br, bc = block

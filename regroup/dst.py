@@ -394,8 +394,8 @@ def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any
             within[p, c[:full]] = np.arange(full)
             group[p, c[full:]] = 2
     if rank is not None:
-        sq = np.square(_check_2d(rank, (n, m), "rank", caller))
-        score = _panel_column_sums(sq, rows, br)
+        score = _panel_column_sums(np.square(_check_2d(rank, (n, m), "rank", caller)),
+                                   rows, br)
         within = np.where(group == 1, -score, within)
     index = np.broadcast_to(np.arange(m), (P, m))
     order = np.lexsort((index, within, group), axis=-1).astype(np.intp)

@@ -360,7 +360,7 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     free_rows, free_cols = row_perm is None, col_perm is None
     if not (free_rows or (free_cols and format == "grid")):
         rounds = 0                       # every order fixed: the blocks only
-    lay = (local_search(V, start, budget, nnz, max_rounds=rounds, rows=free_rows,
+    lay = (local_search(S, start, budget, nnz, max_rounds=rounds, rows=free_rows,
                         cols=free_cols, time_limit=opts.time_limit, notes=notes)
            if rounds else start)
     anneal_gain = None
@@ -368,7 +368,7 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
         before = lay.kept_mass
         lay = anneal(V, lay, budget, nnz, seconds=opts.anneal, seed=opts.seed)
         if lay.kept_mass > before and rounds:
-            lay = local_search(V, lay, budget, nnz, max_rounds=rounds, cols=free_cols,
+            lay = local_search(S, lay, budget, nnz, max_rounds=rounds, cols=free_cols,
                                time_limit=opts.time_limit, notes=notes)
         anneal_gain = (lay.kept_mass - before) / total
     identity = build_layout(S, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,

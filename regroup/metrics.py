@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from .blocks import Layout, group_sums, layout_mask, mostly_stored, positions
 from .pattern import Pattern
-from .validation import is_permutation
+from .validation import check_int, is_permutation
 
 __all__ = ["retained", "fill", "panel_km1", "layer_metrics", "nm_metrics"]
 
@@ -85,10 +85,8 @@ def panel_km1(matrix: sp.spmatrix | Pattern, row_perm: np.ndarray, br: int) -> i
     if not is_permutation(row_perm, n):
         raise ValueError(f"The 'row_perm' parameter of panel_km1 must be a permutation of "
                          f"range({n}). Got {np.asarray(row_perm)!r} instead.")
-    if isinstance(br, bool) or not isinstance(br, (int, np.integer)) or br < 1:
-        raise ValueError(f"The 'br' parameter of panel_km1 must be an int >= 1. Got "
-                         f"{br!r} instead.")
-    return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), int(br))
+    br = check_int(br, "br", "panel_km1", low=1)
+    return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), br)
 
 
 def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:

@@ -65,13 +65,19 @@ def _group_sums(M: sp.coo_matrix | np.ndarray, axis: int, perm: np.ndarray, size
 
 
 class _Mass:
-    """The objective matrix in the forms the steps read: CSR, and what
-    :func:`build_layout` sums fastest (:func:`regroup.blocks.summing_form`)."""
+    """The objective matrix in the forms the steps read: what :func:`build_layout` sums
+    (:func:`regroup.blocks.summing_form`: a dense float64 array, or COO), and CSR for
+    the sparse products when it is not dense. ``V`` may already be that dense array."""
 
-    def __init__(self, V: sp.spmatrix):
-        self.csr = sp.csr_matrix(V)
-        self.sums = summing_form(self.csr)
+    def __init__(self, V: sp.spmatrix | np.ndarray):
+        self.matrix = V
+        if isinstance(V, np.ndarray):
+            self.sums = V.astype(np.float64, copy=False)
+        else:
+            self.sums = summing_form(V)
         self.dense = self.sums if isinstance(self.sums, np.ndarray) else None
+        self.csr = None if self.dense is not None else sp.csr_matrix(V)
+        self.shape = self.sums.shape
 
 
 def _row_values(V: _Mass, lay: Layout) -> np.ndarray:
@@ -79,7 +85,7 @@ def _row_values(V: _Mass, lay: Layout) -> np.ndarray:
     if lay.format == "grid":
         return _group_sums(V.sums, 0, lay.col_perm, lay.block_shape[1]) @ \
             lay.kept.T.astype(float)
-    ind = _panel_column_indicator(lay, V.csr.shape[1])
+    ind = _panel_column_indicator(lay, V.shape[1])
     return V.dense @ ind.toarray() if V.dense is not None else (V.csr @ ind).toarray()
 
 
@@ -121,10 +127,11 @@ def _note(notes: list[str] | None, text: str) -> None:
         notes.append(text)
 
 
-def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
+def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int, *,
            time_limit: float | None = None, max_rounds: int = 20,
            rows: bool = True, cols: bool = True, notes: list[str] | None = None) -> Layout:
-    """Improve ``layout`` for the objective ``V`` (values = mass) under ``budget``.
+    """Improve ``layout`` for the objective ``V`` (values = mass; sparse, or the dense
+    array :func:`regroup.blocks.summing_form` gives) under ``budget``.
 
     Returns a layout whose kept mass is >= the input's (the input itself when nothing
     improves). The search is deterministic; ``time_limit`` (seconds) is a safety cap that
@@ -135,7 +142,7 @@ def refine(V: sp.csr_matrix, layout: Layout, budget: Budget, nnz: int, *,
     (:func:`step_bounds`); why is appended to ``notes`` when given.
     """
     mass = _Mass(V)
-    n, m = mass.csr.shape
+    n, m = mass.shape
     block = layout.block_shape
     deadline = None if time_limit is None else time.perf_counter() + time_limit
     best, best_score = layout, layout.kept_mass
@@ -206,7 +213,7 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
     if not (len(rows) == len(cols) == n_layers):
         raise ValueError("refine_shared: 'layers', 'rows' and 'cols' differ in length")
     masses = [_Mass(V) for V, _, _, _ in layers]
-    weights = [1.0 / (float(V.csr.sum()) or 1.0) for V in masses]
+    weights = [1.0 / (float(V.sums.sum()) or 1.0) for V in masses]
     lays = [lay for _, lay, _, _ in layers]
     keys: dict = {}
     for i, lay in enumerate(lays):
@@ -235,7 +242,7 @@ def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],
         own_rows, own_cols = rows[i] is None, cols[i] is None and lay.format == "grid"
         if own_rows or own_cols:
             left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-            new = refine(masses[i].csr, new, budget, nnz, rows=own_rows, cols=own_cols,
+            new = refine(masses[i].matrix, new, budget, nnz, rows=own_rows, cols=own_cols,
                          max_rounds=2, time_limit=left, notes=notes)
         return new
 
