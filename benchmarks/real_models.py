@@ -10,12 +10,14 @@ and the same recovery (knowledge distillation from the dense model, block masks 
 - ``block magnitude`` the best b x b blocks of the DENSE weight by L1 norm, as many per
                       layer as auto keeps (no unstructured step, no permutation)
 - ``dsb``             regroup with DSB's grouping (runtime orders)
-- ``auto``            regroup's portfolio, each layer planned on its own (``chain=None``;
-                      runtime orders: ``--fold`` folds them)
+- ``auto``            ``regroup_model``'s defaults: regroup's portfolio, then every layer
+                      planned again with the weights of features its neighbours' kept
+                      blocks do not use scaled down (``chain="auto"``, 0.01 here: the
+                      model is traced on the example input); runtime orders (``--fold``
+                      folds them)
+- ``auto per-layer``  auto with ``chain=None``: each layer planned on its own (``--methods``;
+                      what ``auto`` was in the results before 2026-12-02)
 - ``auto |w|``        auto ranking blocks by |w| alone (no calibration; ``--methods``)
-- ``auto chain``      auto with ``chain=0.01``: each layer planned again with the weights
-                      of features its neighbours' kept blocks do not use scaled down
-                      (``--methods``; it traces the model with the example input)
 - ``block magnitude x act``  block magnitude on |w| x input norm (``--methods``)
 
 ``--seeds`` repeats everything per seed (the recovery data, dropout and regroup's seed;
@@ -40,7 +42,17 @@ Fidelity to the dense model, before and after recovery:
     python benchmarks/real_models.py --model mobilenet --sparsities 0.9 --steps 60
     python benchmarks/real_models.py --quick               # smoke run (CI, slow marker)
 
-Results: ``results/real_models.{csv,md}`` (or ``real_models_quick``).
+Speed (unless ``--no-speed``): after the runs, auto's plan of the first seed of each
+configuration is applied to a fresh dense model and timed in the main process on one
+torch thread (best of ``--speed-reps`` forward passes of one batch of ``--speed-batch``,
+the models taken in turn: MobileNetV2 crops at ``--size``, MiniLM sentences padded to the
+batch's longest):
+the dense model, and the block-sparse models of ``to_block_sparse`` with backend "auto"
+(each layer timed once per input class and kept dense unless a sparse path beat it by
+5 %) and "bsr" (every planned layer on torch's BSR product).
+
+Results: ``results/real_models.{csv,md}`` (or ``real_models_quick``), the speed table in
+``results/real_models_speed.csv``.
 """
 from __future__ import annotations
 
@@ -50,6 +62,7 @@ import functools
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -66,12 +79,14 @@ from _tables import write_outputs  # noqa: E402
 from regroup.blocks import build_layout, layout_mask  # noqa: E402
 
 from regroup import Budget  # noqa: E402
-from regroup.adapters.torch import (input_scales, layer_masks, recover,  # noqa: E402
+from regroup.adapters.torch import (BlockSparseConv2d, BlockSparseLinear,  # noqa: E402
+                                    Plan, input_scales, layer_masks, recover,
                                     regroup_model, teacher_outputs, to_block_sparse,
                                     write_mask)
 
+BLOCK_MODULES = (BlockSparseLinear, BlockSparseConv2d)
 METHODS = ("unstructured", "naive blocks", "block magnitude", "block magnitude x act", "dsb",
-           "auto", "auto |w|", "auto chain")
+           "auto", "auto |w|", "auto per-layer")
 
 
 # -- pruning and blocking ----------------------------------------------------------------
@@ -126,13 +141,14 @@ def make_variant(dense: nn.Module, layers, method: str, sparsity: float, block: 
     if method == "unstructured":
         return model, None
     algo = {"naive blocks": "identity", "dsb": "dsb", "auto": "auto", "auto |w|": "auto",
-            "auto chain": "auto"}[method]
+            "auto per-layer": "auto"}[method]
     names = [n + ".weight" for n, m in model.named_modules() if any(m is c for c in chosen)]
     plan = regroup_model(model, block=block, method=algo, format="grid", layers=names,
                          mode="fold" if fold and algo == "auto" else "runtime",
                          example_inputs=example, seed=seed,
                          calibration=None if method == "auto |w|" else scales,
-                         chain=0.01 if method == "auto chain" else None)
+                         chain="auto" if algo == "auto" and method != "auto per-layer"
+                         else None)
     return model, plan
 
 
@@ -172,17 +188,80 @@ def embedding_cosine(model, tok, sentences, dense_emb) -> float:
     return float((emb * dense_emb).sum(-1).mean())
 
 
-def speed(model, x, reps=5) -> float:
-    """Best of ``reps`` forward passes, seconds."""
-    model.eval()
-    best = float("inf")
+def speeds(models: dict[str, nn.Module], inputs: dict, reps: int) -> dict[str, float]:
+    """Best forward time of each model, seconds: one warm-up call each (backend "auto"
+    times its paths there), then ``reps`` rounds timing every model in turn, so that a
+    drift of the machine's speed (a shared VM's) reaches all of them alike."""
+    best = dict.fromkeys(models, float("inf"))
     with torch.no_grad():
-        model(x)
+        for model in models.values():
+            model.eval()(**inputs)
         for _ in range(reps):
-            t0 = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t0)
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(**inputs)
+                best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def plan_file(plan_dir: str, meta: dict) -> str:
+    return os.path.join(plan_dir, f"{meta['model']}_{meta['sparsity']}_{meta['block']}.plan")
+
+
+def model_speed(args, configs) -> list[dict]:
+    """Time the dense model against the block-sparse models of auto's saved plans (one
+    torch thread; see the module docstring); ``configs`` are (model, sparsity, block)."""
+    torch.set_num_threads(1)
+    out = []
+    for name, sparsity, block in configs:
+        path = plan_file(args.plan_dir, {"model": name, "sparsity": sparsity, "block": block})
+        if not os.path.exists(path):
+            continue
+        plan = Plan.load(path)
+        if name == "minilm":
+            dense, tok = zoo.minilm()
+            sentences = zoo.english_sentences(args.sentences)
+            x = dict(tok(sentences[len(sentences) // 2:][:args.speed_batch], padding=True,
+                         truncation=True, max_length=128, return_tensors="pt"))
+        else:
+            dense = zoo.mobilenet_v2()
+            x = {"x": zoo.photo_crops(args.speed_batch, size=args.size, seed=2)}
+        models = {"dense": dense}
+        for backend in ("auto", "bsr"):
+            bs = copy.deepcopy(dense)
+            plan.apply(bs)
+            to_block_sparse(bs, plan, backend=backend)
+            models[backend] = bs
+        t = speeds(models, x, args.speed_reps)
+        # one path per block-sparse module and input class (one class here)
+        paths = [p for m in models["auto"].modules() if isinstance(m, BLOCK_MODULES)
+                 for p in m.dispatch_log.values()]
+        row = {"model": name, "sparsity": sparsity, "block": block, "threads": 1,
+               "batch": args.speed_batch, "layers": len(plan.layers),
+               "auto_timed_layers": len(paths),
+               "auto_sparse_layers": sum(p != "dense" for p in paths),
+               **{f"{k}_ms": round(1e3 * v, 2) for k, v in t.items()},
+               "speedup_auto": round(t["dense"] / t["auto"], 3),
+               "speedup_bsr": round(t["dense"] / t["bsr"], 3)}
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def _speed_table(rows, lines) -> None:
+    if not rows:
+        return
+    lines += ["### CPU speed of auto's block-sparse model (one torch thread)", "",
+              "| model | sparsity | block | batch | dense ms | block-sparse ms (auto) | "
+              "speed-up | layers on a sparse path | block-sparse ms (bsr) | speed-up (bsr) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sparsity']} | {r['block']} | {r['batch']} | "
+                     f"{r['dense_ms']:.1f} | {r['auto_ms']:.1f} | "
+                     f"{r['speedup_auto']:.2f}x | {r['auto_sparse_layers']} of "
+                     f"{r['auto_timed_layers']} | {r['bsr_ms']:.1f} | "
+                     f"{r['speedup_bsr']:.2f}x |")
+    lines.append("")
 
 
 # -- runs --------------------------------------------------------------------------------
@@ -208,10 +287,13 @@ def _variant_rows(args, seed, build, fidelity, recover_kw, dense, scales, meta, 
                "after": round(after, 4), "plan_s": round(plan_s, 1),
                "recover_s": round(log.seconds, 1), "steps": log.steps, **kept}
         if plan is not None:
+            row["chain"] = plan.options.chain
             row["retained"] = round(float(np.mean([r.metrics["retained"]
                                                    for r in plan.layers.values()])), 4)
             row["folded_sides"] = sum(v == "fold" for s in plan.sides.values()
                                       for v in (s.get("rows"), s.get("cols")))
+        if method == "auto" and args.plan_dir and seed == args.seeds[0]:
+            plan.save(plan_file(args.plan_dir, meta))
         yield row, model, plan
         rows.append(row)
         print(row, flush=True)
@@ -239,15 +321,10 @@ def run_mobilenet(args, rows):
                                       scales=scales if args.calibration else None)
             meta = {"model": "mobilenet_v2", "sparsity": sparsity, "block": 16,
                     "metric": "top-1 agreement"}
-            for row, model, plan in _variant_rows(
-                    args, seed, build, lambda m: top1_agreement(m, dense_top1, evals), kw,
-                    dense, scales, meta, rows):
-                if row["method"] == "auto" and args.speed:
-                    x = evals[:args.batch]
-                    t_dense = speed(dense, x)
-                    bs = copy.deepcopy(model)
-                    to_block_sparse(bs, plan, backend="auto")
-                    row["speedup"] = round(t_dense / speed(bs, x), 3)
+            for _ in _variant_rows(args, seed, build,
+                                   lambda m: top1_agreement(m, dense_top1, evals), kw,
+                                   dense, scales, meta, rows):
+                pass
 
 
 def _by_length(tok, sentences):
@@ -399,7 +476,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-embeddings", action="store_true",
                     help="MiniLM: recovery trains the embeddings too (default: frozen)")
     ap.add_argument("--fold", action="store_true", help="auto folds its orders")
-    ap.add_argument("--speed", action="store_true", help="time auto's block-sparse model")
+    ap.add_argument("--no-speed", dest="speed", action="store_false",
+                    help="skip timing auto's block-sparse models")
+    ap.add_argument("--speed-reps", type=int, default=3,
+                    help="timed forward passes per model (best of)")
+    ap.add_argument("--speed-batch", type=int, default=8,
+                    help="inputs per timed forward pass (crops or sentences)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes (each (model, sparsity) is a task; torch threads are "
@@ -423,7 +505,12 @@ def main(argv=None) -> int:
         args.methods = sorted(dict.fromkeys(args.methods), key=lambda m: m != "auto")
     else:
         args.methods = ["unstructured", "auto", "naive blocks", "block magnitude", "dsb"]
+    for flag in ("speed_reps", "speed_batch"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     t0 = time.perf_counter()
+    plan_dir = tempfile.TemporaryDirectory() if args.speed else None
+    args.plan_dir = plan_dir.name if plan_dir else None
     tasks = ([("bert", s) for s in args.bert_sparsities] if args.model in ("bert", "all")
              else []) + ([("mobilenet", s) for s in args.sparsities]
                          if args.model in ("mobilenet", "all") else [])
@@ -437,15 +524,26 @@ def main(argv=None) -> int:
     else:
         done = [_task((args, t)) for t in tasks]
     rows, lines = [r for task_rows in done for r in task_rows], []
+    speed_rows = []
+    if plan_dir is not None:
+        with plan_dir:
+            speed_rows = model_speed(args, sorted({(r["model"], r["sparsity"], r["block"])
+                                                   for r in rows}))
     _table(rows, "minilm", lines)
     _table(rows, "mobilenet_v2", lines)
+    speed_lines: list[str] = []
+    _speed_table(speed_rows, speed_lines)
+    lines += speed_lines
     lines.append(f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min ({jobs} process"
                  f"{'es' * (jobs > 1)} of {threads} torch thread{'s' * (threads > 1)}); "
                  f"photographs: {', '.join(zoo.photos())}.")
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                   if k in rows[0] else 99)
     rows = [{k: r.get(k, "") for k in keys} for r in rows]
-    write_outputs(args.out, "real_models_quick" if args.quick else "real_models", rows, lines)
+    stem = "real_models_quick" if args.quick else "real_models"
+    write_outputs(args.out, stem, rows, lines)
+    if speed_rows:
+        write_outputs(args.out, stem + "_speed", speed_rows, speed_lines)
     print("\n".join(lines))
     return 0
 

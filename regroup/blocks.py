@@ -297,8 +297,10 @@ def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int
     P, Q = -(-n // br), -(-m // bc)
     area = np.outer(_sizes(n, br), _sizes(m, bc))
     if dense:
-        # (panels, columns): each column's mass over each panel's rows.
-        colmass = group_sums(M[row_perm], br, 0)
+        # (panels, columns): each column's mass over each panel's rows (the identity
+        # order sums M in place: no copy).
+        colmass = group_sums(M if np.array_equal(row_perm, np.arange(n)) else M[row_perm],
+                             br, 0)
     else:
         panel = positions(row_perm)[coo.row] // br
     if fmt == "grid":

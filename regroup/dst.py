@@ -34,12 +34,13 @@ import numpy as np
 
 from .validation import (RegroupError, check_block, check_choice, check_int, check_real,
                          is_permutation)
-from .blocks import FORMATS, Layout, group_sums, layout_mask
+from .blocks import FORMATS, Budget, Layout, group_sums, layout_mask
+from .refine import warm_start
 
 __all__ = ["DISTRIBUTIONS", "DropGrow", "Units", "churn", "drop_count", "drop_fraction",
            "drop_grow", "erk_densities", "layer_densities", "layout_units", "make_units",
-           "uniform_densities", "unit_scores", "units_for_density", "units_kept",
-           "units_layout", "units_mask"]
+           "relayout", "uniform_densities", "unit_scores", "units_for_density",
+           "units_kept", "units_layout", "units_mask"]
 
 
 # -- layer densities ---------------------------------------------------------------------------
@@ -500,6 +501,17 @@ def units_kept(units: Units, mask: Any) -> np.ndarray:
     return counts == area
 
 
+def _check_layout_arg(layout: Any, caller: str) -> str:
+    """The format of ``layout``, a grid or shuffled Layout or LayerResult (else
+    TypeError)."""
+    fmt = getattr(layout, "format", None)
+    if not (isinstance(layout, Layout) or hasattr(layout, "mask2d")) or fmt not in FORMATS:
+        raise TypeError(f"The 'layout' parameter of {caller} must be a grid or shuffled "
+                        f"Layout or LayerResult. Got {type(layout).__name__} with format "
+                        f"{fmt!r} instead.")
+    return fmt
+
+
 def layout_units(layout: Any, *, rank: Any = None) -> tuple[Units, np.ndarray]:
     """The units of a :class:`~regroup.blocks.Layout` or a
     :class:`~regroup.LayerResult` (grid or shuffled), and which of them it keeps.
@@ -514,11 +526,7 @@ def layout_units(layout: Any, *, rank: Any = None) -> tuple[Units, np.ndarray]:
     kept : ndarray of bool, shape ``units.table_shape``
     """
     caller = "layout_units"
-    fmt = getattr(layout, "format", None)
-    if not (isinstance(layout, Layout) or hasattr(layout, "mask2d")) or fmt not in FORMATS:
-        raise TypeError(f"The 'layout' parameter of {caller} must be a grid or shuffled "
-                        f"Layout or LayerResult. Got {type(layout).__name__} with format "
-                        f"{fmt!r} instead.")
+    fmt = _check_layout_arg(layout, caller)
     if isinstance(layout, Layout):
         shape, mask = layout.shape, layout_mask(layout)
     else:
@@ -554,6 +562,36 @@ def units_layout(units: Units, kept: Any, unit_mass: Any) -> Layout:
     panel_cols = tuple(order[sel] for order, sel in zip(u.col_orders, in_order))
     return Layout("shuffled", u.block_shape, u.shape, u.row_perm, None, panel_cols,
                   kept.copy(), area, kept_mass)
+
+
+def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
+    """A warm re-layout: the ``k`` blocks (tiles) of most ``values`` for the orders of
+    ``layout`` (a grid or shuffled :class:`~regroup.blocks.Layout` or
+    :class:`~regroup.LayerResult`), then at most ``rounds`` rounds of refinement moving
+    rows between panels (and grid columns between groups); never less than the start.
+
+    The search of ``regroup_pattern(from_array(values), init=layout, budget=f"blocks={k}",
+    objective="magnitude", warm_rounds=rounds)``, on the dense scores as they are: no
+    pattern is built and no metrics or identity baseline computed (a training loop calls
+    it at every mask update). ``values`` (non-negative, finite) has the layout's 2-D
+    shape (N-D flattened to (d0, -1)).
+    """
+    caller = "relayout"
+    fmt = _check_layout_arg(layout, caller)
+    shape = tuple(layout.shape) if isinstance(layout, Layout) else layout.mask2d.shape
+    n, m = shape
+    V = _check_2d(values, (n, m), "values", caller)
+    if (V < 0).any():
+        raise ValueError(f"The 'values' parameter of {caller} must be non-negative (masses). "
+                         f"Got {int(np.count_nonzero(V < 0))} negative values instead.")
+    k = check_int(k, "k", caller, low=1)
+    rounds = check_int(rounds, "rounds", caller, low=0)
+    rows = _check_perm(layout.row_perm, n, "layout.row_perm", caller)
+    cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
+                                                       caller)
+    block = check_block(tuple(layout.block_shape), caller)
+    return warm_start(V, rows, cols, block, fmt, Budget.parse(f"blocks={k}"),
+                      int(np.count_nonzero(V)), rounds=rounds)[1]
 
 
 def units_for_density(units: Units, density: float) -> int:

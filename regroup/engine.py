@@ -29,7 +29,7 @@ from .options import DENSE_ABOVE, RegroupOptions, resolve_options
 from .partitioners import (check_perm, format_method, get_partitioner, parse_method,
                           run_partitioner)
 from .pattern import Pattern
-from .refine import refine as local_search
+from .refine import refine as local_search, warm_start
 from .result import LayerResult
 
 __all__ = ["regroup_pattern", "regroup_budgets", "objective_matrix", "WARM_ROUNDS"]
@@ -355,14 +355,13 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
     total = float(V.sum()) or 1.0
     nnz = pattern.nnz
     S = summing_form(V)
-    start = build_layout(S, rows, cols, block, format, budget, nnz)
     notes: list[str] = []
     free_rows, free_cols = row_perm is None, col_perm is None
     if not (free_rows or (free_cols and format == "grid")):
         rounds = 0                       # every order fixed: the blocks only
-    lay = (local_search(S, start, budget, nnz, max_rounds=rounds, rows=free_rows,
-                        cols=free_cols, time_limit=opts.time_limit, notes=notes)
-           if rounds else start)
+    start, lay = warm_start(S, rows, cols, block, format, budget, nnz, rounds=rounds,
+                            rows=free_rows, cols=free_cols, time_limit=opts.time_limit,
+                            notes=notes)
     anneal_gain = None
     if opts.anneal is not None:           # as in the cold path, after the refinement
         before = lay.kept_mass
@@ -373,7 +372,8 @@ def _regroup_warm(pattern: Pattern, opts: RegroupOptions, init: Any, rounds: Any
         anneal_gain = (lay.kept_mass - before) / total
     identity = build_layout(S, np.arange(pattern.n_rows), np.arange(pattern.n_cols), block,
                             format, budget, nnz)
-    metrics = layer_metrics(pattern, lay, identity)
+    metrics = layer_metrics(pattern, lay, identity,
+                            values=S if use_mag and isinstance(S, np.ndarray) else None)
     metrics.update({"objective": "magnitude" if use_mag else "count", "budget": str(budget),
                     "chosen": "warm", "refined": rounds > 0,
                     "refine_gain": (lay.kept_mass - start.kept_mass) / total if rounds
@@ -469,9 +469,10 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
             lay = build_layout(V, lay.row_perm, cols, block, format, budget, nnz)
         start = lay.kept_mass / total
         if do_refine:
+            # (every candidate's blocks are build_layout's choice for its orders)
             lay = local_search(V, lay, budget, nnz, rows=row_perm is None,
                                cols=col_perm is None, time_limit=opts.time_limit,
-                               notes=notes)
+                               notes=notes, chosen=True)
         return start, lay
 
     refined: dict[str, float] = {}
@@ -502,7 +503,7 @@ def _regroup(pattern: Pattern, opts: RegroupOptions, row_perm: np.ndarray | None
             cols = clustered_columns(V, lay.row_perm, block[0], block[1])
             alt = local_search(V, build_layout(V, lay.row_perm, cols, block, format, budget,
                                                nnz), budget, nnz, rows=row_perm is None,
-                               time_limit=opts.time_limit, notes=notes)
+                               time_limit=opts.time_limit, notes=notes, chosen=True)
             polish_gain = max(alt.kept_mass - lay.kept_mass, 0.0) / total
             if alt.kept_mass > lay.kept_mass:
                 lay = alt

@@ -89,27 +89,42 @@ def panel_km1(matrix: sp.spmatrix | Pattern, row_perm: np.ndarray, br: int) -> i
     return _km1(coo.row, coo.col, coo.shape, np.asarray(row_perm, np.intp), br)
 
 
-def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout) -> dict[str, Any]:
+def layer_metrics(pattern: Pattern, lay: Layout, identity: Layout, *,
+                  values: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics above for the layout ``lay`` of ``pattern`` (and the ``identity``
-    layout of the same format and budget)."""
+    layout of the same format and budget). ``values``: ``pattern.matrix`` as a dense
+    float64 array when the caller has one (the engine's summing form), read instead of
+    a second copy."""
     n, m = pattern.n_rows, pattern.n_cols
     nnz = pattern.nnz
     br = lay.block_shape[0]
     mask, mask_id = layout_mask(lay), layout_mask(identity)
     mag = None
-    if mostly_stored(pattern.matrix):
+    M = pattern.matrix
+    if mostly_stored(M):
         # Most entries stored: dense masks beat indexing every entry.
-        M = pattern.matrix       # its entries as True (explicit zeros are stored ones)
-        stored = sp.csr_matrix((np.ones(M.nnz, bool), M.indices, M.indptr),
-                               shape=M.shape).toarray()
-        n_hit = int(np.count_nonzero(stored & mask))
-        n_hit_id = int(np.count_nonzero(stored & mask_id))
+        W = values if values is not None and values.shape == M.shape else None
+        if nnz == n * m:                  # every entry stored: no table needed
+            stored = None
+            n_hit = int(np.count_nonzero(mask))
+            n_hit_id = int(np.count_nonzero(mask_id))
+        else:
+            if W is not None and np.count_nonzero(M.data) == M.nnz:
+                stored = W != 0           # (no explicit zeros: stored = nonzero)
+            else:                         # explicit zeros are stored entries too
+                stored = sp.csr_matrix((np.ones(M.nnz, bool), M.indices, M.indptr),
+                                       shape=M.shape).toarray()
+            n_hit = int(np.count_nonzero(stored & mask))
+            n_hit_id = int(np.count_nonzero(stored & mask_id))
         if pattern.has_weights:
-            W = pattern.matrix.toarray()
+            W = M.toarray() if W is None else W
             total = W.sum()
             mag = float(W[mask].sum() / total) if total != 0 else 0.0
-        km1 = _dense_km1(stored, lay.row_perm, br)
-        km1_id = _dense_km1(stored, identity.row_perm, br)
+        if stored is None:                # each column meets every row panel
+            km1 = km1_id = m * (-(-n // br) - 1)
+        else:
+            km1 = _dense_km1(stored, lay.row_perm, br)
+            km1_id = _dense_km1(stored, identity.row_perm, br)
     else:
         coo = pattern.matrix.tocoo()    # canonical: the 0/1 pattern has the same entries
         rows, cols = coo.row, coo.col

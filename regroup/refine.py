@@ -29,7 +29,8 @@ import scipy.sparse as sp
 from .assignment import Assigned, assign_within
 from .blocks import Budget, Layout, build_layout, group_sums, positions, summing_form
 
-__all__ = ["refine", "refine_shared", "step_bounds", "MAX_STEP_CELLS", "REFINE_WORK"]
+__all__ = ["refine", "refine_shared", "warm_start", "step_bounds", "MAX_STEP_CELLS",
+           "REFINE_WORK"]
 
 # A step's value table and the assignment's working copies of it (about five) must stay
 # small: 2**24 cells is 128 MiB a copy. 65536 rows in panels of 16 would need 2**28.
@@ -127,9 +128,16 @@ def _note(notes: list[str] | None, text: str) -> None:
         notes.append(text)
 
 
+def _same_groups(a: np.ndarray, b: np.ndarray, size: int) -> bool:
+    """Whether orders ``a`` and ``b`` put every item in the same group of ``size``
+    consecutive slots (the blocks then hold the same entries, in another order)."""
+    return bool(np.array_equal(positions(a) // size, positions(b) // size))
+
+
 def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int, *,
            time_limit: float | None = None, max_rounds: int = 20,
-           rows: bool = True, cols: bool = True, notes: list[str] | None = None) -> Layout:
+           rows: bool = True, cols: bool = True, notes: list[str] | None = None,
+           chosen: bool = False) -> Layout:
     """Improve ``layout`` for the objective ``V`` (values = mass; sparse, or the dense
     array :func:`regroup.blocks.summing_form` gives) under ``budget``.
 
@@ -139,7 +147,10 @@ def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int
     ``rows`` / ``cols`` False keep that order fixed (a permutation folded into a
     neighbouring layer must not move); only the kept blocks are re-picked then.
     Steps above ``MAX_STEP_CELLS`` are left out and the work stops at ``REFINE_WORK``
-    (:func:`step_bounds`); why is appended to ``notes`` when given.
+    (:func:`step_bounds`); why is appended to ``notes`` when given. ``chosen``: the
+    layout's blocks are :func:`build_layout`'s choice for its orders (as a layout it
+    built is), so a step that moves no row (column) to another panel (group) need not
+    choose them again.
     """
     mass = _Mass(V)
     n, m = mass.shape
@@ -163,16 +174,23 @@ def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int
                 return best
             if step == "rows":
                 done = _rows_step(mass, best, work)
-                cand = build_layout(mass.sums, done.perm, best.col_perm, block, best.format,
-                                    budget, nnz)
+                same = _same_groups(done.perm, best.row_perm, block[0])
+                rows_, cols_ = done.perm, best.col_perm
             else:
                 done = _cols_step(mass, best, work)
-                cand = build_layout(mass.sums, best.row_perm, done.perm, block, best.format,
-                                    budget, nnz)
+                same = _same_groups(done.perm, best.col_perm, block[1])
+                rows_, cols_ = best.row_perm, done.perm
             work -= done.work
-            score = cand.kept_mass
-            if score > best_score * (1 + 1e-12) + 1e-12:
-                best, best_score, improved = cand, score, True
+            # The same groups as best's: their blocks hold the same mass, and best's are
+            # the chosen ones, so choosing again cannot gain (the result is the same).
+            if not (same and chosen):
+                cand = build_layout(mass.sums, rows_, cols_, block, best.format, budget, nnz)
+                score = cand.kept_mass
+                if score > best_score * (1 + 1e-12) + 1e-12:
+                    best, best_score, improved = cand, score, True
+                # Either way, best's blocks are now a choice for its groups: the new
+                # best was chosen, and one choice for the same groups did not beat it.
+                chosen = chosen or same or improved
             if work <= 0:
                 _note(notes, f"refine: stopped when its work bound was spent ({REFINE_WORK} "
                              "cells visited by its assignments, regroup.refine.REFINE_WORK)")
@@ -180,6 +198,24 @@ def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int
         if not improved:
             break
     return best
+
+
+def warm_start(V: sp.spmatrix | np.ndarray, row_perm: np.ndarray,
+               col_perm: np.ndarray | None, block: tuple[int, int], fmt: str,
+               budget: Budget, nnz: int, *, rounds: int, rows: bool = True,
+               cols: bool = True, time_limit: float | None = None,
+               notes: list[str] | None = None) -> tuple[Layout, Layout]:
+    """A layout of ``V`` started from given orders: the blocks chosen for them
+    (:func:`build_layout`), then at most ``rounds`` rounds of :func:`refine` (``rows`` /
+    ``cols`` False keep that order fixed). Returns ``(start, result)``; the result keeps
+    at least the start's mass. ``V`` as for :func:`refine` (the dense array of
+    :func:`regroup.blocks.summing_form` saves its conversion)."""
+    start = build_layout(V, row_perm, col_perm, block, fmt, budget, nnz)
+    if not (rows or (cols and fmt == "grid")):
+        rounds = 0                       # every order fixed: the blocks only
+    lay = (refine(V, start, budget, nnz, max_rounds=rounds, rows=rows, cols=cols,
+                  time_limit=time_limit, notes=notes, chosen=True) if rounds else start)
+    return start, lay
 
 
 def refine_shared(layers: Sequence[tuple[sp.spmatrix, Layout, Budget, int]],

@@ -130,6 +130,22 @@ def test_real_models_quick_compares_every_method(tmp_path, real_mobilenet, real_
     # (at most) as many weights keeps more |w| of a layer pruned per layer (MiniLM)
     kept = {r["method"]: float(r["kept |w|"]) for r in rows if r["model"] == "minilm"}
     assert kept["unstructured"] >= max(kept.values()) - 1e-9, kept
+    # auto is regroup_model's default: chain on (the model is traced); "auto per-layer" off
+    chain = {(r["model"], r["method"]): r["chain"] for r in rows if r["method"].startswith("auto")}
+    assert all(c == "0.01" for (_, m), c in chain.items() if m != "auto per-layer"), chain
+    assert {c for (_, m), c in chain.items() if m == "auto per-layer"} == {""}, chain
+    # one speed row per configuration, auto's block-sparse model timed against dense
+    with open(tmp_path / "real_models_quick_speed.csv") as f:
+        speed = list(csv.DictReader(f))
+    assert sorted((r["model"], r["block"]) for r in speed) == [("minilm", "32"),
+                                                               ("mobilenet_v2", "16")]
+    for r in speed:
+        assert int(r["auto_timed_layers"]) == int(r["layers"]) > 0, r
+        assert 0 <= int(r["auto_sparse_layers"]) <= int(r["layers"]), r
+        for key in ("dense_ms", "auto_ms", "bsr_ms"):
+            assert float(r[key]) > 0, (key, r)
+    table = (tmp_path / "real_models_quick.md").read_text()
+    assert "CPU speed of auto's block-sparse model" in table
 
 
 def test_nm_bench_quick_compares_plain_asp_and_regroup(tmp_path):
@@ -225,6 +241,7 @@ def test_dst_bench_cost_relayout_never_keeps_less_than_before(tmp_path, zoo):
     with open(tmp_path / "dst_cost.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["shape"] for r in rows] == ["1536x384", "384x1536"]
+    assert {r["warm rounds"] for r in rows} == {"1"}
     for r in rows:
         # the warm start keeps the old tiles' orders: re-picking can only gain
         assert float(r["regroup warm kept"]) >= float(r["kept before"]) - 1e-4

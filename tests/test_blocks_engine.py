@@ -276,8 +276,8 @@ def test_group_sums_is_reduceat_at_group_starts(n, m, size, axis, seed):
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(2, 40), st.integers(2, 40), st.floats(0.05, 1.0), st.booleans(),
-       st.sampled_from(["grid", "shuffled"]), st.integers(0, 2**31 - 1))
+@given(st.integers(2, 40), st.integers(2, 40), st.floats(0.05, 1.0) | st.just(1.0),
+       st.booleans(), st.sampled_from(["grid", "shuffled"]), st.integers(0, 2**31 - 1))
 def test_layer_metrics_agree_dense_and_sparse(monkeypatch, n, m, density, weighted, fmt,
                                               seed):
     # The dense branch (most entries stored) and the sparse one give the definitions.
@@ -304,10 +304,12 @@ def test_layer_metrics_agree_dense_and_sparse(monkeypatch, n, m, density, weight
             "km1": panel_km1(B, lay.row_perm, 2), "km1_identity": panel_km1(B, np.arange(n), 2)}
     for share in (0.0, 2.0):          # everything dense, nothing dense
         monkeypatch.setattr(blocks, "DENSE_SHARE", share)
-        got = layer_metrics(pat, lay, ident)
-        for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12) if value is not None \
-                else got[key] is None, (key, share)
+        # the caller's dense copy of the matrix (the engine's summing form) or none
+        for values in (None, pat.matrix.toarray()):
+            got = layer_metrics(pat, lay, ident, values=values)
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12) \
+                    if value is not None else got[key] is None, (key, share, values is None)
 
 
 @pytest.mark.parametrize("fmt", ["grid", "shuffled"])

@@ -21,8 +21,8 @@ from regroup import RegroupError, RegroupOptions, check_layout, from_array, regr
 from regroup.blocks import Budget, build_layout, layout_mask
 from regroup.dst import (DISTRIBUTIONS, Units, churn, drop_count, drop_fraction, drop_grow,
                          erk_densities, layer_densities, layout_units, make_units,
-                         uniform_densities, unit_scores, units_for_density, units_kept,
-                         units_layout, units_mask)
+                         relayout, uniform_densities, unit_scores, units_for_density,
+                         units_kept, units_layout, units_mask)
 from regroup.engine import WARM_ROUNDS
 from regroup.io import read_smtx
 from regroup.pattern import from_sparse
@@ -547,6 +547,50 @@ def test_warm_start_accepts_dense_scores_and_round_trips(tmp_path):
     back = load_result(tmp_path / "warm.npz")[out.name]
     assert back.metrics["warm_start"] == out.metrics["warm_start"]
     np.testing.assert_array_equal(back.mask, out.mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(8, 48), st.integers(8, 48), st.sampled_from(["grid", "shuffled"]),
+       st.integers(0, 3), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_relayout_is_the_warm_start_of_regroup_pattern(n, m, fmt, rounds, k, seed):
+    # The re-layout RegroupDST runs is the same search as regroup_pattern(init=...) with
+    # the same blocks and rounds (on fully stored scores: both sum them densely).
+    rng = np.random.default_rng(seed)
+    init = regroup_pattern(_pattern(rng, n, m, 0.3), block=4, format=fmt,
+                           budget=f"blocks={k}")
+    scores = rng.random((n, m)) + 1e-3                       # every position stored
+    lay = relayout(scores, init, k, rounds=rounds)
+    check_layout(layout_mask(lay), fmt, (4, 4), lay.row_perm, lay.col_perm, lay.panel_cols)
+    assert lay.kept_blocks == min(k, -(-n // 4) * -(-m // 4))     # every block scores
+    if rounds:
+        want = regroup_pattern(from_array(scores), block=4, format=fmt, budget=f"blocks={k}",
+                               method="identity", refine=True, init=init,
+                               warm_rounds=rounds)
+    else:
+        want = regroup_pattern(from_array(scores), block=4, format=fmt, budget=f"blocks={k}",
+                               refine=False, init=init)
+    np.testing.assert_array_equal(layout_mask(lay), want.mask2d)
+    np.testing.assert_array_equal(lay.row_perm, want.row_perm)
+    # never below its start: the blocks of most score for init's orders
+    start = build_layout(scores, init.row_perm, init.col_perm, (4, 4), fmt,
+                         Budget.parse(f"blocks={k}"), n * m)
+    assert lay.kept_mass >= start.kept_mass - 1e-9
+
+
+@pytest.mark.parametrize("case, kwargs, exc, match", [
+    ("negative", dict(values=-np.ones((16, 16))), ValueError, "must be non-negative"),
+    ("shape", dict(values=np.ones((16, 8))), ValueError, "units' shape"),
+    ("nan", dict(values=np.full((16, 16), np.nan)), ValueError, "must be finite"),
+    ("k", dict(k=0), ValueError, "'k' parameter of relayout"),
+    ("rounds", dict(rounds=-1), ValueError, "'rounds' parameter of relayout"),
+    ("layout", dict(layout="grid"), TypeError, "'layout' parameter of relayout"),
+])
+def test_relayout_refuses_hostile_input(case, kwargs, exc, match):
+    rng = np.random.default_rng(0)
+    init = regroup_pattern(_pattern(rng, 16, 16, 0.3), block=4, budget="blocks=2")
+    args = {"values": np.ones((16, 16)), "layout": init, "k": 2, "rounds": 1, **kwargs}
+    with pytest.raises(exc, match=match):
+        relayout(args["values"], args["layout"], args["k"], rounds=args["rounds"])
 
 
 @pytest.mark.parametrize("fmt", ["grid", "shuffled"])

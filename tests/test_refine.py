@@ -43,6 +43,11 @@ def test_refine_never_worse_keeps_budget_and_sizes(n, m, br, bc, fmt, budget, se
         assert out.kept_blocks <= 4
     again = refine(V, start, b, V.nnz)                 # deterministic
     np.testing.assert_array_equal(again.row_perm, out.row_perm)
+    # start's blocks are build_layout's choice: skipping the choice for steps that move
+    # nothing to another group changes nothing
+    fast = refine(V, start, b, V.nnz, chosen=True)
+    np.testing.assert_array_equal(layout_mask(fast), mask)
+    assert fast.kept_mass == out.kept_mass
 
 
 @pytest.mark.parametrize("fmt", ["grid", "shuffled"])
