@@ -831,6 +831,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="--speed: torch threads")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.warm_rounds is not None and args.warm_rounds < 1:
+        ap.error(f"--warm-rounds must be >= 1, got {args.warm_rounds}")
     if args.cost:
         return cost_main(args)
     if args.mobilenet:

@@ -17,7 +17,8 @@ and the same recovery (knowledge distillation from the dense model, block masks 
                       folds them)
 - ``auto per-layer``  auto with ``chain=None``: each layer planned on its own (``--methods``;
                       what ``auto`` was in the results before 2026-12-02)
-- ``auto |w|``        auto ranking blocks by |w| alone (no calibration; ``--methods``)
+- ``auto |w|``        auto ranking blocks by |w| alone (no calibration; chain on as in
+                      ``auto`` since 2026-12-02; ``--methods``)
 - ``block magnitude x act``  block magnitude on |w| x input norm (``--methods``)
 
 ``--seeds`` repeats everything per seed (the recovery data, dropout and regroup's seed;

@@ -297,10 +297,11 @@ def candidates(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[int
     P, Q = -(-n // br), -(-m // bc)
     area = np.outer(_sizes(n, br), _sizes(m, bc))
     if dense:
-        # (panels, columns): each column's mass over each panel's rows (the identity
-        # order sums M in place: no copy).
-        colmass = group_sums(M if np.array_equal(row_perm, np.arange(n)) else M[row_perm],
-                             br, 0)
+        # (panels, columns): each column's mass over each panel's rows. The identity
+        # order sums a C-ordered M in place (no copy; the copy M[row_perm] would be
+        # C-ordered too, so the sums are the same to the bit).
+        in_place = M.flags.c_contiguous and np.array_equal(row_perm, np.arange(n))
+        colmass = group_sums(M if in_place else M[row_perm], br, 0)
     else:
         panel = positions(row_perm)[coo.row] // br
     if fmt == "grid":

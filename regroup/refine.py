@@ -150,7 +150,8 @@ def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int
     (:func:`step_bounds`); why is appended to ``notes`` when given. ``chosen``: the
     layout's blocks are :func:`build_layout`'s choice for its orders (as a layout it
     built is), so a step that moves no row (column) to another panel (group) need not
-    choose them again.
+    choose them again (the same result, up to the rounding of block sums taken in
+    another order, which could only tip a near-tie).
     """
     mass = _Mass(V)
     n, m = mass.shape
@@ -181,8 +182,8 @@ def refine(V: sp.spmatrix | np.ndarray, layout: Layout, budget: Budget, nnz: int
                 same = _same_groups(done.perm, best.col_perm, block[1])
                 rows_, cols_ = best.row_perm, done.perm
             work -= done.work
-            # The same groups as best's: their blocks hold the same mass, and best's are
-            # the chosen ones, so choosing again cannot gain (the result is the same).
+            # The same groups as best's: their blocks hold the same mass (up to rounding),
+            # and best's are the chosen ones, so choosing again cannot gain.
             if not (same and chosen):
                 cand = build_layout(mass.sums, rows_, cols_, block, best.format, budget, nnz)
                 score = cand.kept_mass

@@ -313,15 +313,31 @@ def test_layer_metrics_agree_dense_and_sparse(monkeypatch, n, m, density, weight
 
 
 @pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_candidates_sum_any_memory_order_to_the_bit(fmt):
+    # The identity row order sums a C-ordered array in place; a Fortran-ordered one
+    # (W.T of a weight) must give the same float sums to the bit, as every other row
+    # order does, or exact ties would break by memory layout.
+    from regroup.blocks import candidates
+    A = np.random.default_rng(4).random((256, 64)) * 1e3
+    for rows in (np.arange(256), np.random.default_rng(5).permutation(256)):
+        want = candidates(np.ascontiguousarray(A), rows, np.arange(64), (16, 16), fmt).mass
+        got = candidates(np.asfortranarray(A), rows, np.arange(64), (16, 16), fmt).mass
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
 def test_build_layout_sums_any_form_and_dtype_alike(fmt):
     # Dense unsigned ints, dense floats and the sparse matrix pick the same blocks.
     rng = np.random.default_rng(2)
     W = (rng.integers(0, 4, (12, 10)) * (rng.random((12, 10)) < 0.5)).astype(np.uint8)
     rows, cols = rng.permutation(12), rng.permutation(10)
     budget = Budget.parse("blocks=3")
-    got = [build_layout(M, rows, cols, (3, 2), fmt, budget, int(np.count_nonzero(W)))
-           for M in (W, W.astype(float), sp.csr_matrix(W.astype(float)))]
-    for lay in got[1:]:
-        np.testing.assert_array_equal(layout_mask(lay), layout_mask(got[0]))
-        assert lay.kept_mass == got[0].kept_mass
+    forms = (W, W.astype(float), sp.csr_matrix(W.astype(float)),
+             np.asfortranarray(W.astype(float)))
+    for order in (rows, np.arange(12)):          # the identity order sums in place
+        got = [build_layout(M, order, cols, (3, 2), fmt, budget, int(np.count_nonzero(W)))
+               for M in forms]
+        for lay in got[1:]:
+            np.testing.assert_array_equal(layout_mask(lay), layout_mask(got[0]))
+            assert lay.kept_mass == got[0].kept_mass
     assert got[0].kept_mass == max(lay.kept_mass for lay in got) > 0
