@@ -276,8 +276,10 @@ def _check_perm(perm: Any, n: int, name: str, caller: str) -> np.ndarray:
     return arr.astype(np.intp, copy=False)
 
 
-def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str) -> np.ndarray:
-    """``values`` as a float64 (n, m) array (N-D flattened to (d0, -1)), finite."""
+def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str,
+              whose: str = "the units'") -> np.ndarray:
+    """``values`` as a float64 (n, m) array (N-D flattened to (d0, -1)), finite;
+    ``whose`` names the shape expected in the error."""
     arr = np.asarray(values)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
                                    or arr.dtype == np.bool_) \
@@ -286,7 +288,7 @@ def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str) -> np
                         f"Got dtype {arr.dtype} instead.")
     flat = arr.reshape(arr.shape[0], -1) if arr.ndim >= 2 else arr
     if flat.shape != tuple(shape):
-        raise ValueError(f"The {name!r} parameter of {caller} must have the units' shape "
+        raise ValueError(f"The {name!r} parameter of {caller} must have {whose} shape "
                          f"{tuple(shape)} (N-D flattened to (d0, -1)). Got shape "
                          f"{arr.shape} instead.")
     flat = flat.astype(np.float64, copy=False)
@@ -580,7 +582,7 @@ def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
     fmt = _check_layout_arg(layout, caller)
     shape = tuple(layout.shape) if isinstance(layout, Layout) else layout.mask2d.shape
     n, m = shape
-    V = _check_2d(values, (n, m), "values", caller)
+    V = _check_2d(values, (n, m), "values", caller, whose="the layout's")
     if (V < 0).any():
         raise ValueError(f"The 'values' parameter of {caller} must be non-negative (masses). "
                          f"Got {int(np.count_nonzero(V < 0))} negative values instead.")

@@ -579,7 +579,7 @@ def test_relayout_is_the_warm_start_of_regroup_pattern(n, m, fmt, rounds, k, see
 
 @pytest.mark.parametrize("case, kwargs, exc, match", [
     ("negative", dict(values=-np.ones((16, 16))), ValueError, "must be non-negative"),
-    ("shape", dict(values=np.ones((16, 8))), ValueError, "units' shape"),
+    ("shape", dict(values=np.ones((16, 8))), ValueError, "must have the layout's shape"),
     ("nan", dict(values=np.full((16, 16), np.nan)), ValueError, "must be finite"),
     ("k", dict(k=0), ValueError, "'k' parameter of relayout"),
     ("rounds", dict(rounds=-1), ValueError, "'rounds' parameter of relayout"),
