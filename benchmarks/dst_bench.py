@@ -479,6 +479,32 @@ def summarize(runs: list[dict], seeds: list[int]) -> tuple[list[dict], list[str]
     return rows, lines, test
 
 
+def paired_tests(runs: list[dict], seeds: list[int]) -> list[str]:
+    """Paired differences between the methods a (partial) run holds, over its seeds:
+    RegroupDST and RigL against DSB, RegroupDST against RigL."""
+    from scipy import stats
+    acc = {}
+    for r in runs:
+        acc.setdefault(r["method"], {})[r["seed"]] = r["acc"]
+    out = []
+    for a, b in (("RegroupDST", "DSB"), ("RigL", "DSB"), ("RegroupDST", "RigL")):
+        if a not in acc or b not in acc or len(seeds) < 2:
+            continue
+        x = np.array([acc[a][s] for s in seeds])
+        y = np.array([acc[b][s] for s in seeds])
+        d = x - y
+        if not d.any():
+            out.append(f"{a} - {b} over {len(seeds)} paired seeds: identical")
+            continue
+        p_t = float(stats.ttest_rel(x, y).pvalue)
+        p_w = float(stats.wilcoxon(x, y).pvalue)
+        out.append(f"{a} - {b} over {len(seeds)} paired seeds: mean {100 * d.mean():+.2f} "
+                   f"points ({int((d > 0).sum())} wins, {int((d == 0).sum())} ties, "
+                   f"{int((d < 0).sum())} losses), paired t-test p = {p_t:.3g}, Wilcoxon "
+                   f"p = {p_w:.3g}")
+    return out
+
+
 COST_LAYERS = ("encoder.layer.0.intermediate.dense.weight",      # 1536 x 384
                "encoder.layer.0.output.dense.weight")            # 384 x 1536
 
@@ -870,6 +896,8 @@ def main(argv=None) -> int:
             if "relayouts" in r:
                 print(f"seed {r['seed']} {r['method']}: re-layouts accepted {r['relayouts']}, "
                       f"churn <= {r['max_churn_over_d']:.2f} d_t")
+        for line in paired_tests(runs, seeds):
+            print(line)
         return 0
     rows, lines, test = summarize(runs, seeds)
     header = [f"digits, MLP 64-{HIDDEN}-{HIDDEN}-10, {100 * SPARSITY:.0f} % sparse (ERK over "

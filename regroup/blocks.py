@@ -29,7 +29,7 @@ from .nm import check_nm_mask
 
 __all__ = ["FORMATS", "MAX_TABLE_CELLS", "Budget", "Candidates", "Layout", "assemble",
            "build_layout", "candidates", "check_layout", "group_indicator", "group_sums",
-           "layout_mask", "mostly_stored", "summing_form",
+           "layout_mask", "mostly_stored", "panel_table", "summing_form",
            "parse_budgets", "positions", "select", "select_blocks", "table_cells"]
 
 FORMATS = ("grid", "shuffled")
@@ -336,7 +336,8 @@ def assemble(c: Candidates, kept: np.ndarray) -> Layout:
     # columns of each panel, tile after tile, in one pass.
     in_order = np.repeat(kept, bc, axis=1)[:, :m]
     cols = c.order[in_order].astype(np.intp)
-    panel_cols = tuple(np.split(cols, np.cumsum(in_order.sum(axis=1))[:-1]))
+    ends = np.cumsum(np.count_nonzero(in_order, axis=1)).tolist()
+    panel_cols = tuple(cols[a:b] for a, b in zip([0] + ends[:-1], ends))
     return Layout("shuffled", c.block_shape, c.shape, c.row_perm, None, panel_cols, kept,
                   area, mass)
 
@@ -362,12 +363,54 @@ def build_layout(M: sp.spmatrix | np.ndarray, row_perm, col_perm, block: tuple[i
 
 
 def _panel_table(panel_cols: Sequence[np.ndarray], m: int) -> np.ndarray:
-    """(n_panels, m) bool: panel p keeps column c (columns taken as valid)."""
+    """(n_panels, m) bool: panel p keeps column c (columns taken as valid; see
+    :func:`panel_table` for lists not yet checked)."""
     lengths = np.fromiter((len(c) for c in panel_cols), np.intp, len(panel_cols))
     table = np.zeros((len(panel_cols), m), bool)
     if lengths.sum():
         cols = np.concatenate([np.asarray(c, np.intp) for c in panel_cols])
         table[np.repeat(np.arange(lengths.size), lengths), cols] = True
+    return table
+
+
+def panel_table(panel_cols: Sequence[Any], m: int, bc: int) -> np.ndarray:
+    """The (n_panels, m) bool table of shuffled panel column lists (panel ``p`` keeps
+    column ``c``), after checking them in one pass: per panel a 1-D list of distinct
+    integer columns in ``[0, m)`` making whole tiles of ``bc`` (or a short tile of
+    ``m % bc`` last).
+
+    Raises
+    ------
+    ValueError
+        ``"panel p ..."``: the first panel that is not such a list, and why.
+    """
+    arrs = [np.asarray(c) for c in panel_cols]
+    for p, c in enumerate(arrs):
+        if c.ndim != 1 or (c.size and c.dtype.kind not in "iu"):
+            raise ValueError(f"panel {p} lists something other than columns in "
+                             f"[0, {m}) ({c.size} entries of dtype {c.dtype}, "
+                             f"{c.ndim}-D)")
+    lengths = np.fromiter((c.size for c in arrs), np.intp, len(arrs))
+    short = m % bc
+    rest = lengths % bc
+    odd = np.flatnonzero((rest != 0) & (rest != short))
+    if odd.size:
+        p = int(odd[0])
+        raise ValueError(f"panel {p} keeps {int(lengths[p])} columns, not whole tiles "
+                         f"of {bc}" + (f" (a short tile of {short} last)" if short else ""))
+    table = np.zeros((len(arrs), m), bool)
+    if not lengths.sum():
+        return table
+    cols = np.concatenate([c.astype(np.intp, copy=False) for c in arrs])
+    panel = np.repeat(np.arange(len(arrs)), lengths)
+    outside = np.flatnonzero((cols < 0) | (cols >= m))
+    if outside.size:
+        raise ValueError(f"panel {int(panel[outside[0]])} lists something other than "
+                         f"columns in [0, {m}) (column {int(cols[outside[0]])})")
+    table[panel, cols] = True
+    twice = np.flatnonzero(np.count_nonzero(table, axis=1) != lengths)
+    if twice.size:
+        raise ValueError(f"panel {int(twice[0])} lists a column twice")
     return table
 
 
@@ -429,17 +472,9 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
     P = -(-n // br)
     if panel_cols is None or len(panel_cols) != P:
         raise RegroupError(f"shuffled layout needs {P} panel column lists")
-    cols = [np.asarray(c) for c in panel_cols]
-    for p, c in enumerate(cols):
-        if c.ndim != 1 or (c.size and (not np.issubdtype(c.dtype, np.integer)
-                                       or c.min() < 0 or c.max() >= m)):
-            raise RegroupError(f"panel {p} lists something other than columns in [0, {m})")
-        rest = c.size % bc
-        if rest and rest != m % bc:
-            raise RegroupError(f"panel {p} keeps {c.size} columns, not whole tiles of {bc}")
-    table = _panel_table(cols, m)
-    twice = np.flatnonzero(table.sum(axis=1) != [c.size for c in cols])
-    if twice.size:
-        raise RegroupError(f"panel {int(twice[0])} lists a column twice")
+    try:
+        table = panel_table(panel_cols, m, bc)
+    except ValueError as exc:
+        raise RegroupError(str(exc)) from None
     if not np.array_equal(_spread(table, row_perm.astype(np.intp), br), mask):
         raise RegroupError("mask differs from the union of the panels' column tiles")

@@ -1,5 +1,6 @@
 """Dynamic sparse training on block layouts, torch-free: layer densities, the drop
-schedule, units and their scores, drop/grow selection and churn.
+schedule, units and their scores, drop/grow selection, churn, warm re-layouts and one
+whole mask update of a layer (:func:`update_layout`).
 
 RigL-style training (Evci et al., ICML 2020) prunes and regrows weights every ``T`` steps;
 DSB (NeurIPS 2022) does it with whole blocks. Here the thing dropped or grown is a *unit*
@@ -34,13 +35,18 @@ import numpy as np
 
 from .validation import (RegroupError, check_block, check_choice, check_int, check_real,
                          is_permutation)
-from .blocks import FORMATS, Budget, Layout, group_sums, layout_mask
+from .blocks import (FORMATS, Budget, Layout, check_layout, group_sums, layout_mask,
+                     panel_table)
 from .refine import warm_start
 
-__all__ = ["DISTRIBUTIONS", "DropGrow", "Units", "churn", "drop_count", "drop_fraction",
-           "drop_grow", "erk_densities", "layer_densities", "layout_units", "make_units",
-           "relayout", "uniform_densities", "unit_scores", "units_for_density",
-           "units_kept", "units_layout", "units_mask"]
+__all__ = ["DISTRIBUTIONS", "RTOL", "DropGrow", "LayoutUpdate", "Units", "churn",
+           "drop_count", "drop_fraction", "drop_grow", "erk_densities", "layer_densities",
+           "layout_units", "make_units", "relayout", "uniform_densities", "unit_scores",
+           "units_for_density", "units_kept", "units_layout", "units_mask", "update_layout"]
+
+#: Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions):
+#: a re-layout must gain more than this share, and its churn may exceed d_t by it.
+RTOL = 1e-9
 
 
 # -- layer densities ---------------------------------------------------------------------------
@@ -276,9 +282,9 @@ def _check_perm(perm: Any, n: int, name: str, caller: str) -> np.ndarray:
     return arr.astype(np.intp, copy=False)
 
 
-def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str,
-              whose: str = "the units'") -> np.ndarray:
-    """``values`` as a float64 (n, m) array (N-D flattened to (d0, -1)), finite;
+def _matrix_view(values: Any, shape: tuple[int, int], name: str, caller: str,
+                 whose: str = "the units'") -> np.ndarray:
+    """``values`` as a real (n, m) array in its own dtype (N-D flattened to (d0, -1));
     ``whose`` names the shape expected in the error."""
     arr = np.asarray(values)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
@@ -291,11 +297,22 @@ def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str,
         raise ValueError(f"The {name!r} parameter of {caller} must have {whose} shape "
                          f"{tuple(shape)} (N-D flattened to (d0, -1)). Got shape "
                          f"{arr.shape} instead.")
-    flat = flat.astype(np.float64, copy=False)
+    return flat
+
+
+def _check_finite(flat: np.ndarray, name: str, caller: str, shape: tuple[int, ...]) -> None:
     bad = flat.size - int(np.count_nonzero(np.isfinite(flat)))
     if bad:
         raise ValueError(f"The {name!r} parameter of {caller} must be finite. Got {bad} "
-                         f"NaN or inf values (shape {arr.shape}) instead.")
+                         f"NaN or inf values (shape {shape}) instead.")
+
+
+def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str,
+              whose: str = "the units'") -> np.ndarray:
+    """``values`` as a float64 (n, m) array (N-D flattened to (d0, -1)), finite;
+    ``whose`` names the shape expected in the error."""
+    flat = _matrix_view(values, shape, name, caller, whose).astype(np.float64, copy=False)
+    _check_finite(flat, name, caller, np.shape(values))
     return flat
 
 
@@ -369,10 +386,7 @@ def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any
         raise ValueError(f"The 'col_perm' parameter of {caller} applies to the grid format "
                          "only (shuffled panels order their own columns). Got a value with "
                          "format='shuffled' instead.")
-    # Sort key per (panel, column): group 0 the kept full tiles (in their order), 1 the
-    # free columns (by rank), 2 a kept short tile, which must stay the panel's last tile.
-    group = np.ones((P, m), np.int8)
-    within = np.zeros((P, m))
+    cols_of = None
     if panel_cols is not None:
         if isinstance(panel_cols, (str, bytes)) or not isinstance(panel_cols, Sequence) \
                 or len(panel_cols) != P:
@@ -381,24 +395,39 @@ def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any
                              f"{type(panel_cols).__name__} of length "
                              f"{len(panel_cols) if hasattr(panel_cols, '__len__') else '?'} "
                              "instead.")
-        short = m % bc
-        for p, c in enumerate(panel_cols):
-            c = np.asarray(c)
-            if c.ndim != 1 or (c.size and (not np.issubdtype(c.dtype, np.integer)
-                                           or c.min() < 0 or c.max() >= m)) \
-                    or np.unique(c).size != c.size or c.size % bc not in {0, short}:
-                raise ValueError(f"The 'panel_cols' parameter of {caller} must list, per "
-                                 f"panel, distinct columns in [0, {m}) making whole tiles "
-                                 f"of {bc} (a short tile of {short} last). Got {c.size} "
-                                 f"entries of dtype {c.dtype} for panel {p} instead.")
-            c = c.astype(np.intp)
-            full = c.size - c.size % bc
-            group[p, c[:full]] = 0
-            within[p, c[:full]] = np.arange(full)
-            group[p, c[full:]] = 2
-    if rank is not None:
-        score = _panel_column_sums(np.square(_check_2d(rank, (n, m), "rank", caller)),
-                                   rows, br)
+        try:
+            panel_table(panel_cols, m, bc)
+        except ValueError as exc:
+            raise ValueError(f"The 'panel_cols' parameter of {caller} must list, per panel, "
+                             f"distinct columns in [0, {m}) making whole tiles of {bc} (a "
+                             f"short tile of {m % bc} last). Got one where {exc} "
+                             "instead.") from None
+        cols_of = panel_cols
+    score = None if rank is None else _panel_column_sums(
+        np.square(_check_2d(rank, (n, m), "rank", caller)), rows, br)
+    return _shuffled_units((n, m), (br, bc), rows, cols_of, score)
+
+
+def _shuffled_units(shape: tuple[int, int], block: tuple[int, int], rows: np.ndarray,
+                    panel_cols: Sequence[Any] | None, score: np.ndarray | None) -> Units:
+    """:func:`make_units` "shuffled" on checked arguments; ``score`` (n_panels, n_cols)
+    ranks the free columns of each panel (higher first), None: by index."""
+    (n, m), (br, bc) = shape, block
+    P = -(-n // br)
+    # Sort key per (panel, column): group 0 the kept full tiles (in their order), 1 the
+    # free columns (by rank), 2 a kept short tile, which must stay the panel's last tile.
+    group = np.ones((P, m), np.int8)
+    within = np.zeros((P, m))
+    lengths = np.zeros(P, np.intp) if panel_cols is None else \
+        np.fromiter((len(c) for c in panel_cols), np.intp, P)
+    if lengths.sum():
+        cols = np.concatenate([np.asarray(c, np.intp) for c in panel_cols])
+        panel = np.repeat(np.arange(P), lengths)
+        at = np.arange(cols.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        full = at < np.repeat(lengths - lengths % bc, lengths)
+        group[panel, cols] = np.where(full, 0, 2)
+        within[panel[full], cols[full]] = at[full]
+    if score is not None:
         within = np.where(group == 1, -score, within)
     index = np.broadcast_to(np.arange(m), (P, m))
     order = np.lexsort((index, within, group), axis=-1).astype(np.intp)
@@ -493,7 +522,12 @@ def units_kept(units: Units, mask: Any) -> np.ndarray:
     arr = np.asarray(mask)
     kept = arr if arr.dtype == np.bool_ and arr.shape == u.shape else \
         _check_2d(arr, u.shape, "mask", caller) != 0
-    counts = _unit_sums(kept, u)      # group sums of bools count them (as ints)
+    return _whole(_unit_sums(kept, u), u, caller)   # group sums of bools count them
+
+
+def _whole(counts: np.ndarray, u: Units, caller: str) -> np.ndarray:
+    """The units whose kept-position ``counts`` fill them (RegroupError if one is only
+    partly kept)."""
     area = u.area()
     partial = (counts > 0) & (counts < area)
     if partial.any():
@@ -574,9 +608,9 @@ def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
 
     The search of ``regroup_pattern(from_array(values), init=layout, budget=f"blocks={k}",
     objective="magnitude", warm_rounds=rounds)``, on the dense scores as they are: no
-    pattern is built and no metrics or identity baseline computed (a training loop calls
-    it at every mask update). ``values`` (non-negative, finite) has the layout's 2-D
-    shape (N-D flattened to (d0, -1)).
+    pattern is built and no metrics or identity baseline computed (a training loop runs
+    it at mask updates, through :func:`update_layout`). ``values`` (non-negative,
+    finite) has the layout's 2-D shape (N-D flattened to (d0, -1)).
     """
     caller = "relayout"
     fmt = _check_layout_arg(layout, caller)
@@ -592,8 +626,14 @@ def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
     cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
                                                        caller)
     block = check_block(tuple(layout.block_shape), caller)
-    return warm_start(V, rows, cols, block, fmt, Budget.parse(f"blocks={k}"),
-                      int(np.count_nonzero(V)), rounds=rounds)[1]
+    return _warm(V, rows, cols, block, fmt, k, rounds)
+
+
+def _warm(V: np.ndarray, rows: np.ndarray, cols: np.ndarray | None, block: tuple[int, int],
+          fmt: str, k: int, rounds: int) -> Layout:
+    # A blocks=k budget reads no nonzero count (only "iso" does): 0 saves counting V.
+    return warm_start(V, rows, cols, block, fmt, Budget.parse(f"blocks={k}"), 0,
+                      rounds=rounds)[1]
 
 
 def units_for_density(units: Units, density: float) -> int:
@@ -706,3 +746,186 @@ def churn(old: Any, new: Any, values: Any) -> float:
     if total == 0:
         return 0.0
     return float(v[a & ~b].sum()) / total
+
+
+# -- one update --------------------------------------------------------------------------------
+class LayoutUpdate(NamedTuple):
+    """The result of :func:`update_layout`.
+
+    layout : Layout
+        The new layout (after drop and grow, re-laid out when that was accepted).
+    mask : ndarray of bool
+        Its refilled mask, in the layer's 2-D shape.
+    kept : int
+        Units kept (before and after: drop and grow trade one for one).
+    dropped, grown : int
+        Units dropped and grown (a unit dropped and regrown counts in both).
+    relayout : bool or None
+        Whether a re-layout was accepted; None when none was tried.
+    note : str or None
+        Why a re-layout was refused, or its gain.
+    churn : float
+        The share of the kept ``w**2`` the update removed (:func:`churn`).
+    """
+
+    layout: Layout
+    mask: np.ndarray
+    kept: int
+    dropped: int
+    grown: int
+    relayout: bool | None
+    note: str | None
+    churn: float
+
+
+def update_layout(weight: Any, grad: Any, layout: Any, fraction: float, *,
+                  relayout: bool = False, rounds: int = 1) -> LayoutUpdate:
+    """One RigL-style update of a block layout, with an optional warm re-layout: the
+    mask update of :class:`regroup.adapters.torch.RegroupDST`, torch-free.
+
+    1. Units (:func:`layout_units`, free columns ranked by ``grad``): drop the
+       ``drop_count(K, fraction)`` kept units of least ``||W_u||_F^2``, grow as many of
+       the others by ``||G_u||_F^2`` (:func:`drop_grow`). A layout keeping every unit is
+       left as it is.
+    2. With ``relayout``: score the positions kept from before by ``|w|`` and the others
+       by ``s * |g|``, ``s`` making the grown positions (or, with none, the best free
+       unit) score like an average kept weight, as DSB scores grown weights at the mean
+       ``|w|``; re-lay out these scores from the current orders (:func:`relayout`,
+       ``rounds``) and accept the result only if it keeps more of them (by more than
+       :data:`RTOL`) and its churn stays <= ``fraction``.
+
+    Parameters
+    ----------
+    weight, grad : array-like of shape (n_rows, n_cols)
+        The layer's dense weight (positions outside ``layout`` count as 0) and the dense
+        gradient of the loss with respect to the masked weight (N-D flattened to
+        ``(d0, -1)``); finite.
+    layout : Layout or LayerResult
+        The current grid or shuffled layout.
+    fraction : float in [0, 1]
+        The drop fraction d_t (:func:`drop_fraction`).
+    relayout : bool, default=False
+        Whether to try step 2 (the drop and grow of step 1 is always done).
+    rounds : int >= 0, default=1
+        Refinement rounds of the re-layout.
+
+    Returns
+    -------
+    LayoutUpdate
+        Churn <= ``fraction`` (up to :data:`RTOL`); the mask is checked to be a union of
+        whole units of the new layout (:func:`regroup.check_layout`).
+    """
+    caller = "update_layout"
+    fmt = _check_layout_arg(layout, caller)
+    d = check_real(fraction, "fraction", caller, 0, 1)
+    rounds = check_int(rounds, "rounds", caller, low=0)
+    if not isinstance(relayout, (bool, np.bool_)):
+        raise TypeError(f"The 'relayout' parameter of {caller} must be a bool. Got "
+                        f"{relayout!r} instead.")
+    if isinstance(layout, Layout):
+        shape = tuple(int(x) for x in layout.shape)
+    else:
+        shape = np.asarray(layout.mask2d).shape
+    n, m = shape
+    try:
+        br, bc = check_block(tuple(layout.block_shape), caller)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The 'layout' parameter of {caller} must have a valid "
+                         f"block_shape. Got {layout.block_shape!r} instead ({exc})") from None
+    if br > n or bc > m:
+        raise ValueError(f"The 'layout' parameter of {caller} must have a block_shape that "
+                         f"fits its shape {shape}. Got {br}x{bc} instead.")
+    P = -(-n // br)
+    rows = _check_perm(layout.row_perm, n, "layout.row_perm", caller)
+    cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
+                                                       caller)
+    if fmt == "shuffled":
+        if not isinstance(layout.panel_cols, Sequence) or len(layout.panel_cols) != P:
+            raise ValueError(f"The 'layout' parameter of {caller} must list the columns of "
+                             f"its {P} panels. Got {layout.panel_cols!r:.80} instead.")
+        try:
+            panel_table(layout.panel_cols, m, bc)
+        except ValueError as exc:
+            raise ValueError(f"The 'layout' parameter of {caller} must be a valid shuffled "
+                             f"layout. Got one where {exc} instead.") from None
+    old = layout_mask(layout) if isinstance(layout, Layout) else \
+        np.asarray(layout.mask2d, dtype=bool)
+    Wv = _matrix_view(weight, shape, "weight", caller, whose="the layout's")
+    Gv = _matrix_view(grad, shape, "grad", caller, whose="the layout's")
+    _check_finite(Gv, "grad", caller, np.shape(grad))
+    # The weight is read at the kept positions only (a few % of a sparse layer), in
+    # panel order, so that its panel sums (bincounts) add what group_sums adds in the
+    # same order; the gradient is dense and summed from one gathered copy, squared in
+    # place (full-size temporaries are what updates of small layers spend time on).
+    at, c = np.divmod(np.flatnonzero(old[rows]), m)
+    w = Wv[rows[at], c].astype(np.float64)
+    _check_finite(w, "weight", caller, np.shape(weight))
+    key = at // br * m + c
+    abs_w, sq_w, count = (np.bincount(key, weights=x, minlength=P * m).reshape(P, m)
+                          for x in (np.abs(w), np.square(w), None))
+    B = Gv[rows]
+    B = np.square(B, out=B) if B.dtype == np.float64 else np.square(B, dtype=np.float64)
+    sq_g = group_sums(B, br)
+    del B
+    if fmt == "shuffled":
+        u = _shuffled_units(shape, (br, bc), rows, layout.panel_cols, sq_g)
+    else:
+        u = Units("grid", (br, bc), shape, rows, np.broadcast_to(cols, (P, m)))
+    tiles = np.stack([abs_w, sq_w, sq_g, count])
+    mass, ws, gs, count = group_sums(np.take_along_axis(
+        tiles, np.broadcast_to(u.col_orders, tiles.shape), axis=2), bc, 2)
+    kept = _whole(count, u, caller)
+    k = int(kept.sum())
+    whole = k == u.n_units          # nothing to grow (RigL leaves dense layers be)
+    dg = drop_grow(ws, gs, kept, 0 if whole else drop_count(k, d))
+    cur = units_layout(u, dg.kept, mass)
+    cur_mask = layout_mask(cur)
+    done, ok, note = cur, None, None
+    if relayout and not whole:
+        done, ok, note = _try_relayout(Wv, Gv, u, dg.kept, old, cur, cur_mask, k, d, rounds)
+    new = cur_mask if done is cur else layout_mask(done)
+    check_layout(new, done.format, done.block_shape, done.row_perm, done.col_perm,
+                 done.panel_cols)
+    return LayoutUpdate(done, new, k, int(dg.dropped.size), int(dg.grown.size), ok, note,
+                        _sq_churn(Wv, old, new))
+
+
+def _sq_churn(W: np.ndarray, old: np.ndarray, new: np.ndarray) -> float:
+    """:func:`churn` of the element masks with ``values = W**2`` (W in any float
+    dtype), reading only the kept positions: the same sums, to the bit."""
+    total = float(np.square(W[old].astype(np.float64)).sum())
+    return float(np.square(W[old & ~new].astype(np.float64)).sum()) / total if total \
+        else 0.0
+
+
+def _try_relayout(W: np.ndarray, G: np.ndarray, u: Units, kept: np.ndarray,
+                  old: np.ndarray, cur: Layout, mask: np.ndarray, k: int, d: float,
+                  rounds: int) -> tuple[Layout, bool, str]:
+    """:func:`update_layout`'s step 2: the re-layout of ``cur`` (mask ``mask``, the
+    layout after drop and grow), or ``cur`` and why not."""
+    carried = mask & old
+    fresh = mask & ~old
+    V = np.abs(G, dtype=np.float64)
+    if fresh.any():
+        g_ref = float(V[fresh].mean())
+    else:
+        per_unit = unit_scores(V, u, power=1) / u.area()
+        g_ref = float(per_unit[~kept].max()) if (~kept).any() else 0.0
+    w_carried = np.abs(W[carried].astype(np.float64))
+    w_ref = float(w_carried.mean()) if w_carried.size else 0.0
+    scale = w_ref / g_ref if g_ref > 0 else 0.0
+    np.multiply(V, scale, out=V)
+    V[carried] = w_carried
+    if not V.any():
+        return cur, False, "nothing to score (zero weights and gradient)"
+    lay = _warm(V, u.row_perm, u.col_perm, u.block_shape, u.format, k, rounds)
+    if lay.kept_blocks != k:          # fewer units than k hold any score
+        return cur, False, f"keeps {lay.kept_blocks} units, not {k}"
+    new = layout_mask(lay)
+    before, after = float(V[mask].sum()), float(V[new].sum())
+    if not after > before * (1 + RTOL):
+        return cur, False, "no gain"
+    c = _sq_churn(W, old, new)
+    if c > d * (1 + RTOL):
+        return cur, False, f"churn {c:.4f} > d_t {d:.4f}"
+    return lay, True, f"gain {after / before - 1:+.4f}" if before else "gain"

@@ -41,11 +41,17 @@ MAX_STEP_CELLS = 1 << 24
 REFINE_WORK = 1 << 29
 
 
-def _panel_column_indicator(lay: Layout, m: int) -> sp.csr_matrix:
-    """(m, n_panels) 0/1: column c is kept by panel p (shuffled format)."""
+def _panel_column_indicator(lay: Layout, m: int, dense: bool = False
+                            ) -> sp.csr_matrix | np.ndarray:
+    """(m, n_panels) 0/1: column c is kept by panel p (shuffled format); a dense array
+    with ``dense`` (for a dense objective: cheaper to build than the sparse one)."""
     lengths = [len(c) for c in lay.panel_cols]
     cols = np.concatenate(lay.panel_cols) if lay.panel_cols else np.zeros(0, np.intp)
     panels = np.repeat(np.arange(len(lengths)), lengths)
+    if dense:
+        ind = np.zeros((m, len(lengths)))
+        ind[cols, panels] = 1.0
+        return ind
     return sp.csr_matrix((np.ones(cols.size), (cols, panels)), shape=(m, len(lengths)))
 
 
@@ -86,8 +92,9 @@ def _row_values(V: _Mass, lay: Layout) -> np.ndarray:
     if lay.format == "grid":
         return _group_sums(V.sums, 0, lay.col_perm, lay.block_shape[1]) @ \
             lay.kept.T.astype(float)
-    ind = _panel_column_indicator(lay, V.shape[1])
-    return V.dense @ ind.toarray() if V.dense is not None else (V.csr @ ind).toarray()
+    if V.dense is not None:
+        return V.dense @ _panel_column_indicator(lay, V.shape[1], dense=True)
+    return (V.csr @ _panel_column_indicator(lay, V.shape[1])).toarray()
 
 
 def _col_values(V: _Mass, lay: Layout) -> np.ndarray:

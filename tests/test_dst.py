@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regroup import RegroupError, RegroupOptions, check_layout, from_array, regroup_pattern
-from regroup.blocks import Budget, build_layout, layout_mask
-from regroup.dst import (DISTRIBUTIONS, Units, churn, drop_count, drop_fraction, drop_grow,
+from regroup.blocks import Budget, Layout, build_layout, layout_mask
+from regroup.dst import (DISTRIBUTIONS, RTOL, Units, churn, drop_count, drop_fraction, drop_grow,
                          erk_densities, layer_densities, layout_units, make_units,
                          relayout, uniform_densities, unit_scores, units_for_density,
-                         units_kept, units_layout, units_mask)
+                         units_kept, units_layout, units_mask, update_layout)
 from regroup.engine import WARM_ROUNDS
 from regroup.io import read_smtx
 from regroup.pattern import from_sparse
@@ -724,3 +724,181 @@ def test_the_dst_core_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+
+# -- one update (update_layout) ---------------------------------------------------------------
+def _reference_update(W, G, layout, d, relayout_on, rounds):
+    """update_layout written out from the public pieces, one full-size array at a time:
+    what RegroupDST's update did before it was fused (the oracle)."""
+    old = layout_mask(layout) if isinstance(layout, Layout) else \
+        np.asarray(layout.mask2d, bool)
+    W = W * old
+    units, kept = layout_units(layout, rank=G if layout.format == "shuffled" else None)
+    k = int(kept.sum())
+    n = drop_count(k, d) if k < units.n_units else 0
+    dg = drop_grow(unit_scores(W, units), unit_scores(G, units), kept, n)
+    cur = units_layout(units, dg.kept, unit_scores(W, units, power=1))
+    mask, done, ok = layout_mask(cur), cur, None
+    if relayout_on and k < units.n_units:
+        carried, fresh = mask & old, mask & ~old
+        if fresh.any():
+            g_ref = np.abs(G)[fresh].mean()
+        else:
+            per = unit_scores(G, units, power=1) / units.area()
+            g_ref = per[~dg.kept].max() if (~dg.kept).any() else 0.0
+        w_ref = np.abs(W[carried]).mean() if carried.any() else 0.0
+        V = np.where(carried, np.abs(W), (w_ref / g_ref if g_ref > 0 else 0.0) * np.abs(G))
+        ok = False
+        if V.any():
+            lay = relayout(V, cur, k, rounds=rounds)
+            new = layout_mask(lay)
+            if lay.kept_blocks == k and V[new].sum() > V[mask].sum() * (1 + RTOL) \
+                    and churn(old, new, W ** 2) <= d * (1 + RTOL):
+                done, ok = lay, True
+    return done, ok, churn(old, layout_mask(done), W ** 2)
+
+
+@st.composite
+def update_cases(draw):
+    """A layout (regroup's, or random orders and kept units: rows in any order within
+    a panel, blocks that need not divide the shape) with weights of a wide range."""
+    n, m = draw(st.integers(4, 36)), draw(st.integers(4, 36))
+    fmt = draw(st.sampled_from(["grid", "shuffled"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        layout = regroup_pattern(_pattern(rng, n, m, 0.4), block=4, format=fmt,
+                                 budget=f"blocks={draw(st.integers(1, 6))}")
+    else:
+        block = (draw(st.integers(1, min(n, 5))), draw(st.integers(1, min(m, 5))))
+        units = make_units((n, m), block, fmt, row_perm=rng.permutation(n),
+                           col_perm=rng.permutation(m) if fmt == "grid" else None)
+        kept = rng.random(units.table_shape) < draw(st.floats(0.05, 0.6))
+        kept.flat[rng.integers(kept.size)] = True
+        layout = units_layout(units, kept, np.zeros(units.table_shape))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    scale = 10.0 ** rng.uniform(-8, 2, (n, m))
+    W = (rng.standard_normal((n, m)) * scale).astype(dtype)
+    G = (rng.standard_normal((n, m)) * scale[::-1, ::-1]).astype(dtype)
+    return layout, W, G
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(update_cases(), st.floats(0.0, 0.5), st.booleans(), st.integers(0, 2))
+def test_update_layout_is_drop_grow_then_an_accepted_relayout(case, d, on, rounds):
+    layout, W, G = case
+    out = update_layout(W, G, layout, d, relayout=on, rounds=rounds)
+    want, ok, c = _reference_update(W.astype(float), G.astype(float), layout, d, on, rounds)
+    # the same layout, to the bit (its kept mass included), and the same decisions
+    np.testing.assert_array_equal(out.mask, layout_mask(want))
+    np.testing.assert_array_equal(out.mask, layout_mask(out.layout))
+    np.testing.assert_array_equal(out.layout.row_perm, want.row_perm)
+    assert out.layout.kept_mass == want.kept_mass
+    assert out.relayout == ok and out.churn == c
+    k_kept = int(layout.kept_blocks if isinstance(layout, Layout)
+                 else layout.metrics["kept_blocks"])
+    assert out.kept == k_kept == out.layout.kept_blocks
+    assert out.dropped == out.grown and out.churn <= d * (1 + RTOL)
+    if not on:
+        assert out.relayout is None and out.note is None
+
+
+def test_update_layout_sums_a_panel_in_its_row_order():
+    # Rows 2, 0, 1 make one panel. Column 0 holds 9e-9 + 1 + 9e-9, which rounds
+    # differently in the row order (1 + 9e-9 + 9e-9) than in the panel's (9e-9 + 1 +
+    # 9e-9): against column 1's 1.0 the drop depends on the last bit.
+    u = make_units((3, 3), (3, 1), "grid", row_perm=[2, 0, 1])
+    lay = units_layout(u, np.array([[True, True, False]]), np.zeros((1, 3)))
+    W = np.array([[9e-9, 1.0, 0], [1.0, 0, 0], [9e-9, 0, 0]])
+    G = np.array([[0, 0, 1.0]] * 3)
+    out = update_layout(W, G, lay, 0.5)
+    want, _, _ = _reference_update(W, G, lay, 0.5, False, 1)
+    np.testing.assert_array_equal(out.mask, layout_mask(want))
+    assert out.layout.kept_mass == want.kept_mass
+
+
+def test_update_layout_hand_made_drop_and_grow():
+    # Three 2x2 units of a 2x6 grid, the left two kept. A drop fraction of 1/2 trades
+    # one: the weak unit (left) goes, the unit of most gradient (right) comes.
+    layout = regroup_pattern(from_array(np.array([[1., 1, 1, 1, 0, 0]] * 2)), block=2,
+                             format="grid", method="identity", budget="blocks=2")
+    W = np.array([[0.1, -0.1, 2, 2, 9, 9], [0.1, 0.1, 2, 2, 9, 9]])  # 9s: outside, ignored
+    G = np.array([[0., 0, 0, 0, 5, 5], [0, 0, 0, 0, 5, 5]])
+    out = update_layout(W, G, layout, 0.5)
+    np.testing.assert_array_equal(out.mask, [[0, 0, 1, 1, 1, 1]] * 2)
+    assert (out.kept, out.dropped, out.grown) == (2, 1, 1)
+    assert out.churn == pytest.approx(0.04 / 16.04)
+    same = update_layout(W, G, layout, 0.4)                 # drop_count(2, 0.4) = 0
+    np.testing.assert_array_equal(same.mask, layout.mask2d)
+    assert same.churn == 0.0 and same.dropped == 0
+
+
+def test_update_layout_leaves_a_full_layout_and_ignores_weights_outside():
+    rng = np.random.default_rng(5)
+    full = regroup_pattern(from_array(rng.random((8, 8)) + 0.1), block=4,
+                           format="shuffled", budget="blocks=4", objective="magnitude")
+    out = update_layout(rng.random((8, 8)), rng.random((8, 8)), full, 0.3, relayout=True)
+    assert (out.dropped, out.relayout) == (0, None)
+    np.testing.assert_array_equal(out.mask, full.mask2d)
+    part = regroup_pattern(_pattern(rng, 16, 16, 0.3), block=4, budget="blocks=3")
+    W = rng.standard_normal((16, 16))
+    W_nan = np.where(part.mask2d, W, np.nan)               # NaN only where nothing is kept
+    G = rng.standard_normal((16, 16))
+    a = update_layout(W, G, part, 0.4, relayout=True)
+    b = update_layout(W_nan, G, part, 0.4, relayout=True)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.churn == b.churn
+
+
+def _not_whole(layout):
+    bad = dataclasses.replace(layout, mask=layout.mask.copy())
+    bad.mask.reshape(-1)[np.flatnonzero(bad.mask)[0]] = False
+    return bad
+
+
+@pytest.mark.parametrize("case, change, exc, match", [
+    ("grad_nan", dict(G=np.full((16, 16), np.nan)), ValueError,
+     "'grad' parameter of update_layout must be finite"),
+    ("weight_nan", dict(W="nan_inside"), ValueError,
+     "'weight' parameter of update_layout must be finite"),
+    ("shape", dict(W=np.ones((16, 8))), ValueError, "must have the layout's shape"),
+    ("complex", dict(G=np.ones((16, 16), complex)), TypeError, "real numeric array"),
+    ("fraction", dict(d=1.5), ValueError, "'fraction' parameter of update_layout"),
+    ("rounds", dict(rounds=-1), ValueError, "'rounds' parameter of update_layout"),
+    ("layout", dict(layout="grid"), TypeError, "'layout' parameter of update_layout"),
+    ("not_whole", dict(layout=_not_whole), RegroupError, "not a union of whole units"),
+    ("panel_cols", dict(layout="dup"), ValueError, "lists a column twice"),
+    ("panel_col_range", dict(layout="outside"), ValueError,
+     r"lists something other than columns in \[0, 16\)"),
+    ("block_too_big", dict(layout="big"), ValueError,
+     "must have a block_shape that fits its shape"),
+    ("block_bad", dict(layout="zero"), ValueError, "must have a valid block_shape"),
+    ("grad_shape", dict(G=np.ones((8, 16))), ValueError,
+     "'grad' parameter of update_layout must have the layout's shape"),
+    ("relayout", dict(relayout="no"), TypeError, "'relayout' parameter of update_layout"),
+])
+def test_update_layout_refuses_hostile_input(case, change, exc, match):
+    rng = np.random.default_rng(0)
+    lay = regroup_pattern(_pattern(rng, 16, 16, 0.3), block=4, format="shuffled",
+                          budget="blocks=3")
+    args = {"W": rng.standard_normal((16, 16)), "G": rng.standard_normal((16, 16)),
+            "layout": lay, "d": 0.3, "rounds": 1, "relayout": True, **change}
+    if isinstance(args["W"], str):
+        args["W"] = np.where(lay.mask2d, np.nan, 1.0)
+    if callable(args["layout"]):
+        args["layout"] = args["layout"](lay)
+    elif args["layout"] in ("dup", "outside"):
+        # a Layout (no mask to fall back on): its columns are read before any mask
+        units, kept = layout_units(lay)
+        bad = units_layout(units, kept, np.zeros(units.table_shape))
+        cols = [np.asarray(c) for c in bad.panel_cols]
+        p = next(i for i, c in enumerate(cols) if c.size)
+        cols[p] = np.concatenate([cols[p][:-1], [cols[p][0] if args["layout"] == "dup"
+                                                 else 99]])
+        args["layout"] = dataclasses.replace(bad, panel_cols=tuple(cols))
+    elif args["layout"] in ("big", "zero"):
+        args["layout"] = dataclasses.replace(
+            lay, block_shape=(4, 32) if args["layout"] == "big" else (0, 4))
+    with pytest.raises(exc, match=match):
+        update_layout(args["W"], args["G"], args["layout"], args["d"],
+                      relayout=args["relayout"], rounds=args["rounds"])

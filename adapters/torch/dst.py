@@ -5,6 +5,7 @@ RigL (Evci et al., ICML 2020) drops the smallest weights and grows those with th
 largest dense gradient every ``T`` steps; DSB (NeurIPS 2022) does it on blocks that it
 re-clusters from scratch at every update. Here each layer holds a block layout
 (:class:`regroup.LayerResult`, ``grid`` blocks or ``shuffled`` tiles), and an update
+(steps 1 and 2 are :func:`regroup.dst.update_layout`, torch-free)
 
 1. drops the ``drop_count(K, d_t)`` kept units with the smallest ``||W_u||_F^2`` and
    grows as many with the largest ``||G_u||_F^2`` (``G`` the dense gradient of the
@@ -12,8 +13,8 @@ re-clusters from scratch at every update. Here each layer holds a block layout
    :func:`regroup.dst.drop_grow`. A shuffled panel's columns that it does not keep are
    grouped into candidate tiles by their gradient (:func:`regroup.dst.layout_units` with
    ``rank=G``), so a grown tile gathers the columns the gradient asks for;
-2. every ``relayout_every`` updates, tries a warm re-layout
-   (:func:`regroup.regroup_pattern` with ``init=``), scored on ``|w|`` for the kept
+2. every ``relayout_every`` updates, tries a warm re-layout (:func:`regroup.dst.relayout`,
+   the search of :func:`regroup.regroup_pattern` with ``init=``), scored on ``|w|`` for the kept
    weights and a scaled ``|G|`` elsewhere, and keeps it only if it scores more and the
    whole update still removes at most ``d_t`` of the kept ``w**2`` mass;
 3. zeroes, in the weight and in the optimizer's state, every position that is not kept
@@ -46,9 +47,9 @@ from torch.nn.utils import parametrize
 import regroup
 from regroup import RegroupError
 from regroup.blocks import Layout, layout_mask
-from regroup.dst import (DISTRIBUTIONS, churn, drop_count, drop_fraction, drop_grow,
-                         layer_densities, layout_units, make_units, relayout, unit_scores,
-                         units_for_density, units_layout)
+from regroup.dst import (DISTRIBUTIONS, drop_fraction, layer_densities, layout_units,
+                         make_units, unit_scores, units_for_density, units_layout,
+                         update_layout)
 from regroup.options import RegroupOptions
 from regroup.result import LayerResult
 from regroup.validation import check_block, check_choice, check_int, check_real
@@ -67,8 +68,6 @@ RELAYOUT_ROUNDS = 1
 FORMATS = ("grid", "shuffled")
 EXECUTIONS = ("masked", "block")
 INITS = ("random", "magnitude")
-# Slack on float comparisons of masses (sums of float64 over up to ~1e7 positions).
-_RTOL = 1e-9
 
 
 def _globs(exclude: Any, caller: str) -> tuple[str, ...]:
@@ -82,9 +81,12 @@ def _globs(exclude: Any, caller: str) -> tuple[str, ...]:
     return tuple(exclude)
 
 
-def _matrix(t: torch.Tensor) -> np.ndarray:
-    """A weight-shaped tensor as a float64 (out, -1) numpy array."""
-    return t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64).numpy()
+def _matrix(t: torch.Tensor, *, exact: bool = False) -> np.ndarray:
+    """A weight-shaped tensor as a float64 (out, -1) numpy array; ``exact``: float32
+    stays float32 (no copy on the CPU; the core converts what it reads)."""
+    keep = exact and t.dtype in (torch.float32, torch.float64)
+    return t.detach().reshape(t.shape[0], -1).to(
+        "cpu", t.dtype if keep else torch.float64).numpy()
 
 
 def _fake_sparsity(module: nn.Module, name: str) -> FakeSparsity:
@@ -523,9 +525,12 @@ class RegroupDST(BaseSparsifier):
                                    metrics)
 
     def _layout_result(self, fqn: str, shape: tuple[int, ...], lay: Layout, method: str,
-                       metrics: dict | None = None) -> LayerResult:
+                       metrics: dict | None = None, *, mask: np.ndarray | None = None
+                       ) -> LayerResult:
+        """``lay`` as the LayerResult of ``fqn``; ``mask``: its mask, when known."""
         return LayerResult(
-            name=fqn, shape=tuple(shape), mask=layout_mask(lay).reshape(shape),
+            name=fqn, shape=tuple(shape),
+            mask=(layout_mask(lay) if mask is None else mask).reshape(shape),
             row_perm=np.array(lay.row_perm), col_perm=None if lay.col_perm is None
             else np.array(lay.col_perm), panel_cols=lay.panel_cols,
             block_shape=tuple(lay.block_shape), format=lay.format, method=method,
@@ -638,71 +643,22 @@ class RegroupDST(BaseSparsifier):
             return
         block = self._block.get(fqn)
         W = _matrix(block.core.to_dense(block.core.values) if block is not None else
-                    module.parametrizations[tensor_name].original) * res.mask2d
-        G = _matrix(grad)
-        units, kept = layout_units(res, rank=G if res.format == "shuffled" else None)
-        k = int(kept.sum())
-        # A layer keeping every unit has nothing to grow (RigL leaves dense layers be).
-        n = drop_count(k, d) if k < units.n_units else 0
-        ws = unit_scores(W, units)
-        dg = drop_grow(ws, unit_scores(G, units), kept, n)
-        old = res.mask2d
-        new_res = self._result(fqn, res.shape, units, dg.kept,
-                               unit_scores(W, units, power=1), res.method)
-        rec.update(dropped=int(dg.dropped.size), grown=int(dg.grown.size))
-        W2 = np.square(W)
-        if self._now["relayout"] and k < units.n_units and fqn not in self.element_wise:
-            new_res, rec["relayout"], rec["relayout_note"] = self._relayout(
-                fqn, new_res, W, G, old, units, dg.kept, W2, d, k)
-        new = new_res.mask2d
-        regroup.check_layout(new, new_res.format, tuple(new_res.block_shape),
-                             new_res.row_perm, new_res.col_perm, new_res.panel_cols)
+                    module.parametrizations[tensor_name].original, exact=True)
+        relayout = self._now["relayout"] and fqn not in self.element_wise
+        upd = update_layout(W, _matrix(grad, exact=True), res, d, relayout=relayout,
+                            rounds=self.warm_rounds)
+        new_res = self._layout_result(
+            fqn, res.shape, upd.layout, res.method,
+            {"relayout_rounds": self.warm_rounds} if upd.relayout else None, mask=upd.mask)
         if block is not None:
             self._set_block(fqn, block, new_res)
         else:
-            self._set_mask(module, tensor_name, old, new)
+            self._set_mask(module, tensor_name, res.mask2d, upd.mask)
         self.results[fqn] = new_res
-        rec["churn"] = churn(old, new, W2)
-        rec["seconds"] = time.perf_counter() - t0
+        rec.update(dropped=upd.dropped, grown=upd.grown, relayout=upd.relayout,
+                   relayout_note=upd.note, churn=upd.churn,
+                   seconds=time.perf_counter() - t0)
         self.history.append(rec)
-
-    def _relayout(self, fqn: str, cur: LayerResult, W: np.ndarray, G: np.ndarray,
-                  old: np.ndarray, units: Any, kept: np.ndarray, W2: np.ndarray,
-                  d: float, k: int) -> tuple[LayerResult, bool, str]:
-        """A warm re-layout of ``cur`` (the layout after drop and grow), or ``cur``.
-
-        Scores: ``|w|`` on the positions ``cur`` keeps from before, ``s * |G|``
-        elsewhere (new positions included: their weights are still 0), with ``s`` such
-        that the grown positions (or, with none, the best candidate unit) score like an
-        average kept weight, as DSB scores grown weights at the mean ``|w|``."""
-        mask = cur.mask2d
-        carried = mask & old
-        fresh = mask & ~old
-        absG = np.abs(G)
-        if fresh.any():
-            g_ref = float(absG[fresh].mean())
-        else:
-            per_unit = unit_scores(G, units, power=1) / units.area()
-            g_ref = float(per_unit[~kept].max()) if (~kept).any() else 0.0
-        w_ref = float(np.abs(W[carried]).mean()) if carried.any() else 0.0
-        scale = w_ref / g_ref if g_ref > 0 else 0.0
-        V = np.where(carried, np.abs(W), scale * absG)
-        if not V.any():
-            return cur, False, "nothing to score (zero weights and gradient)"
-        lay = relayout(V, cur, k, rounds=self.warm_rounds)
-        # (update_mask checks the mask is a layout of these orders)
-        if lay.kept_blocks != k:          # fewer units than k hold any score
-            return cur, False, f"keeps {lay.kept_blocks} units, not {k}"
-        out = self._layout_result(fqn, cur.shape, lay, cur.method,
-                                  {"relayout_rounds": self.warm_rounds})
-        new = out.mask2d
-        before, after = float(V[mask].sum()), float(V[new].sum())
-        if not after > before * (1 + _RTOL):
-            return cur, False, "no gain"
-        c = churn(old, new, W2)
-        if c > d * (1 + _RTOL):
-            return cur, False, f"churn {c:.4f} > d_t {d:.4f}"
-        return out, True, f"gain {after / before - 1:+.4f}" if before else "gain"
 
     # -- state -----------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
