@@ -35,9 +35,10 @@ demo: $(VENV)/.core
 	[print(json.dumps({k: l[k] for k in ('name', 'shape', 'chosen', 'retained', \
 	'retained_identity', 'kept_blocks', 'fill', 'km1')})) for l in r['layers']]"
 
+# One test process per core (pytest-xdist): the suite takes ~5 min on 2 cores, ~7 in one.
 test: $(VENV)/.test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # The full DLMC sweeps and the benchmark smoke runs (not in CI's default suite).
 test-slow: $(VENV)/.test
