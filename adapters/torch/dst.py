@@ -14,9 +14,9 @@ re-clusters from scratch at every update. Here each layer holds a block layout
    grouped into candidate tiles by their gradient (:func:`regroup.dst.layout_units` with
    ``rank=G``), so a grown tile gathers the columns the gradient asks for;
 2. every ``relayout_every`` updates, tries a warm re-layout (:func:`regroup.dst.relayout`,
-   the search of :func:`regroup.regroup_pattern` with ``init=``), scored on ``|w|`` for the kept
-   weights and a scaled ``|G|`` elsewhere, and keeps it only if it scores more and the
-   whole update still removes at most ``d_t`` of the kept ``w**2`` mass;
+   the search of :func:`regroup.regroup_pattern` with ``init=``), scored on ``w**2`` for
+   the kept weights and a scaled ``G**2`` elsewhere, and keeps it only if it scores more
+   and the whole update still removes at most ``d_t`` of the kept ``w**2`` mass;
 3. zeroes, in the weight and in the optimizer's state, every position that is not kept
    both before and after: new positions start at 0 (RigL), dropped ones stay at 0.
 
