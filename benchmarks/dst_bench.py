@@ -572,7 +572,10 @@ def _cost(args) -> int:
         units, kept = layout_units(cur, rank=G)
         cand = unit_scores(np.abs(G), units, power=1).reshape(-1)[~kept.reshape(-1)]
         scale = np.abs(W[carried]).mean() / (cand.max() / BLOCK ** 2)
-        V = np.square(np.where(carried, np.abs(W), scale * np.abs(G)))  # as RegroupDST
+        # |w| and scaled |G|: DSB ranks its columns by their L2 norm; RegroupDST's
+        # re-layout keeps the most of their squares, V (what "kept" measures for both)
+        S = np.where(carried, np.abs(W), scale * np.abs(G))
+        V = np.square(S)
         row = {"layer": name, "shape": "x".join(map(str, W.shape)), "tiles": K,
                "warm rounds": rounds,
                "kept before": round(float(V[carried].sum() / V.sum()), 4)}
@@ -592,7 +595,7 @@ def _cost(args) -> int:
                     top = np.argpartition(-flat, K * BLOCK ** 2)[:K * BLOCK ** 2]
                     elem = np.zeros(V.size, bool)
                     elem[top] = True
-                    mask = dsb_recluster(elem.reshape(V.shape), V, K)[0] >= 0
+                    mask = dsb_recluster(elem.reshape(V.shape), S, K)[0] >= 0
                 best = min(best, time.perf_counter() - t0)
             row[f"{label} ms"] = round(1e3 * best, 1)
             row[f"{label} kept"] = round(float(V[mask].sum() / V.sum()), 4)
@@ -693,17 +696,24 @@ def mobilenet_main(args) -> int:
            "alpha": args.alpha, "relayout_every": args.relayout_every,
            "sparsity": args.sparsity}
     seeds = list(range(args.seeds))
+    # --methods picks some of the three (the default names all of them)
+    methods = [m for m in MOBILENET_METHODS if m in args.methods.split(",")]
+    if not methods:
+        raise SystemExit(f"--mobilenet runs {', '.join(MOBILENET_METHODS)}; --methods names "
+                         "none of them")
     data = digits_32()
     runs = []
     t0 = time.perf_counter()
     for seed in seeds:
-        for m in MOBILENET_METHODS:
+        for m in methods:
             r = mobilenet_run(m, seed, data, cfg)
             runs.append(r)
             print(f"seed {seed} {m:12s} acc {100 * r['acc']:.2f}  train {r['train_s']:.1f} s "
                   f"(mask updates {r['mask_s']:.2f} s, re-layouts {r['relayouts']})  "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     wall = time.perf_counter() - t0
+    if methods != list(MOBILENET_METHODS):
+        return 0            # a partial run: the per-run lines above, nothing written
     acc = {m: np.array([r["acc"] for r in runs if r["method"] == m])
            for m in MOBILENET_METHODS}
     rows = []
@@ -830,6 +840,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: 2 seeds, 300 steps (T 50)")
     ap.add_argument("--seeds", type=int, default=10, help="paired seeds 0..N-1")
+    ap.add_argument("--seed-start", type=int, default=0,
+                    help="first seed (fresh seeds for a confirmation run): seeds "
+                         "START..START+N-1")
     ap.add_argument("--steps", type=int, default=3000, help="training steps (all methods)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam, cosine-annealed to 0")
@@ -838,7 +851,8 @@ def main(argv=None) -> int:
     ap.add_argument("--relayout-every", type=int, default=1,
                     help="RegroupDST: warm re-layout every that many updates")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="comma-separated subset (the summary needs all five)")
+                    help="comma-separated subset (the summary needs all five; with "
+                         "--mobilenet, all three of its methods)")
     ap.add_argument("--cost", action="store_true",
                     help="the re-layout cost target on MiniLM's weights instead of training")
     ap.add_argument("--density", type=float, default=0.1, help="--cost: layer density")
@@ -870,7 +884,7 @@ def main(argv=None) -> int:
     cfg = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "T": args.T,
            "alpha": args.alpha, "relayout_every": args.relayout_every,
            "warm_rounds": args.warm_rounds}
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     if args.quick:
         cfg.update(steps=300, T=50)
         seeds = seeds[:2]

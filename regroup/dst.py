@@ -918,8 +918,8 @@ def _try_relayout(W: np.ndarray, G: np.ndarray, u: Units, kept: np.ndarray,
     np.multiply(V, scale, out=V)
     V[carried] = w_carried
     # Keep the most w**2, the mass drop and grow rank units by and churn measures
-    # (against |w| on digits: +0.37 points on the seeds it was chosen on, +0.17 over
-    # 30 seeds, p = 0.14; benchmarks/README.md).
+    # (against |w| on digits: +0.37 points on the 20 seeds it was chosen on, -0.22 on
+    # the 10 held out, p = 0.19: not separable; benchmarks/README.md).
     np.square(V, out=V)
     if not V.any():
         return cur, False, "nothing to score (zero weights and gradient)"

@@ -343,12 +343,12 @@ def test_load_state_dict_refuses_other_settings():
 
 
 def test_convert_matches_the_masked_model():
-    torch.manual_seed(0)
+    torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Flatten(),
                           nn.Linear(16 * 36, 32), nn.ReLU(), nn.Linear(32, 8))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sp = RegroupDST(0.8, block=8, T=2, T_end=20, relayout_every=2, optimizer=opt)
+    sp = RegroupDST(0.8, block=8, T=2, T_end=20, relayout_every=1, optimizer=opt)
     sp.prepare(model)
     assert list(sp.results) == ["0.weight", "4.weight", "6.weight"]    # not depthwise
     x, y = torch.randn(16, 4, 6, 6), torch.randint(0, 8, (16,))
@@ -358,6 +358,10 @@ def test_convert_matches_the_masked_model():
         loss.backward()
         opt.step()
         sp.step()
+    # accepted re-layouts have moved rows: convert folds permuted layouts, not only
+    # re-picked tiles of the identity order
+    assert any(not np.array_equal(r.row_perm, np.arange(len(r.row_perm)))
+               for r in sp.results.values())
     with torch.no_grad():
         ref = model(x)
     assert sp.convert(model) is model

@@ -59,8 +59,9 @@ from .sparse import BACKENDS, BlockSparseConv2d, BlockSparseLinear, set_backend
 
 __all__ = ["RegroupDST", "RELAYOUT_ROUNDS"]
 
-#: Refinement rounds of a re-layout by default. One round: on digits (10 paired seeds)
-#: the accuracy was the same as with three (97.39 vs 97.28, paired p = 0.50) for 13 %
+#: Refinement rounds of a re-layout by default. One round (measured with the |w|
+#: re-layout scores of the time): on digits (10 paired seeds) the accuracy was the same
+#: as with three (97.39 vs 97.28, paired p = 0.50) for 13 %
 #: less mask-update time, and on MiniLM's 1536x384 FFN weights one round kept 0.7543
 #: of the scores against three's 0.7552 in half the time (benchmarks/README.md).
 RELAYOUT_ROUNDS = 1
