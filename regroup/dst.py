@@ -600,6 +600,41 @@ def units_layout(units: Units, kept: Any, unit_mass: Any) -> Layout:
                   kept.copy(), area, kept_mass)
 
 
+def _layout_orders(layout: Any, caller: str) -> tuple[str, tuple[int, int], np.ndarray,
+                                                      np.ndarray | None, tuple[int, int]]:
+    """A grid or shuffled Layout / LayerResult argument, checked: its format, 2-D shape,
+    row order, column order (grid; None for shuffled) and block; a shuffled layout's
+    panel column lists are checked too. Errors name ``'layout'`` and ``caller``."""
+    fmt = _check_layout_arg(layout, caller)
+    if isinstance(layout, Layout):
+        shape = tuple(int(x) for x in layout.shape)
+    else:
+        shape = np.asarray(layout.mask2d).shape
+    n, m = shape
+    try:
+        br, bc = check_block(tuple(layout.block_shape), caller)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The 'layout' parameter of {caller} must have a valid "
+                         f"block_shape. Got {layout.block_shape!r} instead ({exc})") from None
+    if br > n or bc > m:
+        raise ValueError(f"The 'layout' parameter of {caller} must have a block_shape that "
+                         f"fits its shape {shape}. Got {br}x{bc} instead.")
+    rows = _check_perm(layout.row_perm, n, "layout.row_perm", caller)
+    cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
+                                                       caller)
+    if fmt == "shuffled":
+        P = -(-n // br)
+        if not isinstance(layout.panel_cols, Sequence) or len(layout.panel_cols) != P:
+            raise ValueError(f"The 'layout' parameter of {caller} must list the columns of "
+                             f"its {P} panels. Got {layout.panel_cols!r:.80} instead.")
+        try:
+            panel_table(layout.panel_cols, m, bc)
+        except ValueError as exc:
+            raise ValueError(f"The 'layout' parameter of {caller} must be a valid shuffled "
+                             f"layout. Got one where {exc} instead.") from None
+    return fmt, shape, rows, cols, (br, bc)
+
+
 def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
     """A warm re-layout: the ``k`` blocks (tiles) of most ``values`` for the orders of
     ``layout`` (a grid or shuffled :class:`~regroup.blocks.Layout` or
@@ -613,19 +648,13 @@ def relayout(values: Any, layout: Any, k: int, *, rounds: int = 1) -> Layout:
     finite) has the layout's 2-D shape (N-D flattened to (d0, -1)).
     """
     caller = "relayout"
-    fmt = _check_layout_arg(layout, caller)
-    shape = tuple(layout.shape) if isinstance(layout, Layout) else layout.mask2d.shape
-    n, m = shape
-    V = _check_2d(values, (n, m), "values", caller, whose="the layout's")
+    fmt, shape, rows, cols, block = _layout_orders(layout, caller)
+    V = _check_2d(values, shape, "values", caller, whose="the layout's")
     if (V < 0).any():
         raise ValueError(f"The 'values' parameter of {caller} must be non-negative (masses). "
                          f"Got {int(np.count_nonzero(V < 0))} negative values instead.")
     k = check_int(k, "k", caller, low=1)
     rounds = check_int(rounds, "rounds", caller, low=0)
-    rows = _check_perm(layout.row_perm, n, "layout.row_perm", caller)
-    cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
-                                                       caller)
-    block = check_block(tuple(layout.block_shape), caller)
     return _warm(V, rows, cols, block, fmt, k, rounds)
 
 
@@ -817,38 +846,14 @@ def update_layout(weight: Any, grad: Any, layout: Any, fraction: float, *,
         whole units of the new layout (:func:`regroup.check_layout`).
     """
     caller = "update_layout"
-    fmt = _check_layout_arg(layout, caller)
+    fmt, shape, rows, cols, (br, bc) = _layout_orders(layout, caller)
     d = check_real(fraction, "fraction", caller, 0, 1)
     rounds = check_int(rounds, "rounds", caller, low=0)
     if not isinstance(relayout, (bool, np.bool_)):
         raise TypeError(f"The 'relayout' parameter of {caller} must be a bool. Got "
                         f"{relayout!r} instead.")
-    if isinstance(layout, Layout):
-        shape = tuple(int(x) for x in layout.shape)
-    else:
-        shape = np.asarray(layout.mask2d).shape
     n, m = shape
-    try:
-        br, bc = check_block(tuple(layout.block_shape), caller)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"The 'layout' parameter of {caller} must have a valid "
-                         f"block_shape. Got {layout.block_shape!r} instead ({exc})") from None
-    if br > n or bc > m:
-        raise ValueError(f"The 'layout' parameter of {caller} must have a block_shape that "
-                         f"fits its shape {shape}. Got {br}x{bc} instead.")
     P = -(-n // br)
-    rows = _check_perm(layout.row_perm, n, "layout.row_perm", caller)
-    cols = None if fmt == "shuffled" else _check_perm(layout.col_perm, m, "layout.col_perm",
-                                                       caller)
-    if fmt == "shuffled":
-        if not isinstance(layout.panel_cols, Sequence) or len(layout.panel_cols) != P:
-            raise ValueError(f"The 'layout' parameter of {caller} must list the columns of "
-                             f"its {P} panels. Got {layout.panel_cols!r:.80} instead.")
-        try:
-            panel_table(layout.panel_cols, m, bc)
-        except ValueError as exc:
-            raise ValueError(f"The 'layout' parameter of {caller} must be a valid shuffled "
-                             f"layout. Got one where {exc} instead.") from None
     old = layout_mask(layout) if isinstance(layout, Layout) else \
         np.asarray(layout.mask2d, dtype=bool)
     Wv = _matrix_view(weight, shape, "weight", caller, whose="the layout's")

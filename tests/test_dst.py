@@ -584,11 +584,16 @@ def test_relayout_is_the_warm_start_of_regroup_pattern(n, m, fmt, rounds, k, see
     ("k", dict(k=0), ValueError, "'k' parameter of relayout"),
     ("rounds", dict(rounds=-1), ValueError, "'rounds' parameter of relayout"),
     ("layout", dict(layout="grid"), TypeError, "'layout' parameter of relayout"),
+    # the layout checks update_layout makes (one helper): a block that does not fit
+    ("block", dict(layout="big"), ValueError,
+     "'layout' parameter of relayout must have a block_shape that fits"),
 ])
 def test_relayout_refuses_hostile_input(case, kwargs, exc, match):
     rng = np.random.default_rng(0)
     init = regroup_pattern(_pattern(rng, 16, 16, 0.3), block=4, budget="blocks=2")
     args = {"values": np.ones((16, 16)), "layout": init, "k": 2, "rounds": 1, **kwargs}
+    if args["layout"] == "big":
+        args["layout"] = dataclasses.replace(init, block_shape=(4, 32))
     with pytest.raises(exc, match=match):
         relayout(args["values"], args["layout"], args["k"], rounds=args["rounds"])
 
