@@ -757,6 +757,12 @@ def _step(model, opt, sp, x, y) -> None:
     sp.step()
 
 
+def _share(row: dict, key: str, T: int = 100) -> str:
+    """The share of the training time a mask update every ``T`` steps takes."""
+    update = row[key]
+    return f"{100 * update / (T * row['step_ms'] + update):.1f} %"
+
+
 def speed_main(args) -> int:
     """Training-step time of RegroupDST with masked against block execution on MiniLM's
     feed-forward shapes (an MLP 384 -> 1536 -> 384, GELU, random data): the same
@@ -821,7 +827,9 @@ def speed_main(args) -> int:
              f"{args.repeat}), and with a warm re-layout of both (relayout_every=1).", "",
              "| sparsity | format | masked ms / step | block ms / step | block / masked | "
              "masked update ms | block update ms | masked update + re-layout ms | "
-             "block update + re-layout ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "block update + re-layout ms | update share at T=100, masked / block | "
+             "with a re-layout every update, masked / block |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for sparsity in args.speed_sparsities:
         for fmt in ("grid", "shuffled"):
             m, b = (next(r for r in rows if r["sparsity"] == sparsity and r["format"] == fmt
@@ -829,7 +837,9 @@ def speed_main(args) -> int:
             lines.append(f"| {sparsity:g} | {fmt} | {m['step_ms']} | {b['step_ms']} | "
                          f"{b['step_ms'] / m['step_ms']:.2f} | {m['update_ms']} | "
                          f"{b['update_ms']} | {m['relayout_update_ms']} | "
-                         f"{b['relayout_update_ms']} |")
+                         f"{b['relayout_update_ms']} | {_share(m, 'update_ms')} / "
+                         f"{_share(b, 'update_ms')} | {_share(m, 'relayout_update_ms')} / "
+                         f"{_share(b, 'relayout_update_ms')} |")
     write_outputs(args.out, "dst_speed", rows, lines)
     print("\n".join(lines))
     return 0

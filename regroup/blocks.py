@@ -427,10 +427,10 @@ def layout_mask(layout: Layout) -> np.ndarray:
     n, m = layout.shape
     br, bc = layout.block_shape
     if layout.format == "grid":
-        mask = np.zeros((n, m), dtype=bool)
-        regrouped = np.repeat(np.repeat(layout.kept, br, axis=0)[:n], bc, axis=1)[:, :m]
-        mask[np.ix_(layout.row_perm, layout.col_perm)] = regrouped
-        return mask
+        # Each original row's and column's block, then one full-size gather.
+        row_block = positions(layout.row_perm) // br
+        col_block = positions(layout.col_perm) // bc
+        return np.asarray(layout.kept, bool)[row_block][:, col_block]
     return _spread(_panel_table(layout.panel_cols, m), layout.row_perm, br)
 
 
@@ -460,11 +460,8 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
         col_perm = np.asarray(col_perm)
         if not is_permutation(col_perm, m):
             raise RegroupError("col_perm is not a permutation of the columns")
-        R = mask[np.ix_(row_perm, col_perm)]
-        P, Q = -(-n // br), -(-m // bc)
-        pad = np.zeros((P * br, Q * bc), dtype=np.int64)
-        pad[:n, :m] = R
-        counts = pad.reshape(P, br, Q, bc).sum(axis=(1, 3))
+        R = np.asarray(mask, bool).take(row_perm, axis=0).take(col_perm, axis=1)
+        counts = group_sums(group_sums(R, br, 0), bc, 1)
         area = np.outer(_sizes(n, br), _sizes(m, bc))
         if not np.all((counts == 0) | (counts == area)):
             raise RegroupError("mask is not a union of whole grid blocks")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from regroup import (Budget, RegroupError, check_layout, from_array, from_sparse,
                      regroup_pattern)
-from regroup.blocks import build_layout, group_sums, layout_mask
+from regroup.blocks import Layout, build_layout, group_sums, layout_mask
 
 from .conftest import random_mask, recompute_retained
 
@@ -167,6 +167,35 @@ def test_layout_mask_round_trips_through_check_layout():
     broken[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = False
     with pytest.raises(RegroupError, match="not a union of whole grid blocks"):
         check_layout(broken, "grid", (7, 6), lay.row_perm, lay.col_perm)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9),
+       st.integers(0, 2**31 - 1))
+def test_grid_layout_mask_and_check_layout_follow_the_block_definition(n, m, br, bc, seed):
+    # Short edge blocks included: cell (r, c) is kept when the block of r's position in
+    # row_perm and c's in col_perm is; one flipped cell breaks its block unless the
+    # block is a single cell.
+    rng = np.random.default_rng(seed)
+    P, Q = -(-n // br), -(-m // bc)
+    rp, cp = rng.permutation(n), rng.permutation(m)
+    kept = rng.random((P, Q)) < 0.4
+    lay = Layout("grid", (br, bc), (n, m), rp, cp, None, kept, 0, 0.0)
+    mask = layout_mask(lay)
+    want = np.zeros((n, m), bool)
+    want[np.ix_(rp, cp)] = np.repeat(np.repeat(kept, br, axis=0)[:n], bc, axis=1)[:, :m]
+    np.testing.assert_array_equal(mask, want)
+    check_layout(mask, "grid", (br, bc), rp, cp)
+    r, c = int(rng.integers(n)), int(rng.integers(m))
+    flipped = mask.copy()
+    flipped[r, c] = not flipped[r, c]
+    pr, pc = int(np.argsort(rp)[r]) // br, int(np.argsort(cp)[c]) // bc
+    area = min(br, n - pr * br) * min(bc, m - pc * bc)
+    if area == 1:
+        check_layout(flipped, "grid", (br, bc), rp, cp)
+    else:
+        with pytest.raises(RegroupError, match="not a union of whole grid blocks"):
+            check_layout(flipped, "grid", (br, bc), rp, cp)
 
 
 @pytest.mark.parametrize("text,kind,value,back", [

@@ -315,6 +315,14 @@ class BlockCore(nn.Module):
             self.block_col.to(device)[:, None] * bc + torch.arange(bc, device=device)]
         return r[:, :, None], c[:, None, :]
 
+    def _entry_keys(self, device: torch.device) -> torch.Tensor:
+        """Per stored entry (flattened ``values`` order), its dense position
+        ``row * cols + col`` in original coordinates, or -1 where it is padding."""
+        n, m = self.shape
+        r, c = self._block_positions(device)
+        keys = r * m + c
+        return torch.where((r < n) & (c < m), keys, -1).reshape(-1)
+
     def from_dense(self, W: torch.Tensor) -> torch.Tensor:
         """The (n_blocks, br, bc) kept blocks of the (rows, cols) ``W`` (original
         coordinates) in this layout's storage order, zero in the padding. It reads only
@@ -363,15 +371,31 @@ class BlockCore(nn.Module):
         movers = [self.values, *carry]
         if self.values.grad is not None:
             movers.append(self.values.grad)
-        dense = [self.to_dense(t) for t in movers]
         dev = self.values.device
+        before = self._entry_keys(dev)
         for name in (*LAYOUT_KEYS, *_DERIVED_KEYS):
             arr = arrays[name]
             setattr(self, name, None if arr is None else torch.from_numpy(
                 np.asarray(arr, np.int64)).to(dev))
         self.padded = arrays["padded"]
-        for t, d in zip(movers, dense):
-            t.copy_(self.from_dense(d))
+        after = self._entry_keys(dev)
+        # Each stored entry's dense position as a key (padding: -1); a lookup from the
+        # old keys gives, per new entry, the old entry holding it. Two gathers of the
+        # kept entries per tensor, where a round trip through dense copies cost
+        # several full-size (rows x cols) temporaries per tensor.
+        # (int32: 4 bytes per dense position, less than one dense float copy.)
+        n, m = self.shape
+        lookup = torch.full((n * m,), -1, dtype=torch.int32, device=dev)
+        real = before >= 0
+        lookup[before[real]] = torch.arange(before.numel(), dtype=torch.int32,
+                                            device=dev)[real]
+        src = torch.where(after >= 0, lookup[after.clamp(min=0)], -1).long()
+        hit = src >= 0
+        src = src.clamp(min=0)
+        for t in movers:
+            flat = t.reshape(-1)
+            moved = torch.where(hit, flat[src], torch.zeros((), dtype=t.dtype, device=dev))
+            t.copy_(moved.view_as(t))
         self._dense_cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
