@@ -456,11 +456,17 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
                                "identity")
         check_nm_mask(mask, nm, col_perm)
         return
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        as_bool = mask.astype(bool)
+        if not np.array_equal(as_bool, mask):
+            raise RegroupError("mask holds values other than 0 and 1")
+        mask = as_bool
     if fmt == "grid":
         col_perm = np.asarray(col_perm)
         if not is_permutation(col_perm, m):
             raise RegroupError("col_perm is not a permutation of the columns")
-        R = np.asarray(mask, bool).take(row_perm, axis=0).take(col_perm, axis=1)
+        R = mask.take(row_perm, axis=0).take(col_perm, axis=1)
         counts = group_sums(group_sums(R, br, 0), bc, 1)
         area = np.outer(_sizes(n, br), _sizes(m, bc))
         if not np.all((counts == 0) | (counts == area)):

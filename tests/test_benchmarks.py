@@ -226,7 +226,8 @@ def test_dst_bench_speed_times_both_executions(tmp_path):
     assert [(r["format"], r["execution"]) for r in rows] == [
         ("grid", "masked"), ("grid", "block"), ("shuffled", "masked"), ("shuffled", "block")]
     assert all(float(r["step_ms"]) > 0 and float(r["update_ms"]) > 0
-               and float(r["relayout_update_ms"]) > 0 for r in rows)
+               and float(r["relayout_update_ms"]) > 0 and float(r["armed_step_ms"]) > 0
+               for r in rows)
 
 
 def test_dst_bench_cost_relayout_never_keeps_less_than_before(tmp_path, zoo):

@@ -198,6 +198,21 @@ def test_grid_layout_mask_and_check_layout_follow_the_block_definition(n, m, br,
             check_layout(flipped, "grid", (br, bc), rp, cp)
 
 
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("values,ok", [((1, 1), True), ((1.0, 1.0), True), ((2, 2), False),
+                                       ((0.5, 1.0), False), ((np.nan, 1.0), False)])
+def test_check_layout_reads_0_and_1_as_a_mask_and_refuses_other_values(fmt, values, ok):
+    # One 1x2 block (grid) or tile (shuffled) kept: its two cells hold `values`.
+    mask = np.array([values, (0, 0)])
+    cols = np.arange(2) if fmt == "grid" else None
+    panels = None if fmt == "grid" else [np.arange(2), np.arange(0)]
+    if ok:
+        check_layout(mask, fmt, (1, 2), np.arange(2), cols, panels)
+    else:
+        with pytest.raises(RegroupError, match="mask holds values other than 0 and 1"):
+            check_layout(mask, fmt, (1, 2), np.arange(2), cols, panels)
+
+
 @pytest.mark.parametrize("text,kind,value,back", [
     ("iso", "iso", None, "iso"), ("iso=1", "iso", None, "iso"), ("iso=2", "iso", 2.0, "iso=2"),
     ("density=0.1", "density", 0.1, "density=0.1"), ("blocks=7", "blocks", 7.0, "blocks=7"),

@@ -372,6 +372,23 @@ def test_set_layout_is_a_fresh_core_of_the_positions_kept_in_both(fmt):
     assert torch.equal(values, ref.values)                          # left as it was
 
 
+@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+def test_set_layout_remaps_a_tensor_once_and_on_its_own_device(fmt):
+    shape = (20, 44)
+    a, b = _random_layout(shape, fmt, 7, 0), _random_layout(shape, fmt, 7, 1)
+    torch.manual_seed(0)
+    core = BlockCore(a, torch.randn(shape), "bsr")
+    state = torch.randn(core.values.shape)
+    want = core.to_dense(state) * torch.from_numpy(a.mask & b.mask)
+    # Listed twice (and as the values' grad): moved once. On the meta device (standing
+    # in for optimizer state kept on another device than the values): moved there.
+    core.values.grad = state
+    offloaded = torch.empty(core.values.shape, device="meta")
+    core.set_layout(b, (state, state, offloaded))
+    assert torch.equal(core.to_dense(state), want)
+    assert offloaded.device.type == "meta" and offloaded.shape == core.values.shape
+
+
 @pytest.mark.parametrize("bad", ["Block", "dense", None, 1, ["block"]])
 def test_bad_execution_is_refused(bad):
     with pytest.raises(ValueError, match=r"^The 'execution' parameter of RegroupDST must "

@@ -265,6 +265,27 @@ def _core_arrays(result: LayerResult, n: int, m: int) -> dict[str, Any]:
             "col_t": block_row[perm_t], "perm_t": perm_t}
 
 
+def _entry_positions(shape: tuple[int, int], block: tuple[int, int], padded: tuple[int, int],
+                     row_perm: torch.Tensor, block_row: torch.Tensor, col_gather: torch.Tensor,
+                     block_col: torch.Tensor, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`BlockCore._block_positions` of the given index buffers."""
+    n, m = shape
+    br, bc = block
+    rows = torch.cat([row_perm, row_perm.new_full((padded[0] - n,), n)]).to(device)
+    r = rows[block_row.to(device)[:, None] * br + torch.arange(br, device=device)]
+    c = col_gather.to(device)[block_col.to(device)[:, None] * bc +
+                              torch.arange(bc, device=device)]
+    return r[:, :, None], c[:, None, :]
+
+
+def _entry_keys(r: torch.Tensor, c: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per stored entry (flattened ``values`` order) of positions ``r``, ``c``
+    (:func:`_entry_positions`), its dense position ``row * m + col``, or -1 where it is
+    padding."""
+    return torch.where((r < n) & (c < m), r * m + c, -1).reshape(-1)
+
+
 #: The derived (non-persistent) index buffers of a block core.
 _DERIVED_KEYS = ("in_index", "out_index", "crow", "col", "crow_t", "col_t", "perm_t")
 
@@ -306,22 +327,8 @@ class BlockCore(nn.Module):
     def _block_positions(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per kept block, the original rows (n_blocks, br, 1) and columns (n_blocks, 1,
         bc) of its entries; ``rows`` / ``cols`` where they are padding."""
-        n, m = self.shape
-        br, bc = self.block
-        rows = torch.cat([self.row_perm, self.row_perm.new_full(
-            (self.padded[0] - n,), n)]).to(device)
-        r = rows[self.block_row.to(device)[:, None] * br + torch.arange(br, device=device)]
-        c = self.col_gather.to(device)[
-            self.block_col.to(device)[:, None] * bc + torch.arange(bc, device=device)]
-        return r[:, :, None], c[:, None, :]
-
-    def _entry_keys(self, device: torch.device) -> torch.Tensor:
-        """Per stored entry (flattened ``values`` order), its dense position
-        ``row * cols + col`` in original coordinates, or -1 where it is padding."""
-        n, m = self.shape
-        r, c = self._block_positions(device)
-        keys = r * m + c
-        return torch.where((r < n) & (c < m), keys, -1).reshape(-1)
+        return _entry_positions(self.shape, self.block, self.padded, self.row_perm,
+                                self.block_row, self.col_gather, self.block_col, device)
 
     def from_dense(self, W: torch.Tensor) -> torch.Tensor:
         """The (n_blocks, br, bc) kept blocks of the (rows, cols) ``W`` (original
@@ -347,7 +354,8 @@ class BlockCore(nn.Module):
         in place: the index buffers are rebuilt, and ``values`` (the same Parameter), its
         ``grad`` and every tensor of ``carry`` (values-shaped, e.g. optimizer state) are
         remapped through the dense positions: a position kept by both layouts keeps its
-        entry, one new to ``result`` gets 0.
+        entry, one new to ``result`` (or padding) gets 0. Each tensor is remapped on its
+        own device.
 
         Raises
         ------
@@ -368,34 +376,43 @@ class BlockCore(nn.Module):
                 raise RegroupError(f"layer {self.name!r}: set_layout carries tensors of the "
                                    f"values' shape {tuple(self.values.shape)}, got "
                                    f"{tuple(t.shape)}")
-        movers = [self.values, *carry]
-        if self.values.grad is not None:
-            movers.append(self.values.grad)
+        movers: list[torch.Tensor] = []
+        for t in (self.values, *carry, self.values.grad):
+            if t is not None and all(t is not u for u in movers):
+                movers.append(t)
         dev = self.values.device
-        before = self._entry_keys(dev)
-        for name in (*LAYOUT_KEYS, *_DERIVED_KEYS):
-            arr = arrays[name]
-            setattr(self, name, None if arr is None else torch.from_numpy(
-                np.asarray(arr, np.int64)).to(dev))
-        self.padded = arrays["padded"]
-        after = self._entry_keys(dev)
-        # Each stored entry's dense position as a key (padding: -1); a lookup from the
-        # old keys gives, per new entry, the old entry holding it. Two gathers of the
-        # kept entries per tensor, where a round trip through dense copies cost
-        # several full-size (rows x cols) temporaries per tensor.
-        # (int32: 4 bytes per dense position, less than one dense float copy.)
+        buffers = {name: None if arrays[name] is None else
+                   torch.from_numpy(np.asarray(arrays[name], np.int64)).to(dev)
+                   for name in (*LAYOUT_KEYS, *_DERIVED_KEYS)}
         n, m = self.shape
-        lookup = torch.full((n * m,), -1, dtype=torch.int32, device=dev)
+        before = _entry_keys(*self._block_positions(dev), n, m)
+        after = _entry_keys(*_entry_positions(
+            self.shape, self.block, arrays["padded"], buffers["row_perm"],
+            buffers["block_row"], buffers["col_gather"], buffers["block_col"], dev), n, m)
+        # A lookup from each old entry's dense position to its storage index gives, per
+        # new entry, the old entry holding it (-1: new to the layout, or padding): one
+        # gather of the stored entries per tensor instead of a round trip through dense
+        # (rows x cols) copies. int32 while the storage indices fit.
+        index = torch.int32 if before.numel() < 2 ** 31 else torch.int64
+        lookup = torch.full((n * m,), -1, dtype=index, device=dev)
         real = before >= 0
-        lookup[before[real]] = torch.arange(before.numel(), dtype=torch.int32,
-                                            device=dev)[real]
+        lookup[before[real]] = torch.arange(before.numel(), dtype=index, device=dev)[real]
         src = torch.where(after >= 0, lookup[after.clamp(min=0)], -1).long()
+        del lookup
         hit = src >= 0
         src = src.clamp(min=0)
+        # Every tensor is remapped (on its own device) before anything is written, so a
+        # failure leaves the core as it was.
+        moved = []
         for t in movers:
-            flat = t.reshape(-1)
-            moved = torch.where(hit, flat[src], torch.zeros((), dtype=t.dtype, device=dev))
-            t.copy_(moved.view_as(t))
+            s_t, h_t = src.to(t.device), hit.to(t.device)
+            moved.append(torch.where(h_t, t.reshape(-1)[s_t],
+                                     torch.zeros((), dtype=t.dtype, device=t.device)))
+        for name, buf in buffers.items():
+            setattr(self, name, buf)
+        self.padded = arrays["padded"]
+        for t, new in zip(movers, moved):
+            t.copy_(new.view_as(t))
         self._dense_cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
