@@ -36,7 +36,7 @@ import numpy as np
 from .validation import (RegroupError, check_block, check_choice, check_int, check_real,
                          is_permutation)
 from .blocks import (FORMATS, Budget, Layout, check_layout, group_sums, layout_mask,
-                     panel_table)
+                     panel_table, row_group_sums)
 from .refine import warm_start
 
 __all__ = ["DISTRIBUTIONS", "RTOL", "DropGrow", "LayoutUpdate", "Units", "churn",
@@ -318,7 +318,7 @@ def _check_2d(values: Any, shape: tuple[int, int], name: str, caller: str,
 
 def _panel_column_sums(A: np.ndarray, row_perm: np.ndarray, br: int) -> np.ndarray:
     """(n_panels, n_cols): each column's sum of ``A`` over each panel's rows."""
-    return group_sums(A[row_perm], br)
+    return row_group_sums(A, row_perm, br)
 
 
 def make_units(shape: tuple[int, int], block: Any, format: str, *, row_perm: Any = None,
@@ -869,10 +869,7 @@ def update_layout(weight: Any, grad: Any, layout: Any, fraction: float, *,
     key = at // br * m + c
     abs_w, sq_w, count = (np.bincount(key, weights=x, minlength=P * m).reshape(P, m)
                           for x in (np.abs(w), np.square(w), None))
-    B = Gv[rows]
-    B = np.square(B, out=B) if B.dtype == np.float64 else np.square(B, dtype=np.float64)
-    sq_g = group_sums(B, br)
-    del B
+    sq_g = row_group_sums(Gv, rows, br, square=True)
     if fmt == "shuffled":
         u = _shuffled_units(shape, (br, bc), rows, layout.panel_cols, sq_g)
     else:

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from regroup import (Budget, RegroupError, check_layout, from_array, from_sparse,
                      regroup_pattern)
-from regroup.blocks import Layout, build_layout, group_sums, layout_mask
+from regroup import blocks
+from regroup.blocks import Layout, build_layout, group_sums, layout_mask, row_group_sums
 
 from .conftest import random_mask, recompute_retained
 
@@ -211,6 +212,32 @@ def test_check_layout_reads_0_and_1_as_a_mask_and_refuses_other_values(fmt, valu
     else:
         with pytest.raises(RegroupError, match="mask holds values other than 0 and 1"):
             check_layout(mask, fmt, (1, 2), np.arange(2), cols, panels)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 20), st.integers(1, 9), st.booleans(),
+       st.sampled_from([np.float32, np.float64, np.int64]), st.integers(8, 4096),
+       st.integers(0, 2**31 - 1))
+def test_row_group_sums_is_group_sums_of_the_gathered_rows_to_the_bit(
+        n, m, size, square, dtype, slab, seed):
+    # A small slab buffer forces many slabs (and a short last group) on small matrices.
+    rng = np.random.default_rng(seed)
+    A = (rng.standard_normal((n, m)) * 10.0 ** rng.uniform(-8, 3, (n, m))).astype(dtype)
+    rows = rng.permutation(n)
+    want = group_sums(np.square(A[rows], dtype=np.float64) if square else A[rows], size)
+    old = blocks.SLAB_BYTES
+    blocks.SLAB_BYTES = slab
+    try:
+        got = row_group_sums(A, rows, size, square=square)
+    finally:
+        blocks.SLAB_BYTES = old
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_row_group_sums_refuses_rows_outside_the_matrix_as_numpy_does():
+    A = np.ones((40, 3))
+    with pytest.raises(IndexError):
+        row_group_sums(A, np.array([0, 40] + list(range(1, 39))), 4)
 
 
 @pytest.mark.parametrize("text,kind,value,back", [
