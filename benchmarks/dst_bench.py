@@ -760,8 +760,9 @@ def _step(model, opt, sp, x, y) -> None:
 def _share(row: dict, key: str, T: int = 100) -> str:
     """The share of the training time a mask update every ``T`` steps takes: the update
     and what the armed step before it costs over a plain one (its dense gradient
-    product), over ``T`` steps (one of them armed) plus the update."""
-    extra = row[key] + max(row["armed_step_ms"] - row["step_ms"], 0.0)
+    product; both timed as single steps, a negative difference, which is noise, counted
+    as 0), over ``T`` steps (one of them armed) plus the update."""
+    extra = row[key] + max(row["armed_step_ms"] - row["single_step_ms"], 0.0)
     return f"{100 * extra / (T * row['step_ms'] + extra):.1f} %"
 
 
@@ -771,7 +772,8 @@ def speed_main(args) -> int:
     sparsifier settings, side by side in one process, best of ``--repeat`` timings of
     ``--steps`` steps each (no mask update inside a timing); and the time of a mask
     update per execution (drop and grow of both layers; then with a warm re-layout of
-    both too), best of ``--repeat``."""
+    both too), best of ``--repeat``; and the armed step before an update (it forms the
+    dense gradients for grow) against the plain step before it, as single steps."""
     from regroup.adapters.torch import set_backend
     torch.set_num_threads(args.threads)
     d, h = FFN
@@ -799,17 +801,20 @@ def speed_main(args) -> int:
                     best = min(best, (time.perf_counter() - t0) / args.steps)
                 row = {"sparsity": sparsity, "format": fmt, "execution": execution,
                        "step_ms": round(1e3 * best, 2)}
-                armed = float("inf")
+                armed = plain = float("inf")
                 for every, key in ((0, "update_ms"), (1, "relayout_update_ms")):
                     # Mask updates (drop and grow; then a warm re-layout too), best of
                     # --repeat: each two steps from the last, as the step before arms
-                    # the gradient hooks (that armed step is timed too).
+                    # the gradient hooks. That armed step and the plain one before it
+                    # are timed alike (single steps, best of all repeats).
                     sp.relayout_every = every
                     fastest = float("inf")
                     for _ in range(args.repeat):
                         # (T_end far ahead: a drop fraction near alpha, not ~0)
                         sp.T, sp.T_end = sp._t + 2, 10 * (sp._t + 2)
+                        t0 = time.perf_counter()
                         _step(model, opt, sp, x, y)
+                        plain = min(plain, time.perf_counter() - t0)
                         t0 = time.perf_counter()
                         opt.zero_grad()
                         F.mse_loss(model(x), y).backward()
@@ -824,6 +829,7 @@ def speed_main(args) -> int:
                         assert all((r["relayout"] is None) == (every == 0) for r in new)
                     row[key] = round(1e3 * fastest, 1)
                 row["armed_step_ms"] = round(1e3 * armed, 2)
+                row["single_step_ms"] = round(1e3 * plain, 2)
                 rows.append(row)
                 print(rows[-1], flush=True)
     lines = [f"RegroupDST training step, MLP {d}-{h}-{d} (MiniLM's feed-forward shapes), "
@@ -831,20 +837,24 @@ def speed_main(args) -> int:
              f"thread(s); best of {args.repeat} x {args.steps} steps; block execution on the "
              "BSR path; one mask update = drop and grow of both layers (best of "
              f"{args.repeat}), and with a warm re-layout of both (relayout_every=1); the "
-             "step before an update is armed (it also forms the dense gradients); the "
-             "shares at T=100 count the update and the armed step's extra time.", "",
+             "step before an update is armed (it also forms the dense gradients) and is "
+             "timed against the plain step before it, both as single steps (best of "
+             f"{2 * args.repeat}); the shares at T=100 count the update and the armed "
+             "step's extra time (0 when negative: noise).", "",
              "| sparsity | format | masked ms / step | block ms / step | block / masked | "
-             "armed step ms, masked / block | masked update ms | block update ms | "
+             "plain / armed single step ms, masked | block | masked update ms | "
+             "block update ms | "
              "masked update + re-layout ms | block update + re-layout ms | "
              "update share at T=100, masked / block | "
              "with a re-layout every update, masked / block |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sparsity in args.speed_sparsities:
         for fmt in ("grid", "shuffled"):
             m, b = (next(r for r in rows if r["sparsity"] == sparsity and r["format"] == fmt
                          and r["execution"] == e) for e in ("masked", "block"))
             lines.append(f"| {sparsity:g} | {fmt} | {m['step_ms']} | {b['step_ms']} | "
-                         f"{b['step_ms'] / m['step_ms']:.2f} | {m['armed_step_ms']} / "
+                         f"{b['step_ms'] / m['step_ms']:.2f} | {m['single_step_ms']} / "
+                         f"{m['armed_step_ms']} | {b['single_step_ms']} / "
                          f"{b['armed_step_ms']} | {m['update_ms']} | "
                          f"{b['update_ms']} | {m['relayout_update_ms']} | "
                          f"{b['relayout_update_ms']} | {_share(m, 'update_ms')} / "

@@ -473,7 +473,14 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
 
     ``fmt="nm"`` (with ``nm``, ``block`` ``(1, M)`` and the identity ``row_perm``: N:M
     does not move rows): every row keeps at most N of each M-group of the columns
-    permuted by ``col_perm`` (:func:`regroup.nm.check_nm_mask`)."""
+    permuted by ``col_perm`` (:func:`regroup.nm.check_nm_mask`). ``mask`` holds bools,
+    or the numbers 0 and 1; any other value is refused."""
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        as_bool = mask.astype(bool)
+        if not np.array_equal(as_bool, mask):
+            raise RegroupError("mask holds values other than 0 and 1")
+        mask = as_bool
     n, m = mask.shape
     br, bc = block
     row_perm = np.asarray(row_perm)
@@ -488,12 +495,6 @@ def check_layout(mask: np.ndarray, fmt: str, block: tuple[int, int], row_perm,
                                "identity")
         check_nm_mask(mask, nm, col_perm)
         return
-    mask = np.asarray(mask)
-    if mask.dtype != bool:
-        as_bool = mask.astype(bool)
-        if not np.array_equal(as_bool, mask):
-            raise RegroupError("mask holds values other than 0 and 1")
-        mask = as_bool
     if fmt == "grid":
         col_perm = np.asarray(col_perm)
         if not is_permutation(col_perm, m):

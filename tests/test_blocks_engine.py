@@ -199,19 +199,24 @@ def test_grid_layout_mask_and_check_layout_follow_the_block_definition(n, m, br,
             check_layout(flipped, "grid", (br, bc), rp, cp)
 
 
-@pytest.mark.parametrize("fmt", ["grid", "shuffled"])
+@pytest.mark.parametrize("fmt", ["grid", "shuffled", "nm"])
 @pytest.mark.parametrize("values,ok", [((1, 1), True), ((1.0, 1.0), True), ((2, 2), False),
                                        ((0.5, 1.0), False), ((np.nan, 1.0), False)])
 def test_check_layout_reads_0_and_1_as_a_mask_and_refuses_other_values(fmt, values, ok):
-    # One 1x2 block (grid) or tile (shuffled) kept: its two cells hold `values`.
-    mask = np.array([values, (0, 0)])
-    cols = np.arange(2) if fmt == "grid" else None
-    panels = None if fmt == "grid" else [np.arange(2), np.arange(0)]
+    # One 1x2 block (grid) or tile (shuffled) kept, or two of a 2:4 group (nm): those
+    # cells hold `values`.
+    if fmt == "nm":
+        mask, block, cols, panels, nm = np.array([values + (0, 0), (0,) * 4]), (1, 4), \
+            np.arange(4), None, (2, 4)
+    else:
+        mask, block, nm = np.array([values, (0, 0)]), (1, 2), None
+        cols = np.arange(2) if fmt == "grid" else None
+        panels = [np.arange(2), np.arange(0)] if fmt == "shuffled" else None
     if ok:
-        check_layout(mask, fmt, (1, 2), np.arange(2), cols, panels)
+        check_layout(mask, fmt, block, np.arange(2), cols, panels, nm=nm)
     else:
         with pytest.raises(RegroupError, match="mask holds values other than 0 and 1"):
-            check_layout(mask, fmt, (1, 2), np.arange(2), cols, panels)
+            check_layout(mask, fmt, block, np.arange(2), cols, panels, nm=nm)
 
 
 @settings(max_examples=60, deadline=None)

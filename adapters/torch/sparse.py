@@ -402,7 +402,7 @@ class BlockCore(nn.Module):
         hit = src >= 0
         src = src.clamp(min=0)
         # Every tensor is remapped (on its own device) before anything is written, so a
-        # failure leaves the core as it was.
+        # failure while remapping leaves the core as it was.
         moved = []
         for t in movers:
             s_t, h_t = src.to(t.device), hit.to(t.device)
