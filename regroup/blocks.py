@@ -178,7 +178,8 @@ def row_group_sums(A: np.ndarray, rows: np.ndarray, size: int, *,
     if per >= k or rows.min() < 0 or rows.max() >= A.shape[0]:
         return group_sums(np.square(A[rows], dtype=np.float64) if square else A[rows], size)
     taken = np.empty((per * size, m), A.dtype)
-    squared = np.empty((per * size, m)) if square else None
+    squared = (taken if A.dtype == np.float64 else np.empty((per * size, m))) if square \
+        else None
     out = None
     for start in range(0, k, per):
         sel = rows[start * size:(start + per) * size]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import Layout, group_sums, layout_mask, mostly_stored, positions
+from .blocks import Layout, layout_mask, mostly_stored, positions, row_group_sums
 from .pattern import Pattern
 from .validation import check_int, is_permutation
 
@@ -70,7 +70,7 @@ def _km1(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], row_perm: n
 
 def _dense_km1(stored: np.ndarray, row_perm: np.ndarray, br: int) -> int:
     """:func:`panel_km1` from the dense 0/1 array of stored entries."""
-    touched = np.count_nonzero(group_sums(stored[row_perm], br), axis=0)   # per column
+    touched = np.count_nonzero(row_group_sums(stored, row_perm, br), axis=0)  # per column
     return int(np.sum(np.maximum(touched - 1, 0)))
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .assignment import Assigned, assign_within
-from .blocks import Budget, Layout, build_layout, group_sums, positions, summing_form
+from .blocks import (Budget, Layout, build_layout, group_sums, positions, row_group_sums,
+                     summing_form)
 
 __all__ = ["refine", "refine_shared", "warm_start", "step_bounds", "MAX_STEP_CELLS",
            "REFINE_WORK"]
@@ -62,7 +63,8 @@ def _group_sums(M: sp.coo_matrix | np.ndarray, axis: int, perm: np.ndarray, size
     over the nonzeros (much faster than the sparse product with a group indicator), or
     sums of the dense matrix's slices."""
     if isinstance(M, np.ndarray):
-        return group_sums(M[:, perm], size, 1) if axis == 0 else group_sums(M[perm], size).T
+        return group_sums(M[:, perm], size, 1) if axis == 0 else \
+            row_group_sums(M, perm, size).T
     k = -(-perm.size // size)
     pos = positions(perm)
     items, other = (M.row, M.col) if axis == 0 else (M.col, M.row)

@@ -221,13 +221,14 @@ def test_check_layout_reads_0_and_1_as_a_mask_and_refuses_other_values(fmt, valu
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 20), st.integers(1, 9), st.booleans(),
-       st.sampled_from([np.float32, np.float64, np.int64]), st.integers(8, 4096),
+       st.sampled_from([np.float32, np.float64, np.int64, np.bool_]), st.integers(8, 4096),
        st.integers(0, 2**31 - 1))
 def test_row_group_sums_is_group_sums_of_the_gathered_rows_to_the_bit(
         n, m, size, square, dtype, slab, seed):
     # A small slab buffer forces many slabs (and a short last group) on small matrices.
     rng = np.random.default_rng(seed)
-    A = (rng.standard_normal((n, m)) * 10.0 ** rng.uniform(-8, 3, (n, m))).astype(dtype)
+    A = (rng.standard_normal((n, m)) * 10.0 ** rng.uniform(-8, 3, (n, m)))
+    A = A > 0 if dtype is np.bool_ else A.astype(dtype)       # bools: counts (km1)
     rows = rng.permutation(n)
     want = group_sums(np.square(A[rows], dtype=np.float64) if square else A[rows], size)
     old = blocks.SLAB_BYTES
