@@ -389,6 +389,90 @@ def test_set_layout_remaps_a_tensor_once_and_on_its_own_device(fmt):
     assert offloaded.device.type == "meta" and offloaded.shape == core.values.shape
 
 
+def _real_pair(make, fqns, x, loss_of, steps):
+    """Real architecture ``make()`` trained masked and block on ``x`` (Adam, 75 % ERK, an
+    update with a re-layout every 2 steps, drop fraction ~0.5 so that units trade): the
+    two (model, sparsifier) pairs after ``steps``."""
+    runs = []
+    for execution in ("masked", "block"):
+        # float64: the block products sum in another order than the dense ones, and
+        # Adam's first steps (g / |g|) would turn float32 rounding into whole steps
+        model = make().double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        sp = RegroupDST(0.75, block=16, format="shuffled", T=2, T_end=100, alpha=0.5,
+                        relayout_every=1, optimizer=opt, execution=execution,
+                        init="magnitude")
+        sp.prepare(model, [{"tensor_fqn": f} for f in fqns])
+        if execution == "block":
+            set_backend(model, "bsr")          # the block products, not dense fallbacks
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_of(model(x)).backward()
+            opt.step()
+            sp.step()
+        runs.append((model, sp))
+    return runs
+
+
+def _assert_same_training(runs, fqns):
+    (m_masked, s_masked), (m_block, s_block) = runs
+    _same_history(s_masked.history, s_block.history)
+    assert any(r["relayout"] for r in s_block.history) and \
+        any(r["grown"] for r in s_block.history)
+    blocked = 0
+    for fqn in fqns:
+        np.testing.assert_array_equal(s_masked.results[fqn].mask, s_block.results[fqn].mask)
+        a, b = _dense(s_masked, m_masked, fqn), _dense(s_block, m_block, fqn)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        blocked += isinstance(m_block.get_submodule(fqn.rpartition(".")[0]),
+                              (BlockSparseLinear, BlockSparseConv2d))
+    assert blocked > 0
+
+
+def test_block_execution_trains_as_the_masked_one_on_mobilenet_v2(real_mobilenet):
+    # ImageNet weights, the 1x1 convolutions of the first blocks; the updates move
+    # values and Adam state between layouts (BlockCore.set_layout) in the block run.
+    probe = real_mobilenet()
+    fqns = [f"{n}.weight" for n, m in probe.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1][:8]
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    runs = _real_pair(real_mobilenet, fqns, x, lambda out: out.square().mean(), 6)
+    _assert_same_training(runs, fqns)
+
+
+def test_block_execution_trains_as_the_masked_one_on_a_transformer_encoder():
+    # nn.TransformerEncoder (its default sequence-first layout, which has no fused fast
+    # path): the feed-forward Linears run block-sparse; the attention's out_proj, read by
+    # its parent directly, stays masked in both executions.
+    def make():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    fqns = [f"layers.{i}.{n}.weight" for i in range(2)
+            for n in ("linear1", "linear2", "self_attn.out_proj")]
+    x = torch.randn(10, 4, 64, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    runs = _real_pair(make, fqns, x, lambda out: out.square().mean(), 6)
+    _assert_same_training(runs, fqns)
+    assert {f for f in fqns if "out_proj" in f} <= set(runs[1][1].masked)
+
+
+def test_block_execution_trains_as_the_masked_one_on_minilm(real_minilm):
+    # Hugging Face BERT (all-MiniLM-L6-v2's first layer, its real weights): the
+    # feed-forward and attention-output Linears.
+    tokenizer = real_minilm(1)[1]
+    enc = tokenizer(["a sparse network trains block by block", "tiles move between rows"],
+                    padding=True, return_tensors="pt")
+    fqns = [f"encoder.layer.0.{n}.weight" for n in
+            ("intermediate.dense", "output.dense", "attention.output.dense")]
+
+    # (eval mode: no dropout, whose draws would differ between the two runs)
+    runs = _real_pair(lambda: real_minilm(1)[0].eval(), fqns, enc["input_ids"],
+                      lambda out: out.last_hidden_state.square().mean(), 6)
+    _assert_same_training(runs, fqns)
+
+
 @pytest.mark.parametrize("bad", ["Block", "dense", None, 1, ["block"]])
 def test_bad_execution_is_refused(bad):
     with pytest.raises(ValueError, match=r"^The 'execution' parameter of RegroupDST must "
